@@ -1,0 +1,261 @@
+//! The `fleetpick` command line: `sim` (the simulated fleet), `load` (the load generator),
+//! `demo`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use fleetpick::loadgen::{self, Arrivals, LoadSpec, Workload};
+use fleetpick::openai::Api;
+use fleetpick::sim::params::{MetricsFormat, SimConfig};
+use fleetpick::sim::{Fleet, FleetOptions, ReadyEntry};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "fleetpick",
+    version,
+    about = "An endpoint picker for LLM inference behind Envoy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a fleet of simulated model servers in this process.
+    Sim(SimArgs),
+    /// Send load to simulated servers (or any OpenAI endpoint) and report what happened.
+    Load(LoadArgs),
+    /// Run the demo: a simulated multi-cluster fleet under load, shown live.
+    Demo {
+        /// Speed-up of every simulated duration.
+        #[arg(long, default_value_t = 1.0)]
+        time_scale: f64,
+    },
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Number of servers.
+    #[arg(long, default_value_t = 4)]
+    servers: usize,
+    /// Cluster names; servers are spread over them in contiguous groups.
+    #[arg(long, value_delimiter = ',', default_value = "local")]
+    clusters: Vec<String>,
+    /// Address every server listens on.
+    #[arg(long, default_value = "127.0.0.1")]
+    listen: IpAddr,
+    /// One port per server (default: each binds port 0).
+    #[arg(long, value_delimiter = ',')]
+    ports: Vec<u16>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Once every server listens, write a JSON array of {name, cluster, address, admin} here.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// YAML file with per-cluster and per-server engine parameters.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Every simulated duration is divided by this factor.
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// Metric names served on /metrics (overrides the config file).
+    #[arg(long, value_enum)]
+    metrics_format: Option<MetricsFormat>,
+    /// Address of the admin API (faults, stop and start).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    admin_listen: SocketAddr,
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// A ready file written by `fleetpick sim`: load goes round robin over its servers.
+    #[arg(long, conflicts_with = "target")]
+    ready_file: Option<PathBuf>,
+    /// Base URL(s) to send to, such as http://127.0.0.1:8080.
+    #[arg(long, value_delimiter = ',')]
+    target: Vec<String>,
+    /// Closed loop: this many concurrent clients.
+    #[arg(long, conflicts_with = "rate")]
+    concurrency: Option<usize>,
+    /// Open loop: Poisson arrivals at this many requests per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Cap on outstanding requests with --rate.
+    #[arg(long, default_value_t = 4096)]
+    max_in_flight: usize,
+    /// Seconds to send for.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Stop after this many requests.
+    #[arg(long)]
+    requests: Option<usize>,
+    #[arg(long, default_value = "completions")]
+    api: String,
+    #[arg(long, default_value = "meta-llama/Llama-3.1-8B-Instruct")]
+    model: String,
+    #[arg(long, default_value_t = 64)]
+    prompt_bytes: usize,
+    #[arg(long, default_value_t = 0)]
+    shared_prefix_bytes: usize,
+    #[arg(long, default_value_t = 1)]
+    prefix_groups: usize,
+    #[arg(long, default_value_t = 4)]
+    max_tokens: u32,
+    #[arg(long)]
+    stream: bool,
+    /// Send GET requests to this path instead of inference requests (such as /metrics).
+    #[arg(long)]
+    get: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Report this process's CPU time over the run too (the simulator's pid, say).
+    #[arg(long)]
+    watch_pid: Option<u32>,
+    /// Write the summary and every request's record as JSON here.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Sim(args) => sim(args).await,
+            Command::Load(args) => load(args).await,
+            Command::Demo { time_scale } => fleetpick::demo::run(time_scale).await,
+        }
+    })
+}
+
+async fn sim(args: SimArgs) -> anyhow::Result<()> {
+    let config = match &args.config {
+        Some(path) => SimConfig::load(path)?,
+        None => SimConfig::default(),
+    };
+    let fleet = Arc::new(
+        Fleet::launch(FleetOptions {
+            servers: args.servers,
+            clusters: args.clusters,
+            listen: args.listen,
+            ports: args.ports,
+            seed: args.seed,
+            time_scale: args.time_scale,
+            config,
+            metrics_format: args.metrics_format,
+        })
+        .await?,
+    );
+    let admin = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("admin API cannot listen on {}", args.admin_listen))?;
+    let admin_addr = admin.local_addr()?;
+    let admin_task = tokio::spawn(fleet.clone().serve_admin(admin));
+    if let Some(path) = &args.ready_file {
+        fleet.write_ready_file(path, Some(admin_addr))?;
+    }
+    tracing::info!(servers = fleet.servers.len(), admin = %admin_addr, "simulated fleet ready");
+    for e in fleet.entries(Some(admin_addr)) {
+        println!("{}", serde_json::to_string(&e)?);
+    }
+    shutdown_signal().await;
+    tracing::info!("stopping the simulated fleet");
+    admin_task.abort();
+    fleet.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn load(args: LoadArgs) -> anyhow::Result<()> {
+    let targets = match &args.ready_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let entries: Vec<ReadyEntry> = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a simulator ready file", path.display()))?;
+            entries
+                .into_iter()
+                .map(|e| format!("http://{}", e.address))
+                .collect()
+        }
+        None => args.target.clone(),
+    };
+    if targets.is_empty() {
+        bail!("give --ready-file or --target");
+    }
+    let api = match args.api.as_str() {
+        "completions" => Api::Completions,
+        "chat" => Api::ChatCompletions,
+        other => bail!("--api must be completions or chat, not {other}"),
+    };
+    let arrivals = match (args.concurrency, args.rate) {
+        (_, Some(rate)) => Arrivals::Poisson {
+            rate,
+            max_in_flight: args.max_in_flight,
+        },
+        (Some(c), None) => Arrivals::Closed { concurrency: c },
+        (None, None) => Arrivals::Closed { concurrency: 16 },
+    };
+    if !(args.duration.is_finite() && args.duration > 0.0) {
+        bail!("--duration must be a positive number of seconds");
+    }
+    let report = loadgen::run(LoadSpec {
+        targets,
+        arrivals,
+        workload: Workload {
+            api,
+            model: args.model,
+            prompt_bytes: args.prompt_bytes,
+            shared_prefix_bytes: args.shared_prefix_bytes,
+            prefix_groups: args.prefix_groups,
+            max_tokens: args.max_tokens,
+            stream: args.stream,
+            get_path: args.get,
+        },
+        duration: Duration::from_secs_f64(args.duration),
+        max_requests: args.requests,
+        seed: args.seed,
+        watch_pid: args.watch_pid,
+    })
+    .await?;
+    println!("{}", serde_json::to_string_pretty(&report.summary)?);
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_vec(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! Helpers shared by the integration tests: start the real `fleetpick` binary, wait for its
+//! ready file, and read `/metrics` pages.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use fleetpick::sim::ReadyEntry;
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "fleetpick-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `fleetpick sim`, killed on drop.
+pub struct Sim {
+    pub child: Child,
+    pub entries: Vec<ReadyEntry>,
+    pub admin: String,
+    pub dir: TempDir,
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, for at most `limit`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Sim {
+    /// Starts the simulator with `args` (plus a ready file) and waits until every server listens.
+    pub async fn start(args: &[&str]) -> Sim {
+        let dir = TempDir::new("sim");
+        let ready = dir.0.join("ready.json");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fleetpick"))
+            .arg("sim")
+            .args(args)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start fleetpick sim");
+        let entries: Vec<ReadyEntry> = wait_for("the ready file", Duration::from_secs(30), || {
+            let ready = ready.clone();
+            let exited = child.try_wait().ok().flatten();
+            async move {
+                assert!(exited.is_none(), "fleetpick sim exited early: {exited:?}");
+                let text = std::fs::read_to_string(&ready).ok()?;
+                serde_json::from_str(&text).ok()
+            }
+        })
+        .await;
+        let admin = entries[0]
+            .admin
+            .clone()
+            .expect("ready file names the admin API");
+        Sim {
+            child,
+            entries,
+            admin,
+            dir,
+        }
+    }
+
+    pub fn url(&self, i: usize, path: &str) -> String {
+        format!("http://{}{path}", self.entries[i].address)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// The value of the first sample of `name` (exact metric name, any labels) on a metrics page.
+pub fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            return None;
+        }
+        line.rsplit(' ').next()?.parse().ok()
+    })
+}
+
+pub async fn metrics_page(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+pub const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
