@@ -1,10 +1,11 @@
-//! Micro-benchmarks of the simulator's hot spots: rendering `/metrics`, one engine step with a
-//! full batch, and parsing request bodies (shared with the picker).
+//! Micro-benchmarks of the simulator's hot spots: rendering `/metrics` and engine steps with a
+//! full batch.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark set-up may panic
 
 use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use fleetpick::openai::{Api, InferenceRequest};
 use fleetpick::sim::engine::{Engine, FinishReason, SeqRequest};
 use fleetpick::sim::metrics::{Snapshot, Stats, render};
 use fleetpick::sim::params::{EngineParams, MetricsFormat};
@@ -111,30 +112,5 @@ fn engine_step(c: &mut Criterion) {
     });
 }
 
-fn parse_bodies(c: &mut Criterion) {
-    let small = br#"{"model":"meta-llama/Llama-3.1-8B-Instruct","prompt":"Write a haiku about caches.","max_tokens":16}"#;
-    c.bench_function("openai/parse_small_completion", |b| {
-        b.iter(|| black_box(InferenceRequest::parse(Api::Completions, black_box(small))))
-    });
-    // The 220 KB prompt of GIE issue 2928.
-    let big = serde_json::json!({
-        "model": "meta-llama/Llama-3.1-8B-Instruct",
-        "messages": [
-            {"role": "system", "content": fleetpick::loadgen::filler_text(1, 200_000)},
-            {"role": "user", "content": fleetpick::loadgen::filler_text(2, 20_000)}
-        ],
-        "max_tokens": 16
-    })
-    .to_string();
-    c.bench_function("openai/parse_220KB_chat", |b| {
-        b.iter(|| {
-            black_box(InferenceRequest::parse(
-                Api::ChatCompletions,
-                black_box(big.as_bytes()),
-            ))
-        })
-    });
-}
-
-criterion_group!(benches, metrics_render, engine_step, parse_bodies);
+criterion_group!(benches, metrics_render, engine_step);
 criterion_main!(benches);

@@ -2,6 +2,13 @@
 //! model-server endpoint that will serve it best, across clusters and regions.
 //!
 //! # Layout
+//! - [`config`]: the fleet file (clusters, pools, endpoints, weights, poller), validated once.
+//! - [`fleet`]: the live fleet: topology, each endpoint's scraped load and in-flight count.
+//! - [`collect`]: the metrics poller and the engine profiles (metric names per engine).
+//! - [`schedule`]: filters and scorers: which endpoint serves a request.
+//! - [`extproc`]: the Envoy `ExternalProcessor` service (the Endpoint Picker Protocol).
+//! - [`serve`]: `fleetpick serve`, wiring the above with gRPC health.
+//! - [`envoy`]: the Envoy configurations fleetpick ships and tests with.
 //! - [`openai`]: OpenAI-style request bodies (one parse per request) and the error shape.
 //! - [`sim`]: the model-server simulator (engine model, OpenAI API, `/metrics`, faults) that
 //!   every test, demo and benchmark runs on.
@@ -9,7 +16,14 @@
 //!   and the server that answered.
 //! - [`demo`]: the newcomer's demo.
 
+pub mod collect;
+pub mod config;
 pub mod demo;
+pub mod envoy;
+pub mod extproc;
+pub mod fleet;
 pub mod loadgen;
 pub mod openai;
+pub mod schedule;
+pub mod serve;
 pub mod sim;

@@ -1,5 +1,5 @@
-//! The `fleetpick` command line: `sim` (the simulated fleet), `load` (the load generator),
-//! `demo`.
+//! The `fleetpick` command line: `serve` (the picker), `check-config`, `sim` (the simulated
+//! fleet), `load` (the load generator), `demo`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use fleetpick::config::FleetConfig;
+use fleetpick::envoy::{BodyMode, EnvoyParams, Flavor};
 use fleetpick::loadgen::{self, Arrivals, LoadSpec, Workload};
 use fleetpick::openai::Api;
 use fleetpick::sim::params::{MetricsFormat, SimConfig};
@@ -27,6 +29,45 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the picker: the Envoy ext_proc gRPC service for the fleet in FILE.
+    Serve {
+        /// The fleet file (YAML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Listen here instead of the fleet file's `server.listen` (port 0: any free port).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Once listening, write {"grpc": "ip:port"} here.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Print an Envoy configuration wired to fleetpick (or a baseline without it).
+    EnvoyConfig {
+        /// original-dst, fallback, round-robin or least-request.
+        #[arg(long, default_value = "original-dst")]
+        flavor: Flavor,
+        /// full-duplex or buffered: how Envoy hands the request body to fleetpick.
+        #[arg(long, default_value = "full-duplex")]
+        body_mode: BodyMode,
+        /// Client-facing listener.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Envoy's admin interface.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// fleetpick's ext_proc address.
+        #[arg(long)]
+        extproc: Option<SocketAddr>,
+        /// Model-server endpoints of the static cluster (fallback and baselines); repeat or
+        /// separate with commas.
+        #[arg(long = "endpoint", value_delimiter = ',')]
+        endpoints: Vec<SocketAddr>,
+    },
+    /// Validate a fleet file and summarize it.
+    CheckConfig {
+        /// The fleet file (YAML).
+        file: PathBuf,
+    },
     /// Run a fleet of simulated model servers in this process.
     Sim(SimArgs),
     /// Send load to simulated servers (or any OpenAI endpoint) and report what happened.
@@ -136,11 +177,80 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         match cli.command {
+            Command::Serve {
+                config,
+                listen,
+                ready_file,
+            } => serve(config, listen, ready_file).await,
+            Command::CheckConfig { file } => check_config(&file),
+            Command::EnvoyConfig {
+                flavor,
+                body_mode,
+                listen,
+                admin,
+                extproc,
+                endpoints,
+            } => {
+                let d = fleetpick::envoy::user_defaults();
+                let params = EnvoyParams {
+                    listen: listen.unwrap_or(d.listen),
+                    admin: admin.unwrap_or(d.admin),
+                    extproc: extproc.unwrap_or(d.extproc),
+                    endpoints: if endpoints.is_empty() {
+                        d.endpoints
+                    } else {
+                        endpoints
+                    },
+                    body_mode,
+                };
+                print!("{}", fleetpick::envoy::render(flavor, &params));
+                Ok(())
+            }
             Command::Sim(args) => sim(args).await,
             Command::Load(args) => load(args).await,
             Command::Demo { time_scale } => fleetpick::demo::run(time_scale).await,
         }
     })
+}
+
+async fn serve(
+    config: PathBuf,
+    listen: Option<SocketAddr>,
+    ready_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let cfg = FleetConfig::load(&config)?;
+    let addr = fleetpick::serve::listen_addr(&cfg, listen);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(%bound, endpoints = cfg.endpoints.len(), "fleetpick ext_proc listening");
+    if let Some(path) = &ready_file {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::json!({ "grpc": bound.to_string() }).to_string(),
+        )
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    fleetpick::serve::serve(cfg, listener, shutdown_signal()).await?;
+    tracing::info!("fleetpick stopped");
+    Ok(())
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    let cfg = FleetConfig::load(file)?;
+    let f = &cfg.file;
+    println!(
+        "{}: ok: {} clusters, {} pools, {} endpoints, {} models",
+        file.display(),
+        f.clusters.len(),
+        f.pools.len(),
+        cfg.endpoints.len(),
+        f.pools.iter().map(|p| p.models.len()).sum::<usize>()
+    );
+    Ok(())
 }
 
 async fn sim(args: SimArgs) -> anyhow::Result<()> {

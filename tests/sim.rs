@@ -482,6 +482,23 @@ async fn faults_errors_frozen_metrics_and_network_delay() {
         metric(&frozen, "vllm:generation_tokens_total").unwrap() + 1.0
     );
 
+    // A reported KV use that is not the real one, and back.
+    c.post(sim.admin_url("/servers/near-0/faults"))
+        .json(&json!({"kv_usage_override": 0.95}))
+        .send()
+        .await
+        .unwrap();
+    let page = metrics_page(&sim.url(0, "/metrics")).await;
+    assert_eq!(metric(&page, "vllm:kv_cache_usage_perc"), Some(0.95));
+    assert_eq!(metric(&page, "vllm:gpu_cache_usage_perc"), Some(0.95));
+    c.post(sim.admin_url("/servers/near-0/faults"))
+        .json(&json!({"kv_usage_override": null}))
+        .send()
+        .await
+        .unwrap();
+    let page = metrics_page(&sim.url(0, "/metrics")).await;
+    assert_eq!(metric(&page, "vllm:kv_cache_usage_perc"), Some(0.0));
+
     // Slow /metrics and a network delay on the far cluster: lower bounds only.
     c.post(sim.admin_url("/servers/near-0/faults"))
         .json(&json!({"metrics_delay_ms": 300}))

@@ -10,7 +10,9 @@
 //! - `POST /servers/{name}/faults`, `POST /clusters/{name}/faults`: body with any of
 //!   `error_rate` (0..1, share of inference requests failed at once), `error_status` (500..599,
 //!   default 503), `metrics_frozen` (bool: `/metrics` keeps serving the page of that moment),
-//!   `metrics_delay_ms` (delay before `/metrics` answers), and for clusters `network_delay_ms`
+//!   `metrics_delay_ms` (delay before `/metrics` answers), `kv_usage_override` (0..1: the KV
+//!   use `/metrics` reports instead of the real one; null: the real one again), and for
+//!   clusters `network_delay_ms`
 //!   (added to every request to the cluster, a stand-in for a cross-region round trip).
 //!
 //! Every duration given here is simulated time: `--time-scale` shrinks it like the others.
@@ -310,6 +312,14 @@ struct FaultsBody {
     metrics_frozen: Option<bool>,
     metrics_delay_ms: Option<f64>,
     network_delay_ms: Option<f64>,
+    /// `Some(None)` (JSON null) clears the override.
+    #[serde(default, deserialize_with = "nullable")]
+    kv_usage_override: Option<Option<f64>>,
+}
+
+/// Tells an absent field (`None`) from an explicit null (`Some(None)`).
+fn nullable<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<f64>>, D::Error> {
+    Ok(Some(Option::deserialize(d)?))
 }
 
 impl FaultsBody {
@@ -343,6 +353,14 @@ impl FaultsBody {
                 ));
             }
         }
+        if let Some(Some(kv)) = f.kv_usage_override
+            && !(0.0..=1.0).contains(&kv)
+        {
+            return Err(ApiError::invalid(
+                "kv_usage_override",
+                "must be between 0 and 1, or null",
+            ));
+        }
         if f.network_delay_ms.is_some() && !for_cluster {
             return Err(ApiError::invalid(
                 "network_delay_ms",
@@ -362,6 +380,9 @@ impl FaultsBody {
         }
         if let Some(ms) = self.metrics_delay_ms {
             s.set_metrics_delay_ms(ms);
+        }
+        if let Some(kv) = self.kv_usage_override {
+            s.set_kv_override(kv);
         }
         if let Some(frozen) = self.metrics_frozen {
             s.freeze_metrics(frozen);

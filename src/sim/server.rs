@@ -108,6 +108,9 @@ struct Faults {
     metrics_delay_us: AtomicU64,
     /// The page `/metrics` keeps serving while frozen.
     frozen_page: Mutex<Option<Bytes>>,
+    /// KV-cache usage `/metrics` reports instead of the real one (f64 bits; NaN: none), to
+    /// stand in for a server that is full for reasons the simulator does not model.
+    kv_override: AtomicU64,
 }
 
 /// The lifecycle of the listener: stopping aborts the accept task, which drops the listening
@@ -163,6 +166,7 @@ pub struct ServerStatus {
     pub error_rate: f64,
     pub metrics_frozen: bool,
     pub metrics_delay_ms: f64,
+    pub kv_usage_override: Option<f64>,
 }
 
 impl SimServer {
@@ -183,6 +187,7 @@ impl SimServer {
             wake: Notify::new(),
             faults: Faults {
                 error_status: AtomicU32::new(503),
+                kv_override: AtomicU64::new(f64::NAN.to_bits()),
                 ..Faults::default()
             },
             lifecycle: Mutex::new(Lifecycle::default()),
@@ -245,6 +250,17 @@ impl SimServer {
         *lock(&self.faults.frozen_page) = page;
     }
 
+    /// Makes `/metrics` report this KV-cache usage (`None`: the real one).
+    pub fn set_kv_override(&self, usage: Option<f64>) {
+        let bits = usage.map_or(f64::NAN, |u| u.clamp(0.0, 1.0)).to_bits();
+        self.faults.kv_override.store(bits, Ordering::Relaxed);
+    }
+
+    fn kv_override(&self) -> Option<f64> {
+        let v = f64::from_bits(self.faults.kv_override.load(Ordering::Relaxed));
+        (!v.is_nan()).then_some(v)
+    }
+
     pub fn set_metrics_delay_ms(&self, ms: f64) {
         self.faults
             .metrics_delay_us
@@ -270,14 +286,19 @@ impl SimServer {
             error_rate: f64::from(self.faults.error_ppm.load(Ordering::Relaxed)) / 1e6,
             metrics_frozen: lock(&self.faults.frozen_page).is_some(),
             metrics_delay_ms: self.faults.metrics_delay_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            kv_usage_override: self.kv_override(),
         }
     }
 
     pub fn render_metrics(&self) -> String {
         let snap = {
             let engine = lock(&self.engine);
+            let mut gauges = engine.gauges();
+            if let Some(kv) = self.kv_override() {
+                gauges.kv_usage = kv;
+            }
             Snapshot {
-                gauges: engine.gauges(),
+                gauges,
                 stats: engine.stats().clone(),
                 started_unix: lock(&self.lifecycle).started_unix,
                 now_unix: unix_now(),

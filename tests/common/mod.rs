@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use fleetpick::sim::ReadyEntry;
 
+pub mod envoy;
+
 /// A scratch directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -139,3 +141,105 @@ pub async fn metrics_page(url: &str) -> String {
 }
 
 pub const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+
+/// A running `fleetpick serve`, killed on drop.
+pub struct Picker {
+    pub child: Child,
+    pub grpc: std::net::SocketAddr,
+    pub dir: TempDir,
+}
+
+impl Drop for Picker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Picker {
+    /// Starts `fleetpick serve` on the fleet file text `yaml`, on a free port.
+    pub async fn start(yaml: &str) -> Picker {
+        let dir = TempDir::new("picker");
+        let config = dir.0.join("fleet.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let ready = dir.0.join("ready.json");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fleetpick"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start fleetpick serve");
+        let grpc = wait_for("fleetpick's ready file", Duration::from_secs(30), || {
+            let ready = ready.clone();
+            let exited = child.try_wait().ok().flatten();
+            async move {
+                assert!(exited.is_none(), "fleetpick serve exited early: {exited:?}");
+                let v: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(&ready).ok()?).ok()?;
+                v["grpc"].as_str()?.parse().ok()
+            }
+        })
+        .await;
+        Picker { child, grpc, dir }
+    }
+
+    /// Stops it the hard way, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fleet file for the simulated servers `entries` (one cluster per simulator cluster, one
+/// pool serving [`MODEL`]), with `extra` YAML appended.
+pub fn fleet_yaml(entries: &[ReadyEntry], extra: &str) -> String {
+    let mut clusters: Vec<&str> = entries.iter().map(|e| e.cluster.as_str()).collect();
+    clusters.dedup();
+    let mut y = String::from("clusters:\n");
+    for c in &clusters {
+        y.push_str(&format!("  - name: {c}\n"));
+    }
+    y.push_str(&format!(
+        "pools:\n  - name: llama\n    models: [{MODEL}]\n    target_port: 8000\n    endpoints:\n"
+    ));
+    for c in &clusters {
+        let addrs: Vec<String> = entries
+            .iter()
+            .filter(|e| &e.cluster == c)
+            .map(|e| format!("\"{}\"", e.address))
+            .collect();
+        y.push_str(&format!("      {c}: [{}]\n", addrs.join(", ")));
+    }
+    y.push_str(extra);
+    y
+}
+
+/// Sends one completion to `url` and returns (status, the server that answered).
+pub async fn complete(
+    c: &reqwest::Client,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Option<String>) {
+    let mut req = c
+        .post(url)
+        .json(&serde_json::json!({"model": MODEL, "prompt": "hello", "max_tokens": 2}));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    match req.send().await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let server = resp
+                .headers()
+                .get("x-sim-server")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let _ = resp.bytes().await;
+            (status, server)
+        }
+        Err(_) => (0, None),
+    }
+}

@@ -1,0 +1,93 @@
+//! Micro-benchmarks of the request path: picking an endpoint among 10 to 10,000, and reading a
+//! large chat body.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark set-up may panic
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use fleetpick::collect::profile::LoadSample;
+use fleetpick::config::{FleetConfig, Weights};
+use fleetpick::fleet::Fleet;
+use fleetpick::openai::{Api, InferenceRequest};
+use fleetpick::schedule::{PickRequest, pick};
+
+const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+
+/// A fleet of `n` endpoints in one pool over four clusters, every one freshly scraped with
+/// varied load.
+fn fleet(n: usize) -> Fleet {
+    let mut yaml = String::from(
+        "clusters: [{name: a}, {name: b}, {name: c}, {name: d}]\npools:\n  - name: p\n",
+    );
+    yaml.push_str(&format!(
+        "    models: [{MODEL}]\n    target_port: 8000\n    endpoints:\n"
+    ));
+    for (ci, c) in ["a", "b", "c", "d"].iter().enumerate() {
+        let ips: Vec<String> = (0..n)
+            .filter(|i| i % 4 == ci)
+            .map(|i| format!("10.{}.{}.{}", ci, i / 250, i % 250 + 1))
+            .collect();
+        if !ips.is_empty() {
+            yaml.push_str(&format!("      {c}: [{}]\n", ips.join(", ")));
+        }
+    }
+    yaml.push_str("poller: {stale_after_ms: 3600000}\n");
+    let f = Fleet::new(&FleetConfig::parse(&yaml, "bench").expect("bench fleet"));
+    let mut rng = fastrand::Rng::with_seed(7);
+    let now = f.clock.now_ms();
+    for e in &f.endpoints {
+        let s = LoadSample {
+            waiting: rng.u32(..8),
+            running: rng.u32(..64),
+            kv_usage: rng.f64(),
+            ..LoadSample::default()
+        };
+        e.load.store(&s, now);
+    }
+    f
+}
+
+fn pick_latency(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pick");
+    for n in [10, 100, 1_000, 10_000] {
+        let f = fleet(n);
+        let weights = Weights::default();
+        let req = PickRequest {
+            model: Some(MODEL),
+            subset: None,
+        };
+        let mut rng = fastrand::Rng::with_seed(1);
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| black_box(pick(&f, &req, &weights, 0, &mut rng)))
+        });
+    }
+    group.finish();
+}
+
+fn parse_chat_256k(c: &mut Criterion) {
+    let body = serde_json::json!({
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": fleetpick::loadgen::filler_text(1, 200 * 1024)},
+            {"role": "user", "content": [{"type": "text", "text": fleetpick::loadgen::filler_text(2, 56 * 1024)}]}
+        ],
+        "max_tokens": 16,
+        "stream": true
+    })
+    .to_string();
+    c.bench_function(
+        &format!("openai/parse_chat_256KB ({} bytes)", body.len()),
+        |b| {
+            b.iter(|| {
+                black_box(InferenceRequest::parse(
+                    Api::ChatCompletions,
+                    black_box(body.as_bytes()),
+                ))
+            })
+        },
+    );
+}
+
+criterion_group!(benches, pick_latency, parse_chat_256k);
+criterion_main!(benches);

@@ -1,0 +1,81 @@
+//! The metrics poller: one task per endpoint scrapes its `/metrics` page every
+//! `poller.interval_ms` (with a `timeout_ms` bound), reads the engine profile's few series, and
+//! replaces the endpoint's [`LoadCell`](crate::fleet::LoadCell). A failed scrape (refused,
+//! timed out, non-2xx, page without the series) makes the endpoint ineligible at once; it is
+//! then polled with exponential backoff up to `backoff_max_ms`, and returns on its first good
+//! scrape. The request path never waits on any of this.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+
+use super::profile;
+use crate::fleet::{Endpoint, Fleet};
+
+/// Starts one polling task per endpoint; dropping the returned set stops them all.
+pub fn spawn(fleet: &Arc<Fleet>) -> Result<JoinSet<()>, reqwest::Error> {
+    let settings = &fleet.poller;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(settings.timeout_ms))
+        .connect_timeout(Duration::from_millis(settings.timeout_ms))
+        .pool_max_idle_per_host(1)
+        .tcp_nodelay(true)
+        .build()?;
+    let mut tasks = JoinSet::new();
+    for ep in &fleet.endpoints {
+        tasks.spawn(poll(fleet.clone(), ep.clone(), client.clone()));
+    }
+    Ok(tasks)
+}
+
+async fn poll(fleet: Arc<Fleet>, ep: Arc<Endpoint>, client: reqwest::Client) {
+    let interval = Duration::from_millis(fleet.poller.interval_ms);
+    let backoff_max = Duration::from_millis(fleet.poller.backoff_max_ms).max(interval);
+    // Spread the first scrapes over one interval so a large fleet does not scrape in lockstep.
+    let jitter = fastrand::u64(..fleet.poller.interval_ms.max(1));
+    tokio::time::sleep(Duration::from_millis(jitter)).await;
+    loop {
+        let started = tokio::time::Instant::now();
+        let wait = match scrape(&client, &ep).await {
+            Ok(sample) => {
+                ep.load.store(&sample, fleet.clock.now_ms());
+                interval
+            }
+            Err(why) => {
+                let failures = ep.load.fail();
+                if failures == 1 {
+                    tracing::warn!(endpoint = %ep.addr, error = %why, "scrape failed; endpoint ineligible");
+                } else {
+                    tracing::debug!(endpoint = %ep.addr, failures, error = %why, "scrape failed again");
+                }
+                let factor = 1u32 << failures.min(16);
+                interval.saturating_mul(factor).min(backoff_max)
+            }
+        };
+        tokio::time::sleep_until(started + wait).await;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ScrapeError {
+    #[error("{0}")]
+    Http(#[from] reqwest::Error),
+    #[error("status {0}")]
+    Status(reqwest::StatusCode),
+    #[error("{0}")]
+    Profile(#[from] profile::ProfileError),
+}
+
+async fn scrape(
+    client: &reqwest::Client,
+    ep: &Endpoint,
+) -> Result<profile::LoadSample, ScrapeError> {
+    let resp = client.get(&ep.metrics_url).send().await?;
+    if !resp.status().is_success() {
+        return Err(ScrapeError::Status(resp.status()));
+    }
+    let page = resp.text().await?;
+    Ok(profile::parse(ep.engine, &page)?)
+}

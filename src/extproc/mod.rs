@@ -1,0 +1,502 @@
+//! The `ExternalProcessor` gRPC service: one stream per HTTP request, speaking the Endpoint
+//! Picker Protocol to Envoy.
+//!
+//! # The stream, message by message
+//! - `request_headers`: note `:path`, the subset hint and the body mode Envoy announces
+//!   (`protocol_config`, else the fleet file's `server.body_mode`). A request without a body is
+//!   picked at once. In BUFFERED mode the headers are let through (Envoy will not send the body
+//!   before they are answered); in FULL_DUPLEX mode the answer waits for the body.
+//! - `request_body` chunks: collected (over `max_body_bytes`: 413). On end of stream the body is
+//!   parsed once, the endpoint picked, and the answer goes out: FULL_DUPLEX sends the headers
+//!   response (destination header + `envoy.lb` metadata) and then the body back as
+//!   `StreamedBodyResponse` pieces of at most 62,000 bytes, end of stream on the last and only
+//!   there; BUFFERED sends one body response carrying the header mutation and metadata.
+//! - Errors become immediate responses in the OpenAI error shape: 400 (bad body), 404 (unknown
+//!   model), 413 (too large), 503 (no eligible endpoint).
+//! - `response_headers`: the status and the endpoint Envoy says it served are noted.
+//!
+//! The picked endpoint's in-flight count is held by an [`InFlight`] guard owned by the stream's
+//! task: it is released when the task ends, which every ending (response done, reset, client
+//! gone, Envoy gone) leads to, and only then.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption, Metadata};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use envoy_types::pb::envoy::service::ext_proc::v3::body_mutation::Mutation;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+    ExternalProcessor, ExternalProcessorServer,
+};
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Req;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Resp;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpHeaders,
+    ImmediateResponse, ProcessingRequest, ProcessingResponse, StreamedBodyResponse,
+    TrailersResponse,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::{BodyMode, Weights};
+use crate::fleet::{Fleet, InFlight};
+use crate::openai::{Api, ApiError, InferenceRequest};
+use crate::schedule::{self, PickError, PickRequest};
+
+/// The header (and `envoy.lb` metadata key) naming the destination.
+pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
+/// The metadata namespace Envoy's load balancers read.
+pub const LB_NAMESPACE: &str = "envoy.lb";
+/// Where the proxy puts its subset hint, and the key inside it.
+pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
+pub const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
+/// The key under `envoy.lb` where the proxy reports the endpoint it actually used.
+pub const SERVED_KEY: &str = "x-gateway-destination-endpoint-served";
+/// The header an immediate response carries to say why fleetpick refused a request.
+pub const REASON_HEADER: &str = "x-fleetpick-reason";
+/// Largest body piece sent back in FULL_DUPLEX mode (the proto asks for at most 64 KiB).
+pub const MAX_PIECE: usize = 62_000;
+
+/// What the service needs besides the fleet.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub weights: Weights,
+    pub fallbacks: usize,
+    pub max_body_bytes: usize,
+    pub body_mode: BodyMode,
+}
+
+/// The ext_proc service.
+#[derive(Debug, Clone)]
+pub struct Picker {
+    fleet: Arc<Fleet>,
+    settings: Arc<Settings>,
+}
+
+impl Picker {
+    pub fn new(fleet: Arc<Fleet>, settings: Settings) -> Picker {
+        Picker {
+            fleet,
+            settings: Arc::new(settings),
+        }
+    }
+
+    /// The tonic service, with message limits that fit the body limit.
+    pub fn into_service(self) -> ExternalProcessorServer<Picker> {
+        // A BUFFERED body arrives in one message; leave room for the envelope.
+        let limit = self.settings.max_body_bytes.saturating_add(64 * 1024);
+        ExternalProcessorServer::new(self)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit)
+    }
+}
+
+#[tonic::async_trait]
+impl ExternalProcessor for Picker {
+    type ProcessStream = ReceiverStream<Result<ProcessingResponse, Status>>;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let mut stream = StreamState::new(self.clone());
+        tokio::spawn(async move {
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(msg)) => msg,
+                    // Envoy closed its side: the HTTP stream is over.
+                    Ok(None) => break,
+                    // Reset: normal at the end of a stream, or the client or Envoy went away.
+                    Err(status) => {
+                        tracing::trace!(%status, "ext_proc stream ended by the proxy");
+                        break;
+                    }
+                };
+                for out in stream.handle(msg) {
+                    if tx.send(Ok(out)).await.is_err() {
+                        return;
+                    }
+                }
+                if stream.closed {
+                    break;
+                }
+            }
+            // `stream` drops here, and with it the in-flight guard.
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// One ext_proc stream's state.
+#[derive(Debug)]
+struct StreamState {
+    picker: Picker,
+    mode: BodyMode,
+    path: String,
+    subset: Option<Vec<SocketAddr>>,
+    body: Vec<u8>,
+    /// The request phase is answered (picked or refused).
+    answered: bool,
+    /// An immediate response was sent: nothing more to do.
+    closed: bool,
+    response_streamed: bool,
+    model: Option<String>,
+    in_flight: Option<InFlight>,
+    status: Option<u16>,
+    served: Option<String>,
+}
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        if let Some(guard) = &self.in_flight {
+            tracing::debug!(
+                model = self.model.as_deref().unwrap_or(""),
+                endpoint = %guard.endpoint().addr,
+                served = self.served.as_deref().unwrap_or(""),
+                status = self.status.unwrap_or(0),
+                "request ended"
+            );
+        }
+    }
+}
+
+impl StreamState {
+    fn new(picker: Picker) -> StreamState {
+        StreamState {
+            mode: picker.settings.body_mode,
+            picker,
+            path: String::new(),
+            subset: None,
+            body: Vec::new(),
+            answered: false,
+            closed: false,
+            response_streamed: false,
+            model: None,
+            in_flight: None,
+            status: None,
+            served: None,
+        }
+    }
+
+    fn handle(&mut self, msg: ProcessingRequest) -> Vec<ProcessingResponse> {
+        if let Some(pc) = &msg.protocol_config {
+            if pc.request_body_mode == BodySendMode::Buffered as i32 {
+                self.mode = BodyMode::Buffered;
+            } else if pc.request_body_mode == BodySendMode::FullDuplexStreamed as i32 {
+                self.mode = BodyMode::FullDuplex;
+            }
+            self.response_streamed =
+                pc.response_body_mode == BodySendMode::FullDuplexStreamed as i32;
+        }
+        match msg.request {
+            Some(Req::RequestHeaders(h)) => {
+                self.path = header(&h, ":path").unwrap_or_default();
+                self.subset = subset_hint(msg.metadata_context.as_ref());
+                if h.end_of_stream {
+                    return self.answer(false);
+                }
+                match self.mode {
+                    BodyMode::Buffered => vec![headers_response(Resp::RequestHeaders, None)],
+                    BodyMode::FullDuplex => Vec::new(),
+                }
+            }
+            Some(Req::RequestBody(b)) => {
+                if self.answered {
+                    return Vec::new();
+                }
+                if self.body.len() + b.body.len() > self.picker.settings.max_body_bytes {
+                    let limit = self.picker.settings.max_body_bytes;
+                    return self.refuse(
+                        &ApiError::new(
+                            413,
+                            "invalid_request_error",
+                            format!("request body exceeds {limit} bytes"),
+                        ),
+                        "body-too-large",
+                    );
+                }
+                if self.body.is_empty() {
+                    self.body = b.body;
+                } else {
+                    self.body.extend_from_slice(&b.body);
+                }
+                if b.end_of_stream {
+                    return self.answer(true);
+                }
+                Vec::new()
+            }
+            Some(Req::RequestTrailers(_)) => {
+                let mut out = if self.answered {
+                    Vec::new()
+                } else {
+                    self.answer(false)
+                };
+                if !self.closed {
+                    out.push(ProcessingResponse {
+                        response: Some(Resp::RequestTrailers(TrailersResponse::default())),
+                        ..ProcessingResponse::default()
+                    });
+                }
+                out
+            }
+            Some(Req::ResponseHeaders(h)) => {
+                self.status = header(&h, ":status").and_then(|s| s.parse().ok());
+                self.served = served_endpoint(msg.metadata_context.as_ref());
+                vec![headers_response(Resp::ResponseHeaders, None)]
+            }
+            Some(Req::ResponseBody(b)) => {
+                // Only sent if the filter asks for response bodies; echo them unchanged.
+                let response = if self.response_streamed {
+                    streamed_piece(b.body, b.end_of_stream)
+                } else {
+                    CommonResponse::default()
+                };
+                vec![ProcessingResponse {
+                    response: Some(Resp::ResponseBody(BodyResponse {
+                        response: Some(response),
+                    })),
+                    ..ProcessingResponse::default()
+                }]
+            }
+            Some(Req::ResponseTrailers(_)) => vec![ProcessingResponse {
+                response: Some(Resp::ResponseTrailers(TrailersResponse::default())),
+                ..ProcessingResponse::default()
+            }],
+            None => Vec::new(),
+        }
+    }
+
+    /// Parses the body (if any), picks, and answers the request phase. `body_end` says the body
+    /// ended with end-of-stream (so the last piece sent back must carry it).
+    fn answer(&mut self, body_end: bool) -> Vec<ProcessingResponse> {
+        self.answered = true;
+        let has_body = !self.body.is_empty() || body_end;
+        let model = match Api::from_path(&self.path) {
+            Some(api) if has_body => match InferenceRequest::parse(api, &self.body) {
+                Ok(req) => Some(req.model),
+                Err(e) => return self.refuse(&e, "bad-request"),
+            },
+            // Not an inference request (GET /v1/models, /health): any endpoint by load.
+            _ => None,
+        };
+        let settings = &self.picker.settings;
+        let req = PickRequest {
+            model: model.as_deref(),
+            subset: self.subset.as_deref(),
+        };
+        let mut rng = fastrand::Rng::new();
+        let pick = match schedule::pick(
+            &self.picker.fleet,
+            &req,
+            &settings.weights,
+            settings.fallbacks,
+            &mut rng,
+        ) {
+            Ok(p) => p,
+            Err(PickError::UnknownModel(m)) => {
+                return self.refuse(&ApiError::model_not_found(&m), "unknown-model");
+            }
+            Err(e @ PickError::NoEndpoint(_)) => {
+                return self.refuse(
+                    &ApiError::new(503, "service_unavailable", e.to_string()),
+                    "no-eligible-endpoint",
+                );
+            }
+        };
+        let endpoints = &self.picker.fleet.endpoints;
+        let mut destination = endpoints[pick.primary].addr_text.clone();
+        for &f in &pick.fallbacks {
+            destination.push(',');
+            destination.push_str(&endpoints[f].addr_text);
+        }
+        tracing::debug!(model = model.as_deref().unwrap_or(""), %destination, "picked");
+        self.in_flight = Some(InFlight::new(endpoints[pick.primary].clone()));
+        self.model = model;
+        let mutation = destination_mutation(&destination);
+        let metadata = Some(lb_metadata(&destination));
+        if !has_body {
+            let mut r = headers_response(Resp::RequestHeaders, Some(mutation));
+            r.dynamic_metadata = metadata;
+            return vec![r];
+        }
+        match self.mode {
+            BodyMode::Buffered => vec![ProcessingResponse {
+                response: Some(Resp::RequestBody(BodyResponse {
+                    response: Some(CommonResponse {
+                        header_mutation: Some(mutation),
+                        ..CommonResponse::default()
+                    }),
+                })),
+                dynamic_metadata: metadata,
+                ..ProcessingResponse::default()
+            }],
+            BodyMode::FullDuplex => {
+                let mut out = Vec::with_capacity(2 + self.body.len() / MAX_PIECE);
+                let mut headers = headers_response(Resp::RequestHeaders, Some(mutation));
+                headers.dynamic_metadata = metadata;
+                out.push(headers);
+                let body = std::mem::take(&mut self.body);
+                if body.len() <= MAX_PIECE {
+                    out.push(body_piece(body, body_end));
+                } else {
+                    let pieces = body.len().div_ceil(MAX_PIECE);
+                    for (i, piece) in body.chunks(MAX_PIECE).enumerate() {
+                        out.push(body_piece(piece.to_vec(), body_end && i + 1 == pieces));
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// Ends the stream with an immediate response in the OpenAI error shape.
+    fn refuse(&mut self, e: &ApiError, reason: &str) -> Vec<ProcessingResponse> {
+        self.answered = true;
+        self.closed = true;
+        tracing::debug!(status = e.status, reason, message = %e.message, "refused");
+        let headers = HeaderMutation {
+            set_headers: vec![
+                set_header("content-type", "application/json"),
+                set_header(REASON_HEADER, reason),
+            ],
+            ..HeaderMutation::default()
+        };
+        vec![ProcessingResponse {
+            response: Some(Resp::ImmediateResponse(ImmediateResponse {
+                status: Some(HttpStatus {
+                    code: i32::from(e.status),
+                }),
+                headers: Some(headers),
+                body: e.body(),
+                details: format!("fleetpick_{}", reason.replace('-', "_")),
+                grpc_status: None,
+            })),
+            ..ProcessingResponse::default()
+        }]
+    }
+}
+
+fn header(h: &HttpHeaders, name: &str) -> Option<String> {
+    let map = h.headers.as_ref()?;
+    let hv = map.headers.iter().find(|hv| hv.key == name)?;
+    if !hv.raw_value.is_empty() {
+        return String::from_utf8(hv.raw_value.clone()).ok();
+    }
+    Some(hv.value.clone())
+}
+
+fn set_header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_string(),
+            raw_value: value.as_bytes().to_vec(),
+            ..HeaderValue::default()
+        }),
+        // Overwrite: a destination the client sent must never survive.
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..HeaderValueOption::default()
+    }
+}
+
+fn destination_mutation(destination: &str) -> HeaderMutation {
+    HeaderMutation {
+        set_headers: vec![set_header(DESTINATION_HEADER, destination)],
+        ..HeaderMutation::default()
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_string())),
+    }
+}
+
+fn lb_metadata(destination: &str) -> Struct {
+    let inner = Struct {
+        fields: [(DESTINATION_HEADER.to_string(), string_value(destination))].into(),
+    };
+    Struct {
+        fields: [(
+            LB_NAMESPACE.to_string(),
+            Value {
+                kind: Some(Kind::StructValue(inner)),
+            },
+        )]
+        .into(),
+    }
+}
+
+fn headers_response(
+    wrap: fn(HeadersResponse) -> Resp,
+    mutation: Option<HeaderMutation>,
+) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(wrap(HeadersResponse {
+            response: Some(CommonResponse {
+                header_mutation: mutation,
+                ..CommonResponse::default()
+            }),
+        })),
+        ..ProcessingResponse::default()
+    }
+}
+
+fn streamed_piece(body: Vec<u8>, end_of_stream: bool) -> CommonResponse {
+    CommonResponse {
+        body_mutation: Some(BodyMutation {
+            mutation: Some(Mutation::StreamedResponse(StreamedBodyResponse {
+                body,
+                end_of_stream,
+                ..StreamedBodyResponse::default()
+            })),
+        }),
+        ..CommonResponse::default()
+    }
+}
+
+fn body_piece(body: Vec<u8>, end_of_stream: bool) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(Resp::RequestBody(BodyResponse {
+            response: Some(streamed_piece(body, end_of_stream)),
+        })),
+        ..ProcessingResponse::default()
+    }
+}
+
+/// The subset hint: `None` when the proxy gave none; `Some(empty)` means nothing is allowed.
+fn subset_hint(md: Option<&Metadata>) -> Option<Vec<SocketAddr>> {
+    let fields = &md?.filter_metadata.get(SUBSET_NAMESPACE)?.fields;
+    let list = match fields.get(SUBSET_KEY)?.kind.as_ref()? {
+        Kind::ListValue(l) => l,
+        _ => return Some(Vec::new()),
+    };
+    Some(
+        list.values
+            .iter()
+            .filter_map(|v| match v.kind.as_ref()? {
+                Kind::StringValue(s) => s.parse().ok(),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+fn served_endpoint(md: Option<&Metadata>) -> Option<String> {
+    match md?
+        .filter_metadata
+        .get(LB_NAMESPACE)?
+        .fields
+        .get(SERVED_KEY)?
+        .kind
+        .as_ref()?
+    {
+        Kind::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}

@@ -1,0 +1,246 @@
+//! End to end through the real Envoy: client -> Envoy -> (ext_proc) fleetpick -> Envoy ->
+//! simulated model server, every part its own process on loopback.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::envoy::{self, Envoy};
+use common::{MODEL, Picker, Sim, client, complete, fleet_yaml, metric, metrics_page, wait_for};
+use fleetpick::envoy::{BodyMode, EnvoyParams, Flavor, render};
+use serde_json::json;
+
+const FAST_POLL: &str = "poller: {interval_ms: 50, stale_after_ms: 2000, backoff_max_ms: 200}\n";
+
+fn loopback0() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+async fn envoy_for(flavor: Flavor, picker: SocketAddr, sim: &Sim) -> Envoy {
+    let params = EnvoyParams {
+        listen: loopback0(),
+        admin: loopback0(),
+        extproc: picker,
+        endpoints: sim
+            .entries
+            .iter()
+            .map(|e| e.address.parse().unwrap())
+            .collect(),
+        body_mode: BodyMode::FullDuplex,
+    };
+    envoy::start(&render(flavor, &params)).await
+}
+
+/// Waits until a request through Envoy succeeds (fleetpick has scraped and Envoy routes).
+async fn until_routing(envoy: &Envoy) {
+    let url = envoy.url("/v1/completions");
+    wait_for(
+        "a first request routed through Envoy",
+        Duration::from_secs(30),
+        || {
+            let url = url.clone();
+            async move { (complete(&client(), &url, &[]).await.0 == 200).then_some(()) }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn requests_land_on_the_least_loaded_endpoint() {
+    let dir = common::TempDir::new("cfg");
+    let cfg = dir.0.join("sim.yaml");
+    std::fs::write(&cfg, "defaults:\n  max_num_seqs: 2\n").unwrap();
+    let sim = Sim::start(&["--servers", "3", "--config", cfg.to_str().unwrap()]).await;
+    // Servers 0 and 1 get long requests straight from a client: two run, four wait, each.
+    let mut background = Vec::new();
+    for i in 0..2 {
+        for _ in 0..6 {
+            let url = sim.url(i, "/v1/completions");
+            background.push(tokio::spawn(async move {
+                // Read the stream: a client that stops reading is a client that left.
+                if let Ok(resp) = client()
+                    .post(url)
+                    .json(&json!({"model": MODEL, "prompt": "a long one", "max_tokens": 4000, "stream": true}))
+                    .send()
+                    .await
+                {
+                    let _ = resp.bytes().await;
+                }
+            }));
+        }
+    }
+    for i in 0..2 {
+        let url = sim.url(i, "/metrics");
+        wait_for(
+            "queues on the busy servers",
+            Duration::from_secs(20),
+            || {
+                let url = url.clone();
+                async move {
+                    (metric(&metrics_page(&url).await, "vllm:num_requests_waiting")? >= 4.0)
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    // The picker starts with the load already visible.
+    let picker = Picker::start(&fleet_yaml(&sim.entries, FAST_POLL)).await;
+    let envoy = envoy_for(Flavor::OriginalDst, picker.grpc, &sim).await;
+    until_routing(&envoy).await;
+    let c = client();
+    let url = envoy.url("/v1/completions");
+    for _ in 0..20 {
+        let (status, server) = complete(&c, &url, &[]).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            server.as_deref(),
+            Some(sim.entries[2].name.as_str()),
+            "the idle server takes every request"
+        );
+    }
+    for b in background {
+        b.abort();
+    }
+}
+
+#[tokio::test]
+async fn an_endpoint_reporting_kv_095_gets_nothing_while_others_are_idle() {
+    let sim = Sim::start(&["--servers", "3", "--time-scale", "10"]).await;
+    let c = client();
+    c.post(sim.admin_url("/servers/local-0/faults"))
+        .json(&json!({"kv_usage_override": 0.95}))
+        .send()
+        .await
+        .unwrap();
+    let picker = Picker::start(&fleet_yaml(&sim.entries, FAST_POLL)).await;
+    let envoy = envoy_for(Flavor::OriginalDst, picker.grpc, &sim).await;
+    until_routing(&envoy).await;
+    let url = envoy.url("/v1/completions");
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        let (status, server) = complete(&c, &url, &[]).await;
+        assert_eq!(status, 200);
+        *seen.entry(server.unwrap()).or_insert(0) += 1;
+    }
+    assert!(!seen.contains_key("local-0"), "{seen:?}");
+    // The two idle servers share the traffic (random tie-break, not turn order).
+    assert!(
+        seen.get("local-1").copied().unwrap_or(0) >= 5
+            && seen.get("local-2").copied().unwrap_or(0) >= 5,
+        "{seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_sent_destination_header_is_ignored() {
+    let sim = Sim::start(&["--servers", "3", "--time-scale", "10"]).await;
+    // The fleet file knows servers 0 and 1; the client asks for server 2.
+    let picker = Picker::start(&fleet_yaml(&sim.entries[..2], FAST_POLL)).await;
+    let envoy = envoy_for(Flavor::OriginalDst, picker.grpc, &sim).await;
+    until_routing(&envoy).await;
+    let c = client();
+    let url = envoy.url("/v1/completions");
+    let forged = sim.entries[2].address.clone();
+    for _ in 0..20 {
+        let (status, server) = complete(
+            &c,
+            &url,
+            &[("x-gateway-destination-endpoint", forged.as_str())],
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_ne!(server.as_deref(), Some(sim.entries[2].name.as_str()));
+    }
+}
+
+#[tokio::test]
+async fn a_stopped_endpoint_leaves_within_a_second() {
+    let sim = Sim::start(&["--servers", "3", "--time-scale", "10"]).await;
+    let picker = Picker::start(&fleet_yaml(&sim.entries, FAST_POLL)).await;
+    let envoy = envoy_for(Flavor::OriginalDst, picker.grpc, &sim).await;
+    until_routing(&envoy).await;
+    let c = client();
+    let url = envoy.url("/v1/completions");
+    c.post(sim.admin_url("/servers/local-1/stop"))
+        .send()
+        .await
+        .unwrap();
+    let stopped = Instant::now();
+    let mut last_error = None;
+    let mut ok_after_window = 0;
+    let deadline = stopped + Duration::from_secs(20);
+    // Requests one after another until 30 have succeeded past the one-second window.
+    while ok_after_window < 30 {
+        assert!(
+            Instant::now() < deadline,
+            "too slow to get 30 requests through"
+        );
+        let (status, server) = complete(&c, &url, &[]).await;
+        let at = stopped.elapsed();
+        if status == 200 {
+            assert_ne!(server.as_deref(), Some("local-1"));
+            if at > Duration::from_secs(1) {
+                ok_after_window += 1;
+            }
+        } else {
+            last_error = Some(at);
+            assert!(
+                at <= Duration::from_secs(1),
+                "error {status} {at:?} after the stop"
+            );
+        }
+    }
+    eprintln!("last error {last_error:?} after the stop");
+}
+
+#[tokio::test]
+async fn fallback_config_keeps_serving_while_fleetpick_is_down() {
+    let sim = Sim::start(&["--servers", "2", "--time-scale", "10"]).await;
+    let mut picker = Picker::start(&fleet_yaml(&sim.entries, FAST_POLL)).await;
+    let envoy = envoy_for(Flavor::Fallback, picker.grpc, &sim).await;
+    until_routing(&envoy).await;
+    let c = client();
+    let url = envoy.url("/v1/completions");
+    picker.kill();
+    // Envoy's active health check marks the picker down; from then on it fails open.
+    let clusters = envoy.admin_url("/clusters");
+    wait_for(
+        "Envoy to see the picker unhealthy",
+        Duration::from_secs(30),
+        || {
+            let clusters = clusters.clone();
+            async move {
+                let text = client()
+                    .get(&clusters)
+                    .send()
+                    .await
+                    .ok()?
+                    .text()
+                    .await
+                    .ok()?;
+                text.lines()
+                    .any(|l| {
+                        l.starts_with("fleetpick::")
+                            && l.contains("health_flags::/failed_active_hc")
+                    })
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let mut servers = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let (status, server) = complete(&c, &url, &[]).await;
+        assert_eq!(status, 200, "a request failed while fleetpick was down");
+        servers.insert(server.unwrap());
+    }
+    assert_eq!(
+        servers.len(),
+        2,
+        "round robin over both servers: {servers:?}"
+    );
+}

@@ -1,0 +1,202 @@
+//! The Envoy configurations of `fleetpick::envoy` against the real Envoy: every flavor validates,
+//! the checked-in `envoy/*.yaml` are exactly what the code renders, and the configurations
+//! route real requests to a simulated fleet.
+//!
+//! After changing `src/envoy.rs`, regenerate the checked-in files with
+//! `FLEETPICK_BLESS=1 cargo test --test envoy_config`.
+// The helpers below are test code too.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+
+use common::envoy::{self, Envoy, validate};
+use common::{MODEL, Sim, client};
+use fleetpick::envoy::{BodyMode, DESTINATION_HEADER, EnvoyParams, Flavor, render, user_defaults};
+use serde_json::json;
+
+/// Parameters for a test Envoy: loopback, kernel-chosen ports, the given model servers.
+fn test_params(extproc: SocketAddr, endpoints: Vec<SocketAddr>) -> EnvoyParams {
+    EnvoyParams {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin: "127.0.0.1:0".parse().unwrap(),
+        extproc,
+        endpoints,
+        body_mode: BodyMode::FullDuplex,
+    }
+}
+
+/// An address nothing listens on (bound once by us, then released).
+fn dead_address() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn sim_endpoints(sim: &Sim) -> Vec<SocketAddr> {
+    sim.entries
+        .iter()
+        .map(|e| e.address.parse().unwrap())
+        .collect()
+}
+
+fn sim_names(sim: &Sim) -> BTreeSet<String> {
+    sim.entries.iter().map(|e| e.name.clone()).collect()
+}
+
+/// Sends `n` completions through `envoy` (each with `headers`), and returns the set of servers
+/// that answered; every request must succeed.
+async fn servers_reached(envoy: &Envoy, n: usize, headers: &[(&str, &str)]) -> BTreeSet<String> {
+    let c = client();
+    let mut seen = BTreeSet::new();
+    for _ in 0..n {
+        let mut req = c
+            .post(envoy.url("/v1/completions"))
+            .json(&json!({"model": MODEL, "prompt": "hello there", "max_tokens": 2}));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let server = resp
+            .headers()
+            .get("x-sim-server")
+            .map(|v| v.to_str().unwrap().to_string());
+        let body = resp.text().await.unwrap();
+        assert_eq!(status, 200, "{body}\n--- envoy log ---\n{}", envoy.log());
+        assert!(body.contains("text_completion"), "{body}");
+        seen.insert(server.expect("x-sim-server on the response"));
+    }
+    seen
+}
+
+#[test]
+fn every_flavor_and_body_mode_validates() {
+    let p = test_params(
+        "127.0.0.1:9002".parse().unwrap(),
+        vec![
+            "127.0.0.1:8000".parse().unwrap(),
+            "[::1]:8001".parse().unwrap(),
+        ],
+    );
+    // Two at a time: each validation is a separate Envoy process.
+    std::thread::scope(|s| {
+        for flavor in Flavor::ALL {
+            let p = &p;
+            s.spawn(move || {
+                for body_mode in BodyMode::ALL {
+                    let p = EnvoyParams {
+                        body_mode,
+                        ..p.clone()
+                    };
+                    validate(&render(flavor, &p));
+                }
+            });
+        }
+    });
+    // IPv6 listener and no model servers at all render valid configurations too.
+    let p = EnvoyParams {
+        listen: "[::1]:0".parse().unwrap(),
+        endpoints: vec![],
+        ..p
+    };
+    validate(&render(Flavor::Fallback, &p));
+}
+
+#[test]
+fn checked_in_configs_are_rendered_from_the_code_and_validate() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bless = std::env::var_os("FLEETPICK_BLESS").is_some();
+    for (file, flavor) in [
+        ("envoy/envoy.yaml", Flavor::OriginalDst),
+        ("envoy/envoy-fallback.yaml", Flavor::Fallback),
+    ] {
+        let want = render(flavor, &user_defaults());
+        let path = repo.join(file);
+        if bless {
+            std::fs::write(&path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {file}: {e}"));
+        assert!(
+            have == want,
+            "{file} differs from what src/envoy.rs renders (flavor {flavor}); regenerate it with \
+             FLEETPICK_BLESS=1 cargo test --test envoy_config"
+        );
+        validate(&have);
+    }
+}
+
+#[tokio::test]
+async fn baselines_spread_requests_over_every_server() {
+    let sim = Sim::start(&["--servers", "2", "--time-scale", "20"]).await;
+    for (flavor, requests) in [(Flavor::RoundRobin, 10), (Flavor::LeastRequest, 40)] {
+        let p = test_params(dead_address(), sim_endpoints(&sim));
+        let envoy = envoy::start(&render(flavor, &p)).await;
+        assert_ne!(envoy.listen.port(), 0);
+        let seen = servers_reached(&envoy, requests, &[]).await;
+        assert_eq!(seen, sim_names(&sim), "{flavor}");
+    }
+}
+
+#[tokio::test]
+async fn a_large_request_is_retried_on_another_server_when_the_first_is_down() {
+    let sim = Sim::start(&["--servers", "1", "--time-scale", "20"]).await;
+    // Round robin over a dead address and a live server: every other request needs a retry,
+    // which Envoy can only make with the whole body held (over 1 MiB, Envoy's default).
+    let endpoints = vec![dead_address(), sim_endpoints(&sim)[0]];
+    let envoy = envoy::start(&render(
+        Flavor::RoundRobin,
+        &test_params(dead_address(), endpoints),
+    ))
+    .await;
+    let body = serde_json::to_vec(
+        &json!({"model": MODEL, "prompt": "hello", "max_tokens": 2, "user": "x".repeat(3 << 20)}),
+    )
+    .unwrap();
+    let c = client();
+    for _ in 0..4 {
+        let resp = c
+            .post(envoy.url("/v1/completions"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let server = resp.headers().get("x-sim-server").cloned();
+        let text = resp.text().await.unwrap();
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(server.unwrap(), sim.entries[0].name.as_str());
+    }
+}
+
+#[tokio::test]
+async fn fallback_fails_open_to_round_robin_while_fleetpick_is_down() {
+    let sim = Sim::start(&["--servers", "2", "--time-scale", "20"]).await;
+    let p = test_params(dead_address(), sim_endpoints(&sim));
+    let envoy = envoy::start(&render(Flavor::Fallback, &p)).await;
+    // A client naming its own destination is ignored: the header is stripped before the pick.
+    let first = sim.entries[0].address.clone();
+    let seen = servers_reached(&envoy, 10, &[(DESTINATION_HEADER, &first)]).await;
+    assert_eq!(seen, sim_names(&sim));
+}
+
+#[tokio::test]
+async fn original_dst_fails_closed_while_fleetpick_is_down() {
+    let sim = Sim::start(&["--servers", "1", "--time-scale", "20"]).await;
+    let p = test_params(dead_address(), sim_endpoints(&sim));
+    let envoy = envoy::start(&render(Flavor::OriginalDst, &p)).await;
+    let resp = client()
+        .post(envoy.url("/v1/completions"))
+        .header(DESTINATION_HEADER, sim.entries[0].address.as_str())
+        .json(&json!({"model": MODEL, "prompt": "hello", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_server_error(), "status {}", resp.status());
+    assert!(resp.headers().get("x-sim-server").is_none());
+}

@@ -1,0 +1,670 @@
+//! The ext_proc service driven over gRPC the way Envoy drives it, in front of a real simulated
+//! fleet (real sockets, real HTTP scrapes): the HTTP/1.1 and HTTP/2 body shapes, BUFFERED, a
+//! 1 MB body, the subset hint, every error status, and streams that end early.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::wait_for;
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use envoy_types::pb::envoy::service::ext_proc::v3::body_mutation::Mutation;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Req;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Resp;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    CommonResponse, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse,
+    ProtocolConfiguration,
+};
+use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
+use fleetpick::config::FleetConfig;
+use fleetpick::fleet::Fleet;
+use fleetpick::sim::{self, FleetOptions};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+const MODEL: &str = common::MODEL;
+
+struct Harness {
+    sim: sim::Fleet,
+    fleet: Arc<Fleet>,
+    client: ExternalProcessorClient<Channel>,
+    channel: Channel,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Harness {
+    /// A simulated fleet of `n` servers, fleetpick serving it; waits until every endpoint has
+    /// been scraped.
+    async fn start(n: usize, extra_yaml: &str) -> Harness {
+        let sim = sim::Fleet::launch(FleetOptions {
+            servers: n,
+            time_scale: 20.0,
+            ..FleetOptions::default()
+        })
+        .await
+        .unwrap();
+        let addrs: Vec<String> = sim
+            .entries(None)
+            .into_iter()
+            .map(|e| format!("\"{}\"", e.address))
+            .collect();
+        let yaml = format!(
+            "clusters: [{{name: local}}]\npools:\n  - name: llama\n    models: [{MODEL}]\n    target_port: 8000\n    endpoints:\n      local: [{}]\npoller: {{interval_ms: 20, stale_after_ms: 2000}}\n{extra_yaml}",
+            addrs.join(", ")
+        );
+        let cfg = FleetConfig::parse(&yaml, "test.yaml").unwrap();
+        let fleet = Arc::new(Fleet::new(&cfg));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run_fleet = fleet.clone();
+        tokio::spawn(async move {
+            fleetpick::serve::run(run_fleet, &cfg, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let client = ExternalProcessorClient::new(channel.clone())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let f = fleet.clone();
+        wait_for("every endpoint scraped", Duration::from_secs(20), || {
+            let f = f.clone();
+            async move { (f.eligible_count() == n).then_some(()) }
+        })
+        .await;
+        Harness {
+            sim,
+            fleet,
+            client,
+            channel,
+            _stop: stop,
+        }
+    }
+
+    fn addresses(&self) -> Vec<String> {
+        self.sim
+            .entries(None)
+            .into_iter()
+            .map(|e| e.address)
+            .collect()
+    }
+
+    fn in_flight(&self) -> u32 {
+        self.fleet
+            .endpoints
+            .iter()
+            .map(|e| e.in_flight.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Opens a stream; returns the sender of requests and the stream of responses.
+    async fn open(
+        &self,
+    ) -> (
+        mpsc::Sender<ProcessingRequest>,
+        tonic::Streaming<ProcessingResponse>,
+    ) {
+        let (tx, rx) = mpsc::channel(64);
+        let responses = self
+            .client
+            .clone()
+            .process(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        (tx, responses)
+    }
+}
+
+fn headers(
+    path: &str,
+    end_of_stream: bool,
+    mode: BodySendMode,
+    subset: Option<Vec<&str>>,
+) -> ProcessingRequest {
+    let hv = |k: &str, v: &str| HeaderValue {
+        key: k.to_string(),
+        raw_value: v.as_bytes().to_vec(),
+        ..HeaderValue::default()
+    };
+    let metadata_context = subset.map(|addrs| {
+        let list = ListValue {
+            values: addrs
+                .into_iter()
+                .map(|a| Value {
+                    kind: Some(Kind::StringValue(a.to_string())),
+                })
+                .collect(),
+        };
+        let inner = Struct {
+            fields: [(
+                "x-gateway-destination-endpoint-subset".to_string(),
+                Value {
+                    kind: Some(Kind::ListValue(list)),
+                },
+            )]
+            .into(),
+        };
+        Metadata {
+            filter_metadata: [("envoy.lb.subset_hint".to_string(), inner)].into(),
+            ..Metadata::default()
+        }
+    });
+    ProcessingRequest {
+        request: Some(Req::RequestHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![
+                    hv(":path", path),
+                    hv(":method", "POST"),
+                    hv("x-gateway-destination-endpoint", "6.6.6.6:1"),
+                ],
+            }),
+            end_of_stream,
+            ..HttpHeaders::default()
+        })),
+        metadata_context,
+        protocol_config: Some(ProtocolConfiguration {
+            request_body_mode: mode as i32,
+            ..ProtocolConfiguration::default()
+        }),
+        ..ProcessingRequest::default()
+    }
+}
+
+fn body(bytes: &[u8], end_of_stream: bool) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(Req::RequestBody(HttpBody {
+            body: bytes.to_vec(),
+            end_of_stream,
+            ..HttpBody::default()
+        })),
+        ..ProcessingRequest::default()
+    }
+}
+
+fn completion(prompt: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 4})).unwrap()
+}
+
+/// The destination set by a common response, checking it overwrites.
+fn destination(common: &CommonResponse) -> String {
+    let set = &common
+        .header_mutation
+        .as_ref()
+        .expect("header mutation")
+        .set_headers;
+    let h = set
+        .iter()
+        .find(|h| h.header.as_ref().unwrap().key == "x-gateway-destination-endpoint")
+        .unwrap();
+    assert_eq!(
+        h.append_action,
+        HeaderAppendAction::OverwriteIfExistsOrAdd as i32
+    );
+    String::from_utf8(h.header.as_ref().unwrap().raw_value.clone()).unwrap()
+}
+
+fn metadata_destination(r: &ProcessingResponse) -> String {
+    let md = r.dynamic_metadata.as_ref().expect("dynamic metadata");
+    let Some(Kind::StructValue(lb)) = &md.fields["envoy.lb"].kind else {
+        panic!("envoy.lb")
+    };
+    let Some(Kind::StringValue(d)) = &lb.fields["x-gateway-destination-endpoint"].kind else {
+        panic!("key")
+    };
+    d.clone()
+}
+
+async fn next(responses: &mut tonic::Streaming<ProcessingResponse>) -> ProcessingResponse {
+    tokio::time::timeout(Duration::from_secs(20), responses.message())
+        .await
+        .expect("a response in time")
+        .unwrap()
+        .expect("stream open")
+}
+
+/// Reads the headers response and the streamed body back; returns (destination, body, pieces).
+async fn read_full_duplex(
+    responses: &mut tonic::Streaming<ProcessingResponse>,
+) -> (String, Vec<u8>, usize) {
+    let first = next(responses).await;
+    let dest = match &first.response {
+        Some(Resp::RequestHeaders(h)) => destination(h.response.as_ref().unwrap()),
+        other => panic!("expected the headers response first, got {other:?}"),
+    };
+    assert_eq!(metadata_destination(&first), dest);
+    let mut out = Vec::new();
+    let mut pieces = 0;
+    loop {
+        let r = next(responses).await;
+        let Some(Resp::RequestBody(b)) = r.response else {
+            panic!("expected a body piece")
+        };
+        let Some(Mutation::StreamedResponse(s)) =
+            b.response.unwrap().body_mutation.unwrap().mutation
+        else {
+            panic!("expected a streamed response")
+        };
+        assert!(s.body.len() <= 62_000, "piece of {} bytes", s.body.len());
+        assert!(
+            !s.body.is_empty() || s.end_of_stream,
+            "an empty piece mid-body breaks Envoy"
+        );
+        pieces += 1;
+        out.extend_from_slice(&s.body);
+        if s.end_of_stream {
+            return (dest, out, pieces);
+        }
+    }
+}
+
+/// The immediate response's status, reason header and parsed body.
+async fn read_immediate(
+    responses: &mut tonic::Streaming<ProcessingResponse>,
+) -> (i32, String, serde_json::Value) {
+    let r = next(responses).await;
+    let Some(Resp::ImmediateResponse(i)) = r.response else {
+        panic!("expected an immediate response, got {r:?}")
+    };
+    let headers = i.headers.unwrap().set_headers;
+    let reason = headers
+        .iter()
+        .find(|h| h.header.as_ref().unwrap().key == "x-fleetpick-reason")
+        .map(|h| String::from_utf8(h.header.as_ref().unwrap().raw_value.clone()).unwrap())
+        .unwrap();
+    (
+        i.status.unwrap().code,
+        reason,
+        serde_json::from_slice(&i.body).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn http1_shape_chunks_then_empty_end_of_stream() {
+    let h = Harness::start(3, "").await;
+    let (tx, mut rx) = h.open().await;
+    let payload = completion("hello from an HTTP/1.1 client");
+    tx.send(headers(
+        "/v1/completions",
+        false,
+        BodySendMode::FullDuplexStreamed,
+        None,
+    ))
+    .await
+    .unwrap();
+    for chunk in payload.chunks(10) {
+        tx.send(body(chunk, false)).await.unwrap();
+    }
+    tx.send(body(b"", true)).await.unwrap();
+    let (dest, echoed, _) = read_full_duplex(&mut rx).await;
+    assert_eq!(echoed, payload);
+    assert!(h.addresses().contains(&dest), "{dest}");
+    assert_eq!(h.in_flight(), 1);
+    drop(tx);
+    drop(rx);
+    wait_for(
+        "the in-flight count released",
+        Duration::from_secs(10),
+        || async { (h.in_flight() == 0).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn http2_shape_one_chunk_and_a_1mb_body_byte_identical() {
+    let h = Harness::start(2, "").await;
+    let (tx, mut rx) = h.open().await;
+    let payload = completion("short");
+    tx.send(headers(
+        "/v1/completions",
+        false,
+        BodySendMode::FullDuplexStreamed,
+        None,
+    ))
+    .await
+    .unwrap();
+    tx.send(body(&payload, true)).await.unwrap();
+    let (_, echoed, pieces) = read_full_duplex(&mut rx).await;
+    assert_eq!((echoed, pieces), (payload, 1));
+
+    let big = serde_json::to_vec(&json!({
+        "model": MODEL,
+        "messages": [{"role": "system", "content": fleetpick::loadgen::filler_text(9, 1_048_576)}, {"role": "user", "content": [{"type": "text", "text": "q"}]}],
+    }))
+    .unwrap();
+    let (tx, mut rx) = h.open().await;
+    tx.send(headers(
+        "/v1/chat/completions",
+        false,
+        BodySendMode::FullDuplexStreamed,
+        None,
+    ))
+    .await
+    .unwrap();
+    for chunk in big.chunks(16_384) {
+        tx.send(body(chunk, false)).await.unwrap();
+    }
+    tx.send(body(b"", true)).await.unwrap();
+    let (_, echoed, pieces) = read_full_duplex(&mut rx).await;
+    assert!(echoed == big, "the body came back changed");
+    assert_eq!(pieces, big.len().div_ceil(62_000));
+}
+
+#[tokio::test]
+async fn buffered_mode_answers_headers_then_body_with_the_mutation() {
+    let h = Harness::start(2, "").await;
+    let (tx, mut rx) = h.open().await;
+    tx.send(headers(
+        "/v1/chat/completions",
+        false,
+        BodySendMode::Buffered,
+        None,
+    ))
+    .await
+    .unwrap();
+    let first = next(&mut rx).await;
+    let Some(Resp::RequestHeaders(hr)) = first.response else {
+        panic!("headers answered first")
+    };
+    assert!(hr.response.unwrap_or_default().header_mutation.is_none());
+    let payload = serde_json::to_vec(
+        &json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .unwrap();
+    tx.send(body(&payload, true)).await.unwrap();
+    let r = next(&mut rx).await;
+    let dest = metadata_destination(&r);
+    let Some(Resp::RequestBody(b)) = r.response else {
+        panic!("body response")
+    };
+    let common = b.response.unwrap();
+    assert_eq!(destination(&common), dest);
+    assert!(
+        common.body_mutation.is_none(),
+        "BUFFERED leaves the body as it is"
+    );
+    assert!(h.addresses().contains(&dest));
+}
+
+#[tokio::test]
+async fn subset_hint_is_honoured() {
+    let h = Harness::start(3, "").await;
+    let addrs = h.addresses();
+    for _ in 0..10 {
+        let (tx, mut rx) = h.open().await;
+        tx.send(headers(
+            "/v1/completions",
+            false,
+            BodySendMode::FullDuplexStreamed,
+            Some(vec![addrs[2].as_str()]),
+        ))
+        .await
+        .unwrap();
+        tx.send(body(&completion("x"), true)).await.unwrap();
+        let (dest, _, _) = read_full_duplex(&mut rx).await;
+        assert_eq!(dest, addrs[2]);
+    }
+    for subset in [vec![], vec!["10.99.0.1:8000"]] {
+        let (tx, mut rx) = h.open().await;
+        tx.send(headers(
+            "/v1/completions",
+            false,
+            BodySendMode::FullDuplexStreamed,
+            Some(subset),
+        ))
+        .await
+        .unwrap();
+        tx.send(body(&completion("x"), true)).await.unwrap();
+        let (status, reason, err) = read_immediate(&mut rx).await;
+        assert_eq!((status, reason.as_str()), (503, "no-eligible-endpoint"));
+        assert_eq!(err["error"]["code"], 503);
+    }
+}
+
+#[tokio::test]
+async fn fallbacks_make_an_ordered_list_of_distinct_endpoints() {
+    let h = Harness::start(4, "scheduler: {fallbacks: 2}\n").await;
+    let (tx, mut rx) = h.open().await;
+    tx.send(headers(
+        "/v1/completions",
+        false,
+        BodySendMode::FullDuplexStreamed,
+        None,
+    ))
+    .await
+    .unwrap();
+    tx.send(body(&completion("x"), true)).await.unwrap();
+    let (dest, _, _) = read_full_duplex(&mut rx).await;
+    let list: Vec<&str> = dest.split(',').collect();
+    assert_eq!(list.len(), 3, "{dest}");
+    let distinct: std::collections::HashSet<&&str> = list.iter().collect();
+    assert_eq!(distinct.len(), 3);
+    assert!(list.iter().all(|a| h.addresses().iter().any(|x| x == a)));
+}
+
+#[tokio::test]
+async fn every_error_status_in_the_openai_shape() {
+    let h = Harness::start(2, "server: {max_body_bytes: 2000}\n").await;
+    let cases: Vec<(&str, Vec<u8>, i32, &str)> = vec![
+        ("/v1/completions", b"{not json".to_vec(), 400, "bad-request"),
+        (
+            "/v1/completions",
+            br#"{"prompt":"x"}"#.to_vec(),
+            400,
+            "bad-request",
+        ),
+        (
+            "/v1/completions",
+            br#"{"model":"nope","prompt":"x"}"#.to_vec(),
+            404,
+            "unknown-model",
+        ),
+        (
+            "/v1/embeddings",
+            br#"{"model":"m","input":7}"#.to_vec(),
+            400,
+            "bad-request",
+        ),
+    ];
+    for (path, payload, status, why) in cases {
+        let (tx, mut rx) = h.open().await;
+        tx.send(headers(path, false, BodySendMode::FullDuplexStreamed, None))
+            .await
+            .unwrap();
+        tx.send(body(&payload, true)).await.unwrap();
+        let (got, reason, err) = read_immediate(&mut rx).await;
+        assert_eq!(
+            (got, reason.as_str()),
+            (status, why),
+            "{path} {}",
+            String::from_utf8_lossy(&payload)
+        );
+        assert_eq!(err["error"]["code"], status);
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+    // Too large: refused as soon as the limit is passed, before the end of the body.
+    let (tx, mut rx) = h.open().await;
+    tx.send(headers(
+        "/v1/completions",
+        false,
+        BodySendMode::FullDuplexStreamed,
+        None,
+    ))
+    .await
+    .unwrap();
+    tx.send(body(&[b' '; 1500], false)).await.unwrap();
+    tx.send(body(&[b' '; 1500], false)).await.unwrap();
+    let (status, reason, _) = read_immediate(&mut rx).await;
+    assert_eq!((status, reason.as_str()), (413, "body-too-large"));
+
+    // No eligible endpoint: every server down.
+    h.sim.shutdown().await;
+    let f = h.fleet.clone();
+    wait_for("every endpoint ineligible", Duration::from_secs(20), || {
+        let f = f.clone();
+        async move { (f.eligible_count() == 0).then_some(()) }
+    })
+    .await;
+    let (tx, mut rx) = h.open().await;
+    tx.send(headers(
+        "/v1/completions",
+        false,
+        BodySendMode::FullDuplexStreamed,
+        None,
+    ))
+    .await
+    .unwrap();
+    tx.send(body(&completion("x"), true)).await.unwrap();
+    let (status, reason, _) = read_immediate(&mut rx).await;
+    assert_eq!((status, reason.as_str()), (503, "no-eligible-endpoint"));
+    assert_eq!(h.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn streams_that_end_early_leak_nothing() {
+    let h = Harness::start(2, "").await;
+    // Dropped mid-body: nothing was picked, nothing to release.
+    let (tx, rx) = h.open().await;
+    tx.send(headers(
+        "/v1/completions",
+        false,
+        BodySendMode::FullDuplexStreamed,
+        None,
+    ))
+    .await
+    .unwrap();
+    tx.send(body(b"{\"model\":", false)).await.unwrap();
+    drop(tx);
+    drop(rx);
+    // Picked, then reset by the proxy (client gone) before any response: released once.
+    let mut open = Vec::new();
+    for _ in 0..5 {
+        let (tx, mut rx) = h.open().await;
+        tx.send(headers(
+            "/v1/completions",
+            false,
+            BodySendMode::FullDuplexStreamed,
+            None,
+        ))
+        .await
+        .unwrap();
+        tx.send(body(&completion("x"), true)).await.unwrap();
+        read_full_duplex(&mut rx).await;
+        open.push((tx, rx));
+    }
+    assert_eq!(h.in_flight(), 5);
+    // Normal end for one: response headers, then the proxy closes its side.
+    let (tx, mut rx) = open.pop().unwrap();
+    let mut resp = headers("/", false, BodySendMode::FullDuplexStreamed, None);
+    if let Some(Req::RequestHeaders(hh)) = &mut resp.request {
+        hh.headers.as_mut().unwrap().headers = vec![HeaderValue {
+            key: ":status".into(),
+            raw_value: b"200".to_vec(),
+            ..HeaderValue::default()
+        }];
+        resp.request = Some(Req::ResponseHeaders(hh.clone()));
+    }
+    tx.send(resp).await.unwrap();
+    let r = next(&mut rx).await;
+    assert!(matches!(r.response, Some(Resp::ResponseHeaders(_))));
+    drop(tx);
+    wait_for("one released", Duration::from_secs(10), || async {
+        (h.in_flight() == 4).then_some(())
+    })
+    .await;
+    drop(rx);
+    // The rest vanish at once, as when Envoy itself goes away.
+    drop(open);
+    wait_for("all released", Duration::from_secs(10), || async {
+        (h.in_flight() == 0).then_some(())
+    })
+    .await;
+    // And the counts never went below zero (they are unsigned: a double release would wrap).
+    assert!(
+        h.fleet
+            .endpoints
+            .iter()
+            .all(|e| e.in_flight.load(Ordering::Relaxed) == 0)
+    );
+}
+
+#[tokio::test]
+async fn requests_without_a_body_are_routed_by_load() {
+    let h = Harness::start(2, "").await;
+    let (tx, mut rx) = h.open().await;
+    tx.send(headers(
+        "/v1/models",
+        true,
+        BodySendMode::FullDuplexStreamed,
+        None,
+    ))
+    .await
+    .unwrap();
+    let r = next(&mut rx).await;
+    let dest = metadata_destination(&r);
+    let Some(Resp::RequestHeaders(hr)) = r.response else {
+        panic!("headers response")
+    };
+    assert_eq!(destination(hr.response.as_ref().unwrap()), dest);
+    assert!(h.addresses().contains(&dest));
+}
+
+#[tokio::test]
+async fn grpc_health_follows_eligibility() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let h = Harness::start(1, "").await;
+    let mut health = HealthClient::new(h.channel.clone());
+    let status = |mut health: HealthClient<Channel>| async move {
+        let req = HealthCheckRequest {
+            service: "envoy.service.ext_proc.v3.ExternalProcessor".into(),
+        };
+        health.check(req).await.ok().map(|r| r.into_inner().status)
+    };
+    wait_for(
+        "SERVING once an endpoint is eligible",
+        Duration::from_secs(10),
+        || {
+            let health = health.clone();
+            async move { (status(health).await? == ServingStatus::Serving as i32).then_some(()) }
+        },
+    )
+    .await;
+    h.sim.shutdown().await;
+    wait_for("NOT_SERVING once none is", Duration::from_secs(20), || {
+        let health = health.clone();
+        async move { (status(health).await? == ServingStatus::NotServing as i32).then_some(()) }
+    })
+    .await;
+    // The overall status follows too.
+    let overall = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(overall, ServingStatus::NotServing as i32);
+}
