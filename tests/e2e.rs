@@ -244,3 +244,68 @@ async fn fallback_config_keeps_serving_while_fleetpick_is_down() {
         "round robin over both servers: {servers:?}"
     );
 }
+
+#[tokio::test]
+async fn in_flight_lasts_as_long_as_the_response_through_envoy() {
+    use futures_util::StreamExt;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    let sim = Sim::start(&["--servers", "1"]).await;
+    // The picker in this process, so the test can read its in-flight count.
+    let cfg =
+        fleetpick::config::FleetConfig::parse(&fleet_yaml(&sim.entries, FAST_POLL), "t").unwrap();
+    let fleet = Arc::new(fleetpick::fleet::Fleet::new(&cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let picker = listener.local_addr().unwrap();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run_fleet = fleet.clone();
+    tokio::spawn(async move {
+        let _ = fleetpick::serve::run(run_fleet, &cfg, listener, async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    let envoy = envoy_for(Flavor::OriginalDst, picker, &sim).await;
+    until_routing(&envoy).await;
+    let in_flight = || fleet.endpoints[0].in_flight.load(Ordering::Relaxed);
+    wait_for(
+        "the first request released",
+        Duration::from_secs(10),
+        || async { (in_flight() == 0).then_some(()) },
+    )
+    .await;
+
+    // A streamed completion holds its count while tokens flow (25 ms a token), and releases it
+    // at the end of the response.
+    let c = client();
+    let url = envoy.url("/v1/completions");
+    let body =
+        json!({"model": MODEL, "prompt": "count to forty", "max_tokens": 40, "stream": true});
+    let resp = c.post(&url).json(&body).send().await.unwrap();
+    let mut stream = resp.bytes_stream();
+    assert!(stream.next().await.unwrap().is_ok());
+    assert_eq!(in_flight(), 1, "held while the response streams");
+    while let Some(chunk) = stream.next().await {
+        chunk.unwrap();
+    }
+    wait_for(
+        "release at the end of the response",
+        Duration::from_secs(10),
+        || async { (in_flight() == 0).then_some(()) },
+    )
+    .await;
+
+    // A client that leaves mid-stream releases it too.
+    let body = json!({"model": MODEL, "prompt": "count to a thousand", "max_tokens": 1000, "stream": true});
+    let resp = c.post(&url).json(&body).send().await.unwrap();
+    let mut stream = resp.bytes_stream();
+    assert!(stream.next().await.unwrap().is_ok());
+    assert_eq!(in_flight(), 1);
+    drop(stream);
+    wait_for(
+        "release after the client left",
+        Duration::from_secs(10),
+        || async { (in_flight() == 0).then_some(()) },
+    )
+    .await;
+}

@@ -123,7 +123,7 @@ fn checked_in_configs_are_rendered_from_the_code_and_validate() {
         let have = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {file}: {e}"));
         assert!(
             have == want,
-            "{file} differs from what src/envoy.rs renders (flavor {flavor}); regenerate it with \
+            "{file} differs from what src/envoy/mod.rs renders (flavor {flavor}); regenerate it with \
              FLEETPICK_BLESS=1 cargo test --test envoy_config"
         );
         validate(&have);

@@ -587,7 +587,20 @@ async fn streams_that_end_early_leak_nothing() {
     tx.send(resp).await.unwrap();
     let r = next(&mut rx).await;
     assert!(matches!(r.response, Some(Resp::ResponseHeaders(_))));
-    drop(tx);
+    assert_eq!(
+        h.in_flight(),
+        5,
+        "response headers are not the end of the response"
+    );
+    // The response body's end releases it, while the stream is still open.
+    let mut last = body(b"data: [DONE]\n\n", true);
+    if let Some(Req::RequestBody(b)) = last.request.take() {
+        last.request = Some(Req::ResponseBody(b));
+    }
+    tx.send(last).await.unwrap();
+    let r = next(&mut rx).await;
+    assert!(matches!(r.response, Some(Resp::ResponseBody(_))));
+    let _still_open = tx;
     wait_for("one released", Duration::from_secs(10), || async {
         (h.in_flight() == 4).then_some(())
     })

@@ -477,12 +477,16 @@ fn ext_proc_filter(y: &mut String, flavor: Flavor, body_mode: BodyMode) {
               allow_mode_override: false
               processing_mode:
                 # fleetpick needs the request headers (path, objective, fairness id) and body
-                # (model, prompt) to pick, and the response headers to learn the outcome; the
-                # response body (the generated tokens) passes through untouched.
+                # (model, prompt) to pick, and the response to learn the outcome. The response
+                # body is streamed through fleetpick (each chunk echoed unchanged) because that is
+                # how it learns when the response ENDS: with response_body_mode NONE, Envoy closes
+                # the ext_proc stream after the response headers, long before a streamed
+                # completion is done, and fleetpick's in-flight count would drop too early. It also
+                # gives the time of the first token. Trailers must be SEND with FULL_DUPLEX.
                 request_header_mode: SEND
                 response_header_mode: SEND
-                response_body_mode: NONE
-                response_trailer_mode: SKIP
+                response_body_mode: FULL_DUPLEX_STREAMED
+                response_trailer_mode: SEND
 "#,
     );
     put(y, body);
@@ -802,9 +806,9 @@ mod tests {
             ("request_header_mode", "SEND"),
             ("response_header_mode", "SEND"),
             ("request_body_mode", "FULL_DUPLEX_STREAMED"),
-            ("response_body_mode", "NONE"),
+            ("response_body_mode", "FULL_DUPLEX_STREAMED"),
             ("request_trailer_mode", "SEND"),
-            ("response_trailer_mode", "SKIP"),
+            ("response_trailer_mode", "SEND"),
         ] {
             assert_eq!(str_at(pm, k), want, "{k}");
         }
@@ -864,7 +868,7 @@ mod tests {
             );
             assert_eq!(str_at(pm, "request_body_mode"), "BUFFERED");
             assert_eq!(str_at(pm, "request_trailer_mode"), "SKIP");
-            assert_eq!(str_at(pm, "response_body_mode"), "NONE");
+            assert_eq!(str_at(pm, "response_body_mode"), "FULL_DUPLEX_STREAMED");
         }
     }
 

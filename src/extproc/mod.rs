@@ -14,10 +14,12 @@
 //! - Errors become immediate responses in the OpenAI error shape: 400 (bad body), 404 (unknown
 //!   model), 413 (too large), 503 (no eligible endpoint).
 //! - `response_headers`: the status and the endpoint Envoy says it served are noted.
+//! - `response_body` chunks (the shipped Envoy configs stream them, FULL_DUPLEX): echoed back
+//!   unchanged; the one with end of stream (or the response trailers) ends the request.
 //!
 //! The picked endpoint's in-flight count is held by an [`InFlight`] guard owned by the stream's
-//! task: it is released when the task ends, which every ending (response done, reset, client
-//! gone, Envoy gone) leads to, and only then.
+//! state. It is released once: at the end of the response, or when the stream's task ends,
+//! which every other ending (reset, client gone, Envoy gone) leads to.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -154,15 +156,7 @@ struct StreamState {
 
 impl Drop for StreamState {
     fn drop(&mut self) {
-        if let Some(guard) = &self.in_flight {
-            tracing::debug!(
-                model = self.model.as_deref().unwrap_or(""),
-                endpoint = %guard.endpoint().addr,
-                served = self.served.as_deref().unwrap_or(""),
-                status = self.status.unwrap_or(0),
-                "request ended"
-            );
-        }
+        self.finish();
     }
 }
 
@@ -181,6 +175,20 @@ impl StreamState {
             in_flight: None,
             status: None,
             served: None,
+        }
+    }
+
+    /// The request is over (response complete, or the stream ended): release its in-flight count.
+    /// Idempotent; the guard is taken, so the release happens once.
+    fn finish(&mut self) {
+        if let Some(guard) = self.in_flight.take() {
+            tracing::debug!(
+                model = self.model.as_deref().unwrap_or(""),
+                endpoint = %guard.endpoint().addr,
+                served = self.served.as_deref().unwrap_or(""),
+                status = self.status.unwrap_or(0),
+                "request ended"
+            );
         }
     }
 
@@ -251,7 +259,10 @@ impl StreamState {
                 vec![headers_response(Resp::ResponseHeaders, None)]
             }
             Some(Req::ResponseBody(b)) => {
-                // Only sent if the filter asks for response bodies; echo them unchanged.
+                if b.end_of_stream {
+                    self.finish();
+                }
+                // Echo unchanged (streamed back piece for piece in FULL_DUPLEX mode).
                 let response = if self.response_streamed {
                     streamed_piece(b.body, b.end_of_stream)
                 } else {
@@ -264,10 +275,13 @@ impl StreamState {
                     ..ProcessingResponse::default()
                 }]
             }
-            Some(Req::ResponseTrailers(_)) => vec![ProcessingResponse {
-                response: Some(Resp::ResponseTrailers(TrailersResponse::default())),
-                ..ProcessingResponse::default()
-            }],
+            Some(Req::ResponseTrailers(_)) => {
+                self.finish();
+                vec![ProcessingResponse {
+                    response: Some(Resp::ResponseTrailers(TrailersResponse::default())),
+                    ..ProcessingResponse::default()
+                }]
+            }
             None => Vec::new(),
         }
     }
