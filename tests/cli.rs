@@ -1,0 +1,42 @@
+//! The command line's own checks: `fleetpick check-config`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+#[test]
+fn check_config_accepts_the_example_and_names_errors() {
+    let bin = env!("CARGO_BIN_EXE_fleetpick");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/fleet.yaml");
+    let out = std::process::Command::new(bin)
+        .args(["check-config", example])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("ok: 2 clusters, 2 pools, 5 endpoints, 4 models"),
+        "{said}"
+    );
+
+    let dir = common::TempDir::new("fleet");
+    let bad = dir.0.join("fleet.yaml");
+    let text = std::fs::read_to_string(example)
+        .unwrap()
+        .replace("      us-west: [10.1.2.10]", "      eu-west: [10.1.2.10]");
+    std::fs::write(&bad, text).unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["check-config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("fleet.yaml:28: pools[1].endpoints.eu-west: no cluster named `eu-west`"),
+        "{err}"
+    );
+}
