@@ -6,10 +6,13 @@
 #
 #   phase 0: idle for IDLE s: the CPU fleetpick's poller (and the /metrics pages it reads) costs
 #            with no traffic at all.
-#   phase A: a fixed rate (hey -c RATE_WORKERS -q RATE_PER_WORKER, i.e. RATE_WORKERS x
-#            RATE_PER_WORKER requests/s) for RATE_DURATION s against one simulated server directly
-#            (reference), Envoy round robin, and Envoy + fleetpick, back to back, each after a
-#            WARMUP s warm-up at the same rate: latency percentiles, and fleetpick's added latency.
+#   phase A: a fixed rate for RATE_DURATION s against one simulated server directly (reference),
+#            Envoy round robin, and Envoy + fleetpick, back to back, each after a WARMUP s warm-up
+#            at the same rate: latency percentiles, and fleetpick's added latency. Once per
+#            pattern W:Q of RATE_PATTERNS, run as `hey -c W -q Q` (W x Q requests/s). hey's -q
+#            paces each worker with its own ticker and all workers start together, so the
+#            requests leave in bursts of W every 1/Q s: 5:100 is close to a steady 500/s (5 every
+#            10 ms), 50:10 sends 50 at once every 100 ms.
 #   phase B: closed loop (hey -c MAX_CONCURRENCY, no rate limit) for MAX_DURATION s against each
 #            Envoy setup: the highest sustained rate, with errors.
 # Every phase records the CPU seconds of the simulator, fleetpick, both Envoys (from
@@ -20,29 +23,37 @@
 # All listeners bind 127.0.0.1 port 0; the real ports are read back at run time.
 #
 # Usage: bench/overhead.sh
-#   env: SERVERS=8 TIME_SCALE=1000 RATE_WORKERS=50 RATE_PER_WORKER=10 RATE_DURATION=20 WARMUP=2
-#        MAX_CONCURRENCY=64 MAX_DURATION=15 IDLE=5
-# Output: a summary on stdout and in bench/out/overhead/summary.txt; the raw hey reports, the
-# rendered configurations and every process's log beside it.
+#   env: SERVERS=8 TIME_SCALE=1000 RATE_PATTERNS="5:100 50:10" RATE_DURATION=20 WARMUP=1
+#        MAX_CONCURRENCY=64 MAX_DURATION=10 IDLE=3
+#        FLEETPICK_BIN=path (a fleetpick binary to measure instead of building target/release)
+#        OUT=dir (default bench/out/overhead)
+# Output: a summary on stdout and in $OUT/summary.txt; the raw hey reports, the rendered
+# configurations and every process's log beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SERVERS=${SERVERS:-8}
 TIME_SCALE=${TIME_SCALE:-1000}
-RATE_WORKERS=${RATE_WORKERS:-50}
-RATE_PER_WORKER=${RATE_PER_WORKER:-10}
+RATE_PATTERNS=${RATE_PATTERNS:-5:100 50:10}
 RATE_DURATION=${RATE_DURATION:-20}
-WARMUP=${WARMUP:-2}
+WARMUP=${WARMUP:-1}
 MAX_CONCURRENCY=${MAX_CONCURRENCY:-64}
-MAX_DURATION=${MAX_DURATION:-15}
-IDLE=${IDLE:-5}
+MAX_DURATION=${MAX_DURATION:-10}
+IDLE=${IDLE:-3}
 MODEL=meta-llama/Llama-3.1-8B-Instruct
 BODY="{\"model\":\"$MODEL\",\"prompt\":\"hello\",\"max_tokens\":1}"
 START_LIMIT=30 # seconds any process may take to become ready
 
-out=bench/out/overhead
+out=${OUT:-bench/out/overhead}
+for pat in $RATE_PATTERNS; do
+    [[ "$pat" =~ ^[1-9][0-9]*:[1-9][0-9]*$ ]] || { echo "overhead.sh: RATE_PATTERNS: '$pat' is not WORKERS:PER_WORKER_RATE" >&2; exit 2; }
+done
 mkdir -p "$out"
-rm -f "$out"/*.txt "$out"/*.log "$out"/*.yaml "$out"/*.json "$out"/*.admin "$out"/*.tmp
+# This script's files only (OUT may name a directory that holds others). Stale ready and
+# address files would otherwise pass for the new processes'.
+rm -f "$out"/hey-*.txt "$out"/summary.txt "$out"/sim.log "$out"/fleetpick.log "$out"/envoy-*.log \
+    "$out"/envoy-*.yaml "$out"/envoy-*.admin "$out"/fleet.yaml "$out"/sim-ready.json \
+    "$out"/fleetpick-ready.json "$out"/fleetpick-ready.tmp
 
 die() {
     echo "overhead.sh: $*" >&2
@@ -87,8 +98,10 @@ $(tail -n 30 "$log")"
     fi
     local exe
     exe=$(readlink "/proc/$started/exe" 2>/dev/null || true)
+    # If setsid had forked (it does when started as a process-group leader, as under job
+    # control), $! would be setsid itself, which exits at once: caught above, or here.
     case "$exe" in
-    */setsid) die "setsid forked: cannot account $name's CPU (pid $started is setsid)" ;;
+    */setsid) die "setsid forked: cannot account $name's CPU (pid $started is setsid); run this script with plain bash, without job control" ;;
     esac
 }
 
@@ -107,7 +120,18 @@ $(tail -n 30 "$log")"
     done
 }
 
-cmdline() { printf '%q ' "$@" | sed 's/ $//'; }
+# cmdline ARGS...: the command as one line a shell reads back (single quotes where needed).
+cmdline() {
+    local a line=""
+    for a in "$@"; do
+        if [[ "$a" =~ ^[A-Za-z0-9_./:=@,+-]+$ ]]; then
+            line+="$a "
+        else
+            line+="'${a//\'/\'\\\'\'}' "
+        fi
+    done
+    echo "${line% }"
+}
 commands=()
 note_cmd() { commands+=("$(cmdline "$@")"); }
 
@@ -115,9 +139,16 @@ curl_q() { curl --noproxy '*' -s --max-time 2 "$@"; }
 
 # --- build, tools ----------------------------------------------------------------------------
 
-echo "overhead.sh: building (cargo build --release)" >&2
-cargo build --release --quiet
-bin=target/release/fleetpick
+if [ -n "${FLEETPICK_BIN:-}" ]; then
+    bin=$FLEETPICK_BIN
+    build="FLEETPICK_BIN=$bin"
+else
+    echo "overhead.sh: building (cargo build --release)" >&2
+    cargo build --release --quiet
+    bin=target/release/fleetpick
+    build="release build of this tree"
+fi
+[ -x "$bin" ] || die "no fleetpick binary at $bin"
 command -v hey >/dev/null 2>&1 \
     || die "the load tool 'hey' is missing: apt-get install -y hey (Debian/Ubuntu package hey)"
 command -v curl >/dev/null 2>&1 || die "curl is missing"
@@ -297,8 +328,6 @@ summary="$out/summary.txt"
 : >"$summary"
 say() { echo "$*" | tee -a "$summary"; }
 
-rate=$((RATE_WORKERS * RATE_PER_WORKER))
-
 # --- phase 0: idle ---------------------------------------------------------------------------
 
 echo "overhead.sh: phase 0, idle ${IDLE}s" >&2
@@ -313,19 +342,24 @@ idle_cpu=${idle_cpu%, hey*}
 # --- phase A: fixed rate ---------------------------------------------------------------------
 
 declare -A stat_a cpu_a
-for target in direct envoy-rr envoy-fleetpick; do
-    case $target in
-    direct) url=$direct_url ;;
-    envoy-rr) url=$rr_url ;;
-    envoy-fleetpick) url=$fp_url ;;
-    esac
-    echo "overhead.sh: phase A, $target: warm-up ${WARMUP}s, then $rate/s for ${RATE_DURATION}s" >&2
-    hey -z "${WARMUP}s" -c "$RATE_WORKERS" -q "$RATE_PER_WORKER" -m POST -T application/json \
-        -d "$BODY" "$url/v1/completions" >"$out/hey-warmup-$target.txt" 2>&1 \
-        || die "hey warm-up failed for $target"
-    run_hey "rate-$target" "$url" "$RATE_DURATION" -c "$RATE_WORKERS" -q "$RATE_PER_WORKER"
-    stat_a[$target]=$(hey_stat "rate-$target")
-    cpu_a[$target]=$cpu
+for pat in $RATE_PATTERNS; do
+    workers=${pat%:*}
+    per_worker=${pat#*:}
+    for target in direct envoy-rr envoy-fleetpick; do
+        case $target in
+        direct) url=$direct_url ;;
+        envoy-rr) url=$rr_url ;;
+        envoy-fleetpick) url=$fp_url ;;
+        esac
+        echo "overhead.sh: phase A, $target: $((workers * per_worker))/s (hey -c $workers -q $per_worker)" \
+            "for ${RATE_DURATION}s after ${WARMUP}s warm-up" >&2
+        hey -z "${WARMUP}s" -c "$workers" -q "$per_worker" -m POST -T application/json \
+            -d "$BODY" "$url/v1/completions" >"$out/hey-warmup-${pat/:/x}-$target.txt" 2>&1 \
+            || die "hey warm-up failed for $target"
+        run_hey "rate-${pat/:/x}-$target" "$url" "$RATE_DURATION" -c "$workers" -q "$per_worker"
+        stat_a[$pat,$target]=$(hey_stat "rate-${pat/:/x}-$target")
+        cpu_a[$pat,$target]=$cpu
+    done
 done
 
 # --- phase B: closed loop --------------------------------------------------------------------
@@ -351,38 +385,59 @@ done
 
 field() { awk -v i="$2" '{print $i}' <<<"$1"; }
 sub_() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.1f", a - b }'; }
+# per_request CPU-LINE OK: "sim 12 us, fleetpick 3 us, ..." (CPU seconds / ok requests).
+per_request() {
+    sed 's/([^)]*)//g; s/,//g' <<<"$1" | awk -v n="$2" '{
+        for (i = 1; i + 1 <= NF; i += 3) printf "%s%s %.0f us", (i > 1 ? ", " : ""), $i, $(i + 1) * 1e6 / n
+        print ""
+    }'
+}
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'; }
 
 rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 git diff --quiet HEAD 2>/dev/null || rev="$rev (uncommitted changes)"
 say "fleetpick overhead benchmark (bench/overhead.sh)"
 say "date: $(date -u '+%F %T UTC'); machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)"
-say "fleetpick $rev (release build); $("$envoy" --version 2>/dev/null | grep -o 'version: [^ ]*' | head -n 1 | sed 's/version: /envoy /'); hey $(dpkg-query -W -f '${Version}' hey 2>/dev/null || echo '?')"
+say "fleetpick $rev ($build); $("$envoy" --version 2>/dev/null | grep -o 'version: [^ ]*' | head -n 1 | sed 's/version: /envoy /'); hey $(dpkg-query -W -f '${Version}' hey 2>/dev/null || echo '?')"
 say "fleet: $SERVERS simulated servers, time scale $TIME_SCALE; fleetpick poller at its default interval (50 ms)"
 say "request: POST /v1/completions $BODY"
 say ""
 say "Phase 0: idle ${IDLE}s (no requests): $idle_cpu"
 say ""
-say "Phase A: fixed rate $rate/s ($RATE_WORKERS hey workers x $RATE_PER_WORKER/s) for ${RATE_DURATION}s each, back to back, after ${WARMUP}s warm-up; latency in ms (hey reports 0.1 ms steps)"
-printf '%-40s %8s %6s %6s %6s %6s %6s\n' "path" "ok" "errors" "p50" "p90" "p99" "mean" | tee -a "$summary"
-for target in direct envoy-rr envoy-fleetpick; do
-    case $target in
-    direct) what="sim directly (one server, no Envoy)" ;;
-    envoy-rr) what="Envoy round robin (baseline)" ;;
-    envoy-fleetpick) what="Envoy + fleetpick (original-dst)" ;;
-    esac
-    s=${stat_a[$target]}
-    printf '%-40s %8s %6s %6s %6s %6s %6s\n' "$what" "$(field "$s" 1)" "$(field "$s" 2)" \
-        "$(field "$s" 4)" "$(field "$s" 5)" "$(field "$s" 6)" "$(field "$s" 7)" | tee -a "$summary"
+for pat in $RATE_PATTERNS; do
+    workers=${pat%:*}
+    per_worker=${pat#*:}
+    say "Phase A ($pat): fixed rate $((workers * per_worker))/s, hey -c $workers -q $per_worker (bursts of $workers every $(awk -v q="$per_worker" 'BEGIN { printf "%g", 1000 / q }') ms), ${RATE_DURATION}s each, back to back, after ${WARMUP}s warm-up"
+    say "latency in ms (hey reports 0.1 ms steps)"
+    printf '%-38s %7s %6s %6s %6s %6s %6s %6s\n' "path" "ok" "ok/s" "errors" "p50" "p90" "p99" "mean" | tee -a "$summary"
+    for target in direct envoy-rr envoy-fleetpick; do
+        case $target in
+        direct) what="sim directly (one server, no Envoy)" ;;
+        envoy-rr) what="Envoy round robin (baseline)" ;;
+        envoy-fleetpick) what="Envoy + fleetpick (original-dst)" ;;
+        esac
+        s=${stat_a[$pat,$target]}
+        printf '%-38s %7s %6s %6s %6s %6s %6s %6s\n' "$what" "$(field "$s" 1)" \
+            "$(awk -v n="$(field "$s" 1)" -v t="$(field "$s" 3)" 'BEGIN { printf "%.0f", n / t }')" \
+            "$(field "$s" 2)" "$(field "$s" 4)" "$(field "$s" 5)" "$(field "$s" 6)" "$(field "$s" 7)" \
+            | tee -a "$summary"
+    done
+    for target in direct envoy-rr envoy-fleetpick; do
+        s=${stat_a[$pat,$target]}
+        if awk -v n="$(field "$s" 1)" -v t="$RATE_DURATION" -v r="$((workers * per_worker))" \
+            'BEGIN { exit !(n < 0.95 * r * t) }'; then
+            say "note: $target fell short of the target rate: each hey worker waits for its response before the next tick, so slow responses lower the rate"
+        fi
+    done
+    rr=${stat_a[$pat,envoy-rr]}
+    fp=${stat_a[$pat,envoy-fleetpick]}
+    say "fleetpick added: median $(sub_ "$(field "$fp" 4)" "$(field "$rr" 4)") ms ($(ratio "$(field "$fp" 4)" "$(field "$rr" 4)") the baseline's), p90 $(sub_ "$(field "$fp" 5)" "$(field "$rr" 5)") ms ($(ratio "$(field "$fp" 5)" "$(field "$rr" 5)")), p99 $(sub_ "$(field "$fp" 6)" "$(field "$rr" 6)") ms ($(ratio "$(field "$fp" 6)" "$(field "$rr" 6)"))"
+    say "CPU over each ${RATE_DURATION}s run:"
+    for target in direct envoy-rr envoy-fleetpick; do
+        say "  $target: ${cpu_a[$pat,$target]}"
+    done
+    say ""
 done
-rr=${stat_a[envoy-rr]}
-fp=${stat_a[envoy-fleetpick]}
-say "fleetpick added: median $(sub_ "$(field "$fp" 4)" "$(field "$rr" 4)") ms ($(ratio "$(field "$fp" 4)" "$(field "$rr" 4)") of the baseline's), p90 $(sub_ "$(field "$fp" 5)" "$(field "$rr" 5)") ms ($(ratio "$(field "$fp" 5)" "$(field "$rr" 5)")), p99 $(sub_ "$(field "$fp" 6)" "$(field "$rr" 6)") ms ($(ratio "$(field "$fp" 6)" "$(field "$rr" 6)"))"
-say "CPU over each ${RATE_DURATION}s run:"
-for target in direct envoy-rr envoy-fleetpick; do
-    say "  $target: ${cpu_a[$target]}"
-done
-say ""
 say "Phase B: closed loop, $MAX_CONCURRENCY hey clients, no rate limit, ${MAX_DURATION}s each"
 printf '%-40s %10s %8s %6s %6s %6s %6s\n' "path" "ok/s" "ok" "errors" "p50" "p99" "mean" | tee -a "$summary"
 for target in envoy-rr envoy-fleetpick; do
@@ -399,6 +454,9 @@ done
 rr_rps=$(awk -v n="$(field "${stat_b[envoy-rr]}" 1)" -v t="$(field "${stat_b[envoy-rr]}" 3)" 'BEGIN { print n / t }')
 fp_rps=$(awk -v n="$(field "${stat_b[envoy-fleetpick]}" 1)" -v t="$(field "${stat_b[envoy-fleetpick]}" 3)" 'BEGIN { print n / t }')
 say "Envoy + fleetpick sustains $(ratio "$fp_rps" "$rr_rps") the baseline's rate"
+for target in envoy-rr envoy-fleetpick; do
+    say "  CPU per request, $target: $(per_request "${cpu_b[$target]}" "$(field "${stat_b[$target]}" 1)")"
+done
 say "CPU over each ${MAX_DURATION}s run:"
 for target in envoy-rr envoy-fleetpick; do
     say "  $target: ${cpu_b[$target]}"

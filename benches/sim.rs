@@ -7,43 +7,11 @@ use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use fleetpick::sim::engine::{Engine, FinishReason, SeqRequest};
-use fleetpick::sim::metrics::{Snapshot, Stats, render};
+use fleetpick::sim::metrics::{Snapshot, render};
 use fleetpick::sim::params::{EngineParams, MetricsFormat};
 
-fn busy_stats() -> Stats {
-    let mut s = Stats::default();
-    for i in 0..10_000 {
-        let x = f64::from(i % 997) / 100.0;
-        s.ttft.observe(x);
-        s.itl.observe(x / 50.0);
-        s.tpot.observe(x / 50.0);
-        s.e2e.observe(x * 3.0);
-        s.queue_time.observe(x / 2.0);
-        s.prefill_time.observe(x / 3.0);
-        s.decode_time.observe(x);
-        s.inference_time.observe(x * 2.0);
-        s.prompt_len.observe(f64::from(i % 4000));
-        s.generation_len.observe(f64::from(i % 500));
-        s.iteration_tokens.observe(f64::from(i % 2048));
-    }
-    s.prefix_queries = 1_234_567;
-    s.prefix_hits = 765_432;
-    s
-}
-
 fn metrics_render(c: &mut Criterion) {
-    let snap = Snapshot {
-        gauges: fleetpick::sim::engine::EngineGauges {
-            running: 37,
-            waiting: 4,
-            kv_usage: 0.61,
-            running_adapters: vec!["sql-lora".into(), "chat-lora".into()],
-            waiting_adapters: vec!["tool-lora".into()],
-        },
-        stats: busy_stats(),
-        started_unix: 1.79e9,
-        now_unix: 1.79e9 + 3600.0,
-    };
+    let snap = Snapshot::busy_example();
     let vllm = EngineParams::default();
     let page_len = render(&vllm, &snap).len();
     c.bench_function(&format!("metrics/render_vllm ({page_len} bytes)"), |b| {

@@ -113,6 +113,30 @@ impl Harness {
             .sum()
     }
 
+    /// Opens a stream and sends a whole request: headers (FULL_DUPLEX), then `payload` in one
+    /// end-of-stream chunk, as an HTTP/2 client's request arrives.
+    async fn request(
+        &self,
+        path: &str,
+        subset: Option<Vec<&str>>,
+        payload: &[u8],
+    ) -> (
+        mpsc::Sender<ProcessingRequest>,
+        tonic::Streaming<ProcessingResponse>,
+    ) {
+        let (tx, rx) = self.open().await;
+        tx.send(headers(
+            path,
+            false,
+            BodySendMode::FullDuplexStreamed,
+            subset,
+        ))
+        .await
+        .unwrap();
+        tx.send(body(payload, true)).await.unwrap();
+        (tx, rx)
+    }
+
     /// Opens a stream; returns the sender of requests and the stream of responses.
     async fn open(
         &self,
@@ -407,30 +431,20 @@ async fn subset_hint_is_honoured() {
     let h = Harness::start(3, "").await;
     let addrs = h.addresses();
     for _ in 0..10 {
-        let (tx, mut rx) = h.open().await;
-        tx.send(headers(
-            "/v1/completions",
-            false,
-            BodySendMode::FullDuplexStreamed,
-            Some(vec![addrs[2].as_str()]),
-        ))
-        .await
-        .unwrap();
-        tx.send(body(&completion("x"), true)).await.unwrap();
+        let (_tx, mut rx) = h
+            .request(
+                "/v1/completions",
+                Some(vec![addrs[2].as_str()]),
+                &completion("x"),
+            )
+            .await;
         let (dest, _, _) = read_full_duplex(&mut rx).await;
         assert_eq!(dest, addrs[2]);
     }
     for subset in [vec![], vec!["10.99.0.1:8000"]] {
-        let (tx, mut rx) = h.open().await;
-        tx.send(headers(
-            "/v1/completions",
-            false,
-            BodySendMode::FullDuplexStreamed,
-            Some(subset),
-        ))
-        .await
-        .unwrap();
-        tx.send(body(&completion("x"), true)).await.unwrap();
+        let (_tx, mut rx) = h
+            .request("/v1/completions", Some(subset), &completion("x"))
+            .await;
         let (status, reason, err) = read_immediate(&mut rx).await;
         assert_eq!((status, reason.as_str()), (503, "no-eligible-endpoint"));
         assert_eq!(err["error"]["code"], 503);
@@ -440,16 +454,7 @@ async fn subset_hint_is_honoured() {
 #[tokio::test]
 async fn fallbacks_make_an_ordered_list_of_distinct_endpoints() {
     let h = Harness::start(4, "scheduler: {fallbacks: 2}\n").await;
-    let (tx, mut rx) = h.open().await;
-    tx.send(headers(
-        "/v1/completions",
-        false,
-        BodySendMode::FullDuplexStreamed,
-        None,
-    ))
-    .await
-    .unwrap();
-    tx.send(body(&completion("x"), true)).await.unwrap();
+    let (_tx, mut rx) = h.request("/v1/completions", None, &completion("x")).await;
     let (dest, _, _) = read_full_duplex(&mut rx).await;
     let list: Vec<&str> = dest.split(',').collect();
     assert_eq!(list.len(), 3, "{dest}");
@@ -525,16 +530,7 @@ async fn every_error_status_in_the_openai_shape() {
         async move { (f.eligible_count() == 0).then_some(()) }
     })
     .await;
-    let (tx, mut rx) = h.open().await;
-    tx.send(headers(
-        "/v1/completions",
-        false,
-        BodySendMode::FullDuplexStreamed,
-        None,
-    ))
-    .await
-    .unwrap();
-    tx.send(body(&completion("x"), true)).await.unwrap();
+    let (_tx, mut rx) = h.request("/v1/completions", None, &completion("x")).await;
     let (status, reason, _) = read_immediate(&mut rx).await;
     assert_eq!((status, reason.as_str()), (503, "no-eligible-endpoint"));
     assert_eq!(h.in_flight(), 0);
@@ -559,16 +555,7 @@ async fn streams_that_end_early_leak_nothing() {
     // Picked, then reset by the proxy (client gone) before any response: released once.
     let mut open = Vec::new();
     for _ in 0..5 {
-        let (tx, mut rx) = h.open().await;
-        tx.send(headers(
-            "/v1/completions",
-            false,
-            BodySendMode::FullDuplexStreamed,
-            None,
-        ))
-        .await
-        .unwrap();
-        tx.send(body(&completion("x"), true)).await.unwrap();
+        let (tx, mut rx) = h.request("/v1/completions", None, &completion("x")).await;
         read_full_duplex(&mut rx).await;
         open.push((tx, rx));
     }

@@ -132,6 +132,47 @@ pub struct Snapshot {
     pub now_unix: f64,
 }
 
+impl Snapshot {
+    /// A busy server's snapshot: 10,000 requests behind it (every histogram bucket holds a
+    /// multi-digit count), 37 running, 4 waiting, 61% KV use, adapters running and waiting. The
+    /// page benchmarks render and parse, as large as a real one that has been up for a while.
+    pub fn busy_example() -> Snapshot {
+        let mut s = Stats::default();
+        for i in 0..10_000 {
+            let x = f64::from(i % 997) / 100.0;
+            s.ttft.observe(x);
+            s.itl.observe(x / 50.0);
+            s.tpot.observe(x / 50.0);
+            s.e2e.observe(x * 3.0);
+            s.queue_time.observe(x / 2.0);
+            s.prefill_time.observe(x / 3.0);
+            s.decode_time.observe(x);
+            s.inference_time.observe(x * 2.0);
+            s.prompt_len.observe(f64::from(i % 4000));
+            s.generation_len.observe(f64::from(i % 500));
+            s.iteration_tokens.observe(f64::from(i % 2048));
+        }
+        s.prompt_tokens = 19_990_000;
+        s.generation_tokens = 2_495_000;
+        s.prefix_queries = 1_234_567;
+        s.prefix_hits = 765_432;
+        s.success_length = 1_200;
+        s.success_stop = 8_800;
+        Snapshot {
+            gauges: EngineGauges {
+                running: 37,
+                waiting: 4,
+                kv_usage: 0.61,
+                running_adapters: vec!["sql-lora".into(), "chat-lora".into()],
+                waiting_adapters: vec!["tool-lora".into()],
+            },
+            stats: s,
+            started_unix: 1.79e9,
+            now_unix: 1.79e9 + 3600.0,
+        }
+    }
+}
+
 /// Renders the page for `format`.
 pub fn render(params: &EngineParams, snap: &Snapshot) -> String {
     let mut out = String::with_capacity(48 * 1024);
