@@ -668,3 +668,140 @@ async fn grpc_health_follows_eligibility() {
         .status;
     assert_eq!(overall, ServingStatus::NotServing as i32);
 }
+
+fn trailers() -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(Req::RequestTrailers(
+            envoy_types::pb::envoy::service::ext_proc::v3::HttpTrailers::default(),
+        )),
+        ..ProcessingRequest::default()
+    }
+}
+
+#[tokio::test]
+async fn buffered_body_followed_by_trailers_is_answered() {
+    // With trailers, Envoy sends the buffered body WITHOUT end of stream, then the trailers.
+    let h = Harness::start(2, "").await;
+    let (tx, mut rx) = h.open().await;
+    tx.send(headers(
+        "/v1/completions",
+        false,
+        BodySendMode::Buffered,
+        None,
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(
+        next(&mut rx).await.response,
+        Some(Resp::RequestHeaders(_))
+    ));
+    tx.send(body(&completion("x"), false)).await.unwrap();
+    let r = next(&mut rx).await;
+    let dest = metadata_destination(&r);
+    assert!(h.addresses().contains(&dest));
+    tx.send(trailers()).await.unwrap();
+    assert!(matches!(
+        next(&mut rx).await.response,
+        Some(Resp::RequestTrailers(_))
+    ));
+}
+
+#[tokio::test]
+async fn buffered_body_over_the_limit_gets_413_not_a_broken_stream() {
+    let h = Harness::start(1, "server: {max_body_bytes: 2000}\n").await;
+    let (tx, mut rx) = h.open().await;
+    tx.send(headers(
+        "/v1/completions",
+        false,
+        BodySendMode::Buffered,
+        None,
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(
+        next(&mut rx).await.response,
+        Some(Resp::RequestHeaders(_))
+    ));
+    tx.send(body(&vec![b' '; 100_000], true)).await.unwrap();
+    let (status, reason, _) = read_immediate(&mut rx).await;
+    assert_eq!((status, reason.as_str()), (413, "body-too-large"));
+}
+
+#[tokio::test]
+async fn an_inference_path_without_a_body_is_refused() {
+    let h = Harness::start(1, "").await;
+    let (_tx, mut rx) = h.open().await;
+    _tx.send(headers(
+        "/v1/chat/completions",
+        true,
+        BodySendMode::FullDuplexStreamed,
+        None,
+    ))
+    .await
+    .unwrap();
+    let (status, reason, err) = read_immediate(&mut rx).await;
+    assert_eq!((status, reason.as_str()), (400, "bad-request"));
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no body")
+    );
+}
+
+#[tokio::test]
+async fn in_flight_moves_to_the_endpoint_a_retry_served() {
+    let h = Harness::start(2, "scheduler: {fallbacks: 1}\n").await;
+    let (tx, mut rx) = h.request("/v1/completions", None, &completion("x")).await;
+    let (dest, _, _) = read_full_duplex(&mut rx).await;
+    let list: Vec<&str> = dest.split(',').collect();
+    let count = |addr: &str| {
+        h.fleet
+            .endpoints
+            .iter()
+            .find(|e| e.addr_text == addr)
+            .unwrap()
+            .in_flight
+            .load(Ordering::Relaxed)
+    };
+    assert_eq!((count(list[0]), count(list[1])), (1, 0));
+    // Envoy reports that the fallback served it (the primary failed and the retry moved on).
+    let served = Struct {
+        fields: [(
+            "x-gateway-destination-endpoint-served".to_string(),
+            Value {
+                kind: Some(Kind::StringValue(list[1].to_string())),
+            },
+        )]
+        .into(),
+    };
+    let msg = ProcessingRequest {
+        request: Some(Req::ResponseHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![HeaderValue {
+                    key: ":status".into(),
+                    raw_value: b"200".to_vec(),
+                    ..HeaderValue::default()
+                }],
+            }),
+            ..HttpHeaders::default()
+        })),
+        metadata_context: Some(Metadata {
+            filter_metadata: [("envoy.lb".to_string(), served)].into(),
+            ..Metadata::default()
+        }),
+        ..ProcessingRequest::default()
+    };
+    tx.send(msg).await.unwrap();
+    assert!(matches!(
+        next(&mut rx).await.response,
+        Some(Resp::ResponseHeaders(_))
+    ));
+    assert_eq!((count(list[0]), count(list[1])), (0, 1));
+    drop(tx);
+    drop(rx);
+    wait_for("released", Duration::from_secs(10), || async {
+        (h.in_flight() == 0).then_some(())
+    })
+    .await;
+}

@@ -66,7 +66,12 @@ enum ScrapeError {
     Status(reqwest::StatusCode),
     #[error("{0}")]
     Profile(#[from] profile::ProfileError),
+    #[error("the page is larger than {MAX_PAGE} bytes")]
+    TooLarge,
 }
+
+/// The largest `/metrics` page read (a real vLLM page is about 40 KB).
+const MAX_PAGE: usize = 8 * 1024 * 1024;
 
 async fn scrape(
     client: &reqwest::Client,
@@ -76,6 +81,16 @@ async fn scrape(
     if !resp.status().is_success() {
         return Err(ScrapeError::Status(resp.status()));
     }
-    let page = resp.text().await?;
+    // Read at most MAX_PAGE bytes: a real page is tens of KB, and a broken or hostile server
+    // must not make the poller buffer without bound.
+    let mut resp = resp;
+    let mut page = Vec::with_capacity(64 * 1024);
+    while let Some(chunk) = resp.chunk().await? {
+        if page.len() + chunk.len() > MAX_PAGE {
+            return Err(ScrapeError::TooLarge);
+        }
+        page.extend_from_slice(&chunk);
+    }
+    let page = String::from_utf8_lossy(&page);
     Ok(profile::parse(ep.engine, &page)?)
 }

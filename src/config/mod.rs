@@ -120,7 +120,9 @@ impl Default for Weights {
 #[serde(deny_unknown_fields, default)]
 pub struct SchedulerSettings {
     pub weights: Weights,
-    /// Endpoints listed after the primary, for Envoy's retries to walk down.
+    /// Endpoints listed after the primary, for Envoy's retries to walk down. Only for an Envoy
+    /// that reads a list (`envoy-fallback.yaml`, override_host): an ORIGINAL_DST cluster
+    /// (`envoy.yaml`) takes exactly one `ip:port` and answers 503 to a list.
     pub fallbacks: usize,
 }
 
@@ -159,6 +161,9 @@ pub struct FleetFile {
     #[serde(default)]
     pub poller: PollerSettings,
 }
+
+/// Weights are relative; this bound keeps their weighted sums finite.
+const MAX_WEIGHT: f64 = 1e6;
 
 /// One endpoint, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,9 +249,11 @@ fn locate(text: &str, path: &[Seg]) -> Option<usize> {
     let mut found = None;
     for seg in path {
         let inside = |i: usize| parent_indent.is_none_or(|p| lines[i].1 > p);
+        // Direct children sit at the indent of the first line inside the block.
+        let child_indent = (lo..hi).find(|&i| inside(i)).map(|i| lines[i].1);
         let hit = match seg {
             Seg::Key(k) => (lo..hi).find(|&i| {
-                inside(i) && {
+                Some(lines[i].1) == child_indent && {
                     let c = lines[i].2;
                     let c = c.strip_prefix('"').unwrap_or(c);
                     c.strip_prefix(k.as_str())
@@ -261,7 +268,11 @@ fn locate(text: &str, path: &[Seg]) -> Option<usize> {
                     .filter(|&i| Some(lines[i].1) == first_indent)
                     .nth(*n)
             }
-        }?;
+        };
+        // Not found below here (flow style, say): the enclosing line is the best answer.
+        let Some(hit) = hit else {
+            break;
+        };
         let indent = lines[hit].1;
         let is_item = matches!(seg, Seg::Index(_));
         // The block of this node: following lines indented deeper (for a list item, lines at
@@ -419,10 +430,10 @@ fn validate(file: &FleetFile, c: &Checker<'_>) -> Result<FleetConfig, ConfigErro
         ("queue", w.queue),
         ("in_flight", w.in_flight),
     ] {
-        if !(v.is_finite() && v >= 0.0) {
+        if !(v.is_finite() && (0.0..=MAX_WEIGHT).contains(&v)) {
             return Err(c.err(
                 &[key("scheduler"), key("weights"), key(name)],
-                "must be a number, at least 0",
+                format!("must be a number from 0 to {MAX_WEIGHT}"),
             ));
         }
     }
@@ -584,5 +595,27 @@ scheduler:
         );
         assert_eq!(locate(text, &[key("b")]), Some(6));
         assert_eq!(locate(text, &[key("zz")]), None);
+        // Flow style: the enclosing line.
+        assert_eq!(
+            locate("s:\n  w: {a: -1}\n", &[key("s"), key("w"), key("a")]),
+            Some(2)
+        );
+        // Only direct children match: a deeper `name` comes first here.
+        let text = "c:\n  - labels:\n      name: y\n    name: a\n";
+        assert_eq!(
+            locate(text, &[key("c"), Seg::Index(0), key("name")]),
+            Some(4)
+        );
+    }
+
+    #[test]
+    fn huge_weights_are_refused() {
+        let e = err(&format!(
+            "{GOOD}  weights: {{kv_cache: 1e308, queue: 1e308}}\n"
+        ));
+        assert!(
+            e.contains("scheduler.weights.kv_cache") && e.contains(":21:"),
+            "{e}"
+        );
     }
 }

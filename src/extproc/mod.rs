@@ -89,8 +89,14 @@ impl Picker {
 
     /// The tonic service, with message limits that fit the body limit.
     pub fn into_service(self) -> ExternalProcessorServer<Picker> {
-        // A BUFFERED body arrives in one message; leave room for the envelope.
-        let limit = self.settings.max_body_bytes.saturating_add(64 * 1024);
+        // A BUFFERED body arrives in one message, up to Envoy's buffer limit: decode it whole
+        // so that an oversized body gets fleetpick's 413, not a broken stream. Leave room for
+        // the envelope.
+        let limit = self
+            .settings
+            .max_body_bytes
+            .max(crate::envoy::REQUEST_BODY_BUFFER_LIMIT as usize)
+            .saturating_add(64 * 1024);
         ExternalProcessorServer::new(self)
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit)
@@ -114,13 +120,35 @@ impl ExternalProcessor for Picker {
                     Ok(Some(msg)) => msg,
                     // Envoy closed its side: the HTTP stream is over.
                     Ok(None) => break,
-                    // Reset: normal at the end of a stream, or the client or Envoy went away.
                     Err(status) => {
-                        tracing::trace!(%status, "ext_proc stream ended by the proxy");
+                        if !stream.answered {
+                            // A message we could not read before the pick (too large, garbled):
+                            // closing with OK would let Envoy go on without a destination, so
+                            // fail the stream instead.
+                            tracing::warn!(%status, "cannot read an ext_proc message");
+                            let _ = tx.send(Err(status)).await;
+                        } else {
+                            // Reset: normal at the end of a stream, or the client or Envoy left.
+                            tracing::trace!(%status, "ext_proc stream ended by the proxy");
+                        }
                         break;
                     }
                 };
-                for out in stream.handle(msg) {
+                // A bug must fail this request, not close the stream with OK (which Envoy reads
+                // as "go on without a pick") or take the service down.
+                let handled =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stream.handle(msg)));
+                let out = match handled {
+                    Ok(out) => out,
+                    Err(_) => {
+                        tracing::error!("ext_proc stream handler panicked; failing the request");
+                        let _ = tx
+                            .send(Err(Status::internal("fleetpick failed on this request")))
+                            .await;
+                        return;
+                    }
+                };
+                for out in out {
                     if tx.send(Ok(out)).await.is_err() {
                         return;
                     }
@@ -192,6 +220,27 @@ impl StreamState {
         }
     }
 
+    /// When Envoy's retries served the request elsewhere than the primary (walking down the
+    /// fallback list), the in-flight count moves to the endpoint actually serving it.
+    fn follow_retry(&mut self) {
+        let (Some(served), Some(guard)) = (self.served.as_deref(), self.in_flight.as_ref()) else {
+            return;
+        };
+        if guard.endpoint().addr_text == served {
+            return;
+        }
+        if let Some(ep) = self
+            .picker
+            .fleet
+            .endpoints
+            .iter()
+            .find(|e| e.addr_text == served)
+        {
+            // The new guard is taken before the old one is dropped: one release each.
+            self.in_flight = Some(InFlight::new(ep.clone()));
+        }
+    }
+
     fn handle(&mut self, msg: ProcessingRequest) -> Vec<ProcessingResponse> {
         if let Some(pc) = &msg.protocol_config {
             if pc.request_body_mode == BodySendMode::Buffered as i32 {
@@ -234,8 +283,10 @@ impl StreamState {
                 } else {
                     self.body.extend_from_slice(&b.body);
                 }
-                if b.end_of_stream {
-                    return self.answer(true);
+                // In BUFFERED mode the body comes whole in one message, without end of stream
+                // when trailers follow: answer it either way.
+                if b.end_of_stream || self.mode == BodyMode::Buffered {
+                    return self.answer(b.end_of_stream);
                 }
                 Vec::new()
             }
@@ -256,6 +307,7 @@ impl StreamState {
             Some(Req::ResponseHeaders(h)) => {
                 self.status = header(&h, ":status").and_then(|s| s.parse().ok());
                 self.served = served_endpoint(msg.metadata_context.as_ref());
+                self.follow_retry();
                 vec![headers_response(Resp::ResponseHeaders, None)]
             }
             Some(Req::ResponseBody(b)) => {
@@ -296,6 +348,14 @@ impl StreamState {
                 Ok(req) => Some(req.model),
                 Err(e) => return self.refuse(&e, "bad-request"),
             },
+            Some(_) => {
+                return self.refuse(
+                    &ApiError::bad_request(
+                        "the request has no body: a JSON body naming the model is required",
+                    ),
+                    "bad-request",
+                );
+            }
             // Not an inference request (GET /v1/models, /health): any endpoint by load.
             _ => None,
         };

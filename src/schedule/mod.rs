@@ -139,7 +139,10 @@ fn score(cands: &mut [Candidate], w: &Weights) {
         let kv = 1.0 - c.kv.clamp(0.0, 1.0);
         let queue = scaled(c.waiting, qmin, qmax);
         let flight = scaled(c.in_flight, fmin, fmax);
-        c.score = (w.kv_cache * kv + w.queue * queue + w.in_flight * flight) / total;
+        let score = (w.kv_cache * kv + w.queue * queue + w.in_flight * flight) / total;
+        // Validated weights keep this finite; if it is not, rank the endpoint last rather than
+        // let a NaN break the comparison.
+        c.score = if score.is_finite() { score } else { 0.0 };
     }
 }
 
