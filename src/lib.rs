@@ -14,8 +14,11 @@
 //!   every test, demo and benchmark runs on.
 //! - [`loadgen`]: a load generator that records, per request, start, first token, end, status
 //!   and the server that answered.
+//! - [`bench`]: the benchmark harness: scenarios run through every routing strategy behind the
+//!   real Envoy, results and reports.
 //! - [`demo`]: the newcomer's demo.
 
+pub mod bench;
 pub mod collect;
 pub mod config;
 pub mod demo;

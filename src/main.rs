@@ -72,6 +72,19 @@ enum Command {
     Sim(SimArgs),
     /// Send load to simulated servers (or any OpenAI endpoint) and report what happened.
     Load(LoadArgs),
+    /// Run a benchmark scenario through every routing strategy (behind the real Envoy) and
+    /// write results.json and report.md.
+    Bench {
+        /// The scenario file (YAML), such as bench/scenarios/steady.yaml.
+        #[arg(long)]
+        scenario: PathBuf,
+        /// Output directory (default bench/out/<scenario name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override the scenario's seconds per cell (a quick look).
+        #[arg(long)]
+        duration: Option<f64>,
+    },
     /// Run the demo: a simulated multi-cluster fleet under load, shown live.
     Demo {
         /// Speed-up of every simulated duration.
@@ -208,6 +221,11 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Sim(args) => sim(args).await,
             Command::Load(args) => load(args).await,
+            Command::Bench {
+                scenario,
+                out,
+                duration,
+            } => bench(&scenario, out, duration).await,
             Command::Demo { time_scale } => fleetpick::demo::run(time_scale).await,
         }
     })
@@ -236,6 +254,37 @@ async fn serve(
     }
     fleetpick::serve::serve(cfg, listener, shutdown_signal()).await?;
     tracing::info!("fleetpick stopped");
+    Ok(())
+}
+
+async fn bench(
+    path: &std::path::Path,
+    out: Option<PathBuf>,
+    duration: Option<f64>,
+) -> anyhow::Result<()> {
+    let mut scenario = fleetpick::bench::Scenario::load(path)?;
+    if let Some(d) = duration {
+        if !(d.is_finite() && d > 0.0) {
+            bail!("--duration must be a positive number of seconds");
+        }
+        scenario.duration_s = d;
+    }
+    let dir = out.unwrap_or_else(|| PathBuf::from("bench/out").join(&scenario.name));
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    println!(
+        "scenario {}: {} strategies x {} rates, {} s a cell",
+        scenario.name,
+        scenario.strategies.len(),
+        scenario.rates.len(),
+        scenario.duration_s
+    );
+    let results = fleetpick::bench::run(&scenario, |line| println!("  {line}")).await?;
+    fleetpick::bench::report::write(&results, &dir, &command)?;
+    println!(
+        "wrote {}/results.json and {}/report.md",
+        dir.display(),
+        dir.display()
+    );
     Ok(())
 }
 
@@ -355,6 +404,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
             max_tokens: args.max_tokens,
             stream: args.stream,
             get_path: args.get,
+            ..Workload::default()
         },
         duration: Duration::from_secs_f64(args.duration),
         max_requests: args.requests,

@@ -38,6 +38,10 @@ pub struct Workload {
     pub prefix_groups: usize,
     pub max_tokens: u32,
     pub stream: bool,
+    /// Share of requests (0..1) whose unique part is `long_prompt_bytes` instead of
+    /// `prompt_bytes`: a mix of long and short prompts.
+    pub long_share: f64,
+    pub long_prompt_bytes: usize,
     /// Send `GET <path>` instead of an inference request (to load `/metrics`, say).
     pub get_path: Option<String>,
 }
@@ -52,6 +56,8 @@ impl Default for Workload {
             prefix_groups: 1,
             max_tokens: 4,
             stream: false,
+            long_share: 0.0,
+            long_prompt_bytes: 0,
             get_path: None,
         }
     }
@@ -84,7 +90,7 @@ pub struct RequestRecord {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Percentiles {
     pub p50: f64,
     pub p90: f64,
@@ -142,7 +148,8 @@ pub fn process_cpu_seconds(pid: Option<u32>) -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
-fn percentiles(mut v: Vec<f64>) -> Option<Percentiles> {
+/// p50, p90 and p99 of `v` (nearest rank), or `None` when it is empty.
+pub fn percentiles(mut v: Vec<f64>) -> Option<Percentiles> {
     if v.is_empty() {
         return None;
     }
@@ -181,9 +188,14 @@ impl Workload {
                 self.shared_prefix_bytes,
             ));
         }
+        let unique = if self.long_share > 0.0 && rng.f64() < self.long_share {
+            self.long_prompt_bytes
+        } else {
+            self.prompt_bytes
+        };
         prompt.push_str(&filler_text(
             i ^ 0xdead_beef_u64.wrapping_mul(i + 1),
-            self.prompt_bytes,
+            unique,
         ));
         let mut body = serde_json::json!({
             "model": self.model,

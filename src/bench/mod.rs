@@ -1,0 +1,543 @@
+//! The benchmark harness: runs a scenario (a simulated fleet, a workload, a sweep of offered
+//! rates) through each routing strategy in one run, with the real Envoy in front every time,
+//! and writes the results (JSON) and a report (Markdown).
+//!
+//! Strategies: Envoy alone with round robin (what a Kubernetes Service gives), Envoy alone with
+//! least request, fleetpick with its default weights, and fleetpick variants the scenario names
+//! (other weights, scorers switched off). Every (strategy, rate) cell gets a fresh simulated
+//! fleet, so caches and queues never carry over from one cell to the next.
+//!
+//! Scenario file (YAML; see `bench/scenarios/`):
+//! ```yaml
+//! name: steady
+//! fleet: {servers: 4, clusters: [local], time_scale: 10, engine: {max_num_seqs: 16}}
+//! workload: {api: completions, prompt_bytes: 1024, max_tokens: 64, stream: true}
+//! rates: [2, 4, 8]        # offered requests per second, Poisson arrivals
+//! duration_s: 20          # per cell
+//! strategies: [round-robin, least-request, fleetpick, {name: no-queue, weights: {queue: 0}}]
+//! ```
+
+pub mod report;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{FleetConfig, Weights};
+use crate::envoy::{BodyMode, EnvoyParams, EnvoyProcess, Flavor, render};
+use crate::fleet::Fleet;
+use crate::loadgen::{self, Arrivals, LoadSpec, Percentiles, Workload};
+use crate::openai::Api;
+use crate::sim::params::{EngineOverrides, SimConfig};
+use crate::sim::{FleetOptions, ReadyEntry};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetShape {
+    pub servers: usize,
+    #[serde(default = "default_clusters")]
+    pub clusters: Vec<String>,
+    #[serde(default = "one")]
+    pub time_scale: f64,
+    /// Engine parameters of every server (see the simulator's config file).
+    #[serde(default, skip_serializing)]
+    pub engine: EngineOverrides,
+}
+
+fn default_clusters() -> Vec<String> {
+    vec!["local".to_string()]
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApiKind {
+    #[default]
+    Completions,
+    Chat,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    #[serde(default)]
+    pub api: ApiKind,
+    pub prompt_bytes: usize,
+    #[serde(default)]
+    pub shared_prefix_bytes: usize,
+    #[serde(default = "one_usize")]
+    pub prefix_groups: usize,
+    #[serde(default)]
+    pub long_share: f64,
+    #[serde(default)]
+    pub long_prompt_bytes: usize,
+    pub max_tokens: u32,
+    #[serde(default = "yes")]
+    pub stream: bool,
+}
+
+fn one_usize() -> usize {
+    1
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl WorkloadSpec {
+    fn workload(&self, model: &str) -> Workload {
+        Workload {
+            api: match self.api {
+                ApiKind::Completions => Api::Completions,
+                ApiKind::Chat => Api::ChatCompletions,
+            },
+            model: model.to_string(),
+            prompt_bytes: self.prompt_bytes,
+            shared_prefix_bytes: self.shared_prefix_bytes,
+            prefix_groups: self.prefix_groups,
+            max_tokens: self.max_tokens,
+            stream: self.stream,
+            long_share: self.long_share,
+            long_prompt_bytes: self.long_prompt_bytes,
+            get_path: None,
+        }
+    }
+
+    /// The share of prompt bytes that a perfect prefix cache could serve: the shared prefix,
+    /// counted in whole cache blocks (64 bytes at the simulator's defaults), over the mean
+    /// prompt. The first request of each group is a miss, which this bound ignores.
+    pub fn prefix_upper_bound(&self, block_bytes: usize) -> f64 {
+        let shared = (self.shared_prefix_bytes / block_bytes.max(1) * block_bytes) as f64;
+        let unique = self.prompt_bytes as f64 * (1.0 - self.long_share)
+            + self.long_prompt_bytes as f64 * self.long_share;
+        if shared + unique <= 0.0 {
+            return 0.0;
+        }
+        shared / (shared + unique)
+    }
+}
+
+/// A routing strategy.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum StrategySpec {
+    /// `round-robin`, `least-request` or `fleetpick`.
+    Named(String),
+    /// A fleetpick variant with its own weights.
+    Variant {
+        name: String,
+        #[serde(default)]
+        weights: WeightOverrides,
+    },
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WeightOverrides {
+    pub kv_cache: Option<f64>,
+    pub queue: Option<f64>,
+    pub in_flight: Option<f64>,
+}
+
+/// A strategy resolved: which Envoy, and fleetpick's weights if it is in the path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Strategy {
+    pub name: String,
+    pub flavor: Flavor,
+    pub weights: Option<Weights>,
+}
+
+impl StrategySpec {
+    fn resolve(&self) -> Result<Strategy, BenchError> {
+        match self {
+            StrategySpec::Named(n) => match n.as_str() {
+                "round-robin" => Ok(Strategy {
+                    name: n.clone(),
+                    flavor: Flavor::RoundRobin,
+                    weights: None,
+                }),
+                "least-request" => Ok(Strategy {
+                    name: n.clone(),
+                    flavor: Flavor::LeastRequest,
+                    weights: None,
+                }),
+                "fleetpick" => Ok(Strategy {
+                    name: n.clone(),
+                    flavor: Flavor::OriginalDst,
+                    weights: Some(Weights::default()),
+                }),
+                other => Err(BenchError::Scenario(format!(
+                    "strategies: unknown strategy `{other}` (round-robin, least-request, fleetpick, or {{name, weights}})"
+                ))),
+            },
+            StrategySpec::Variant { name, weights } => {
+                let d = Weights::default();
+                Ok(Strategy {
+                    name: name.clone(),
+                    flavor: Flavor::OriginalDst,
+                    weights: Some(Weights {
+                        kv_cache: weights.kv_cache.unwrap_or(d.kv_cache),
+                        queue: weights.queue.unwrap_or(d.queue),
+                        in_flight: weights.in_flight.unwrap_or(d.in_flight),
+                    }),
+                })
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub fleet: FleetShape,
+    pub workload: WorkloadSpec,
+    pub rates: Vec<f64>,
+    pub duration_s: f64,
+    pub strategies: Vec<StrategySpec>,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("cannot read scenario {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("scenario {path}: {source}")]
+    Parse {
+        path: String,
+        source: serde_norway::Error,
+    },
+    #[error("scenario: {0}")]
+    Scenario(String),
+    #[error(transparent)]
+    Sim(#[from] crate::sim::SimError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Envoy(#[from] crate::envoy::EnvoyError),
+    #[error(transparent)]
+    Load(#[from] loadgen::LoadError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("fleetpick never saw every endpoint scraped")]
+    NotReady,
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> Result<Scenario, BenchError> {
+        let text = std::fs::read_to_string(path).map_err(|source| BenchError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let s: Scenario = serde_norway::from_str(&text).map_err(|source| BenchError::Parse {
+            path: path.display().to_string(),
+            source,
+        })?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    fn validate(&self) -> Result<(), BenchError> {
+        let bad = |m: &str| Err(BenchError::Scenario(m.to_string()));
+        if self.rates.is_empty() || self.rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
+            return bad("rates: list one or more positive request rates");
+        }
+        if !(self.duration_s.is_finite() && self.duration_s > 0.0) {
+            return bad("duration_s: must be a positive number of seconds");
+        }
+        if self.strategies.is_empty() {
+            return bad("strategies: list at least one");
+        }
+        if !(0.0..=1.0).contains(&self.workload.long_share) {
+            return bad("workload.long_share: must be between 0 and 1");
+        }
+        for s in &self.strategies {
+            s.resolve()?;
+        }
+        Ok(())
+    }
+}
+
+/// What one (strategy, rate) cell measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CellResult {
+    pub strategy: String,
+    pub rate: f64,
+    pub requests: usize,
+    pub ok: usize,
+    pub errors: usize,
+    pub ok_per_second: f64,
+    pub ttft_ms: Option<Percentiles>,
+    /// Mean time between tokens within each request, from first token to end.
+    pub itl_ms: Option<Percentiles>,
+    pub e2e_ms: Option<Percentiles>,
+    /// Prefix-cache hits over queries, summed over the simulated servers.
+    pub prefix_hit_rate: f64,
+    /// Requests answered per server.
+    pub per_server: BTreeMap<String, usize>,
+    /// The busiest server's share of requests over an even share (1.0 = perfectly even).
+    pub max_share_over_even: f64,
+}
+
+/// The results of a scenario run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub scenario: String,
+    pub description: String,
+    pub date: String,
+    pub machine: String,
+    pub servers: usize,
+    pub duration_s: f64,
+    pub prefix_upper_bound: f64,
+    pub cells: Vec<CellResult>,
+}
+
+fn fleet_file(entries: &[ReadyEntry], model: &str, weights: &Weights) -> String {
+    let mut clusters: Vec<&str> = entries.iter().map(|e| e.cluster.as_str()).collect();
+    clusters.dedup();
+    let mut y = String::from("clusters:\n");
+    for c in &clusters {
+        y.push_str(&format!("  - name: {c}\n"));
+    }
+    y.push_str(&format!(
+        "pools:\n  - name: pool\n    models: [\"{model}\"]\n    target_port: 8000\n    endpoints:\n"
+    ));
+    for c in &clusters {
+        let addrs: Vec<String> = entries
+            .iter()
+            .filter(|e| e.cluster == *c)
+            .map(|e| format!("\"{}\"", e.address))
+            .collect();
+        y.push_str(&format!("      {c}: [{}]\n", addrs.join(", ")));
+    }
+    y.push_str(&format!(
+        "scheduler:\n  weights: {{kv_cache: {}, queue: {}, in_flight: {}}}\n",
+        weights.kv_cache, weights.queue, weights.in_flight
+    ));
+    y
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    format!("{cores} cores, {model}")
+}
+
+/// Runs every cell of `scenario`; `progress` hears a line per cell.
+pub async fn run(
+    scenario: &Scenario,
+    mut progress: impl FnMut(&str),
+) -> Result<Results, BenchError> {
+    let model = crate::sim::params::EngineParams::default().model;
+    let block_bytes = 64;
+    let mut cells = Vec::new();
+    for spec in &scenario.strategies {
+        let strategy = spec.resolve()?;
+        for &rate in &scenario.rates {
+            let cell = run_cell(scenario, &strategy, rate, &model).await?;
+            progress(&format!(
+                "{:<16} {:>7.1}/s: {} ok, {} errors, ttft p90 {} ms, hit rate {:.2}",
+                strategy.name,
+                rate,
+                cell.ok,
+                cell.errors,
+                cell.ttft_ms
+                    .as_ref()
+                    .map_or("-".into(), |p| format!("{:.0}", p.p90)),
+                cell.prefix_hit_rate
+            ));
+            cells.push(cell);
+        }
+    }
+    Ok(Results {
+        scenario: scenario.name.clone(),
+        description: scenario.description.clone(),
+        date: report::utc_now(),
+        machine: machine(),
+        servers: scenario.fleet.servers,
+        duration_s: scenario.duration_s,
+        prefix_upper_bound: scenario.workload.prefix_upper_bound(block_bytes),
+        cells,
+    })
+}
+
+async fn run_cell(
+    scenario: &Scenario,
+    strategy: &Strategy,
+    rate: f64,
+    model: &str,
+) -> Result<CellResult, BenchError> {
+    let sim = crate::sim::Fleet::launch(FleetOptions {
+        servers: scenario.fleet.servers,
+        clusters: scenario.fleet.clusters.clone(),
+        time_scale: scenario.fleet.time_scale,
+        seed: scenario.seed,
+        config: SimConfig {
+            defaults: scenario.fleet.engine.clone(),
+            ..SimConfig::default()
+        },
+        ..FleetOptions::default()
+    })
+    .await?;
+    let result = drive_cell(scenario, strategy, rate, model, &sim).await;
+    sim.shutdown().await;
+    result
+}
+
+async fn drive_cell(
+    scenario: &Scenario,
+    strategy: &Strategy,
+    rate: f64,
+    model: &str,
+    sim: &crate::sim::Fleet,
+) -> Result<CellResult, BenchError> {
+    let entries = sim.entries(None);
+    let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let mut params = EnvoyParams {
+        listen: loopback,
+        admin: loopback,
+        extproc: loopback,
+        endpoints: entries
+            .iter()
+            .filter_map(|e| e.address.parse().ok())
+            .collect(),
+        body_mode: BodyMode::FullDuplex,
+    };
+    // fleetpick in this process when the strategy uses it; stopped when `_stop` drops.
+    let mut _stop = None;
+    if let Some(weights) = &strategy.weights {
+        let cfg = FleetConfig::parse(&fleet_file(&entries, model, weights), "bench fleet")?;
+        let fleet = Arc::new(Fleet::new(&cfg));
+        let listener = tokio::net::TcpListener::bind(loopback)
+            .await
+            .map_err(|source| BenchError::Io {
+                what: "cannot bind fleetpick's listener".into(),
+                source,
+            })?;
+        params.extproc = listener.local_addr().map_err(|source| BenchError::Io {
+            what: "fleetpick's listener".into(),
+            source,
+        })?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run_fleet = fleet.clone();
+        tokio::spawn(async move {
+            let _ = crate::serve::run(run_fleet, &cfg, listener, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        _stop = Some(stop);
+        let mut ready = false;
+        for _ in 0..400 {
+            if fleet.eligible_count() == entries.len() {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        if !ready {
+            return Err(BenchError::NotReady);
+        }
+    }
+    let envoy = EnvoyProcess::start(&render(strategy.flavor, &params)).await?;
+    let workload = scenario.workload.workload(model);
+    let report = loadgen::run(LoadSpec {
+        targets: vec![envoy.url("")],
+        arrivals: Arrivals::Poisson {
+            rate,
+            max_in_flight: 4096,
+        },
+        workload: workload.clone(),
+        duration: Duration::from_secs_f64(scenario.duration_s),
+        max_requests: None,
+        seed: scenario.seed ^ rate.to_bits(),
+        watch_pid: None,
+    })
+    .await?;
+    drop(envoy);
+    let (hits, queries) = sim
+        .servers
+        .iter()
+        .map(|s| s.status())
+        .fold((0u64, 0u64), |(h, q), st| {
+            (h + st.prefix_hits, q + st.prefix_queries)
+        });
+    let s = &report.summary;
+    let itl: Vec<f64> = report
+        .records
+        .iter()
+        .filter(|r| r.status == 200 && r.error.is_none() && workload.max_tokens > 1)
+        .filter_map(|r| {
+            r.first_token_us
+                .map(|f| (r.end_us - f) as f64 / 1000.0 / f64::from(workload.max_tokens - 1))
+        })
+        .collect();
+    let even = s.ok as f64 / scenario.fleet.servers.max(1) as f64;
+    let busiest = s.per_server.values().copied().max().unwrap_or(0) as f64;
+    Ok(CellResult {
+        strategy: strategy.name.clone(),
+        rate,
+        requests: s.requests,
+        ok: s.ok,
+        errors: s.errors,
+        ok_per_second: s.ok_per_second,
+        ttft_ms: s.ttft_ms.clone(),
+        itl_ms: loadgen::percentiles(itl),
+        e2e_ms: s.e2e_ms.clone(),
+        prefix_hit_rate: if queries == 0 {
+            0.0
+        } else {
+            hits as f64 / queries as f64
+        },
+        per_server: s.per_server.clone(),
+        max_share_over_even: if even > 0.0 { busiest / even } else { 0.0 },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scenario_parses_and_strategies_resolve() {
+        let s: Scenario = serde_norway::from_str(
+            "name: t\nfleet: {servers: 2}\nworkload: {prompt_bytes: 100, max_tokens: 8, shared_prefix_bytes: 300}\nrates: [1, 2]\nduration_s: 1\nstrategies: [round-robin, fleetpick, {name: no-kv, weights: {kv_cache: 0}}]\n",
+        )
+        .unwrap();
+        s.validate().unwrap();
+        let v = s.strategies[2].resolve().unwrap();
+        assert_eq!(v.flavor, Flavor::OriginalDst);
+        assert_eq!(v.weights.unwrap().kv_cache, 0.0);
+        assert_eq!(v.weights.unwrap().queue, Weights::default().queue);
+        // 256 of the 300 shared bytes fill whole 64-byte blocks: 256 / (256 + 100).
+        assert!((s.workload.prefix_upper_bound(64) - 256.0 / 356.0).abs() < 1e-9);
+        let bad: Scenario = serde_norway::from_str(
+            "name: t\nfleet: {servers: 2}\nworkload: {prompt_bytes: 1, max_tokens: 1}\nrates: [1]\nduration_s: 1\nstrategies: [magic]\n",
+        )
+        .unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("magic"));
+    }
+}

@@ -1,0 +1,225 @@
+//! The report of a scenario run: results as JSON, a Markdown page with the table of every cell,
+//! the comparisons the project tracks (as ratios against baselines measured in the same run),
+//! and the plot of time to first token against offered rate.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use super::{BenchError, CellResult, Results};
+
+/// Today's date and time in UTC, `YYYY-MM-DD HH:MM UTC`, without a calendar crate.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+fn cells<'a>(r: &'a Results, strategy: &'a str) -> impl Iterator<Item = &'a CellResult> + 'a {
+    r.cells.iter().filter(move |c| c.strategy == strategy)
+}
+
+fn p90(c: &CellResult) -> Option<f64> {
+    c.ttft_ms.as_ref().map(|p| p.p90)
+}
+
+/// The comparison the project tracks: at the lowest rate where round robin's time-to-first-token
+/// p90 is at least twice its value at the lowest rate, each strategy's p90 over round robin's
+/// and over least request's.
+pub fn knee_comparison(r: &Results) -> Option<String> {
+    let rr: Vec<&CellResult> = cells(r, "round-robin").collect();
+    let base = p90(rr.first()?)?;
+    let knee = rr
+        .iter()
+        .find(|c| p90(c).is_some_and(|v| v >= 2.0 * base))?;
+    let rr_p90 = p90(knee)?;
+    let lr_p90 = cells(r, "least-request")
+        .find(|c| c.rate == knee.rate)
+        .and_then(p90);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "At {:.1} requests/s round robin's time-to-first-token p90 is {:.0} ms, {:.1}x its {:.0} ms at {:.1}/s.\n",
+        knee.rate,
+        rr_p90,
+        rr_p90 / base,
+        base,
+        rr.first().map_or(0.0, |c| c.rate)
+    );
+    let _ = writeln!(
+        out,
+        "| strategy | TTFT p90 (ms) | / round robin | / least request |\n|---|---|---|---|"
+    );
+    let mut names: Vec<&str> = Vec::new();
+    for c in &r.cells {
+        if !names.contains(&c.strategy.as_str()) {
+            names.push(&c.strategy);
+        }
+    }
+    for name in names {
+        if let Some(v) = cells(r, name).find(|c| c.rate == knee.rate).and_then(p90) {
+            let lr = lr_p90.map_or("-".into(), |l| format!("{:.2}", v / l));
+            let _ = writeln!(out, "| {name} | {v:.0} | {:.2} | {lr} |", v / rr_p90);
+        }
+    }
+    Some(out)
+}
+
+fn pct(p: &Option<crate::loadgen::Percentiles>) -> [String; 3] {
+    match p {
+        Some(p) => [
+            format!("{:.0}", p.p50),
+            format!("{:.0}", p.p90),
+            format!("{:.0}", p.p99),
+        ],
+        None => ["-".into(), "-".into(), "-".into()],
+    }
+}
+
+/// The Markdown page.
+pub fn markdown(r: &Results, command: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# Scenario `{}`\n", r.scenario);
+    if !r.description.is_empty() {
+        let _ = writeln!(out, "{}\n", r.description.trim());
+    }
+    let _ = writeln!(
+        out,
+        "Command: `{command}`. Machine: {}. Date: {}. {} simulated servers; {} s per cell; every cell on a fresh fleet, through the real Envoy.\n",
+        r.machine, r.date, r.servers, r.duration_s
+    );
+    let _ = writeln!(
+        out,
+        "| strategy | offered/s | ok/s | errors | TTFT p50 | p90 | p99 (ms) | ITL p50 (ms) | e2e p90 (ms) | prefix hit rate | busiest / even |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for c in &r.cells {
+        let [t50, t90, t99] = pct(&c.ttft_ms);
+        let itl = c
+            .itl_ms
+            .as_ref()
+            .map_or("-".into(), |p| format!("{:.1}", p.p50));
+        let e2e = pct(&c.e2e_ms)[1].clone();
+        let _ = writeln!(
+            out,
+            "| {} | {:.1} | {:.2} | {} | {t50} | {t90} | {t99} | {itl} | {e2e} | {:.3} | {:.2} |",
+            c.strategy, c.rate, c.ok_per_second, c.errors, c.prefix_hit_rate, c.max_share_over_even
+        );
+    }
+    if let Some(k) = knee_comparison(r) {
+        let _ = writeln!(out, "\n## At round robin's knee\n\n{k}");
+    }
+    if r.prefix_upper_bound > 0.0 {
+        let _ = writeln!(
+            out,
+            "\n## Prefix cache\n\nUpper bound (share of prompt tokens in shared prefix blocks): {:.3}. Hit rate over the bound, per strategy at the highest rate:\n",
+            r.prefix_upper_bound
+        );
+        let top = r.cells.iter().map(|c| c.rate).fold(0.0, f64::max);
+        for c in r.cells.iter().filter(|c| c.rate == top) {
+            let _ = writeln!(
+                out,
+                "- {}: {:.3} ({:.2} of the bound)",
+                c.strategy,
+                c.prefix_hit_rate,
+                c.prefix_hit_rate / r.prefix_upper_bound
+            );
+        }
+    }
+    out
+}
+
+/// Writes `results.json` and `report.md` into `dir`.
+pub fn write(r: &Results, dir: &Path, command: &str) -> Result<(), BenchError> {
+    let io = |what: &str| {
+        let what = format!("{what} in {}", dir.display());
+        move |source| BenchError::Io { what, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io("cannot create the output directory"))?;
+    let json = serde_json::to_vec_pretty(r).map_err(|e| BenchError::Io {
+        what: "cannot encode the results".into(),
+        source: std::io::Error::other(e),
+    })?;
+    std::fs::write(dir.join("results.json"), json).map_err(io("cannot write results.json"))?;
+    std::fs::write(dir.join("report.md"), markdown(r, command))
+        .map_err(io("cannot write report.md"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loadgen::Percentiles;
+
+    fn cell(strategy: &str, rate: f64, p90: f64) -> CellResult {
+        CellResult {
+            strategy: strategy.into(),
+            rate,
+            requests: 10,
+            ok: 10,
+            errors: 0,
+            ok_per_second: rate,
+            ttft_ms: Some(Percentiles {
+                p50: p90 / 2.0,
+                p90,
+                p99: p90 * 2.0,
+            }),
+            itl_ms: None,
+            e2e_ms: None,
+            prefix_hit_rate: 0.5,
+            per_server: Default::default(),
+            max_share_over_even: 1.0,
+        }
+    }
+
+    #[test]
+    fn knee_is_where_round_robin_doubles() {
+        let r = Results {
+            scenario: "t".into(),
+            description: String::new(),
+            date: utc_now(),
+            machine: "m".into(),
+            servers: 2,
+            duration_s: 1.0,
+            prefix_upper_bound: 0.6,
+            cells: vec![
+                cell("round-robin", 1.0, 100.0),
+                cell("round-robin", 2.0, 150.0),
+                cell("round-robin", 4.0, 400.0),
+                cell("least-request", 4.0, 300.0),
+                cell("fleetpick", 4.0, 200.0),
+            ],
+        };
+        let k = knee_comparison(&r).unwrap();
+        assert!(k.contains("At 4.0 requests/s"), "{k}");
+        assert!(k.contains("| fleetpick | 200 | 0.50 | 0.67 |"), "{k}");
+        let md = markdown(&r, "cmd");
+        assert!(
+            md.contains("Upper bound") && md.contains("fleetpick: 0.500 (0.83 of the bound)"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn date_is_plausible() {
+        let d = utc_now();
+        assert!(
+            d.starts_with("20") && d.ends_with("UTC") && d.len() == 20,
+            "{d}"
+        );
+    }
+}

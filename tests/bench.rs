@@ -1,0 +1,48 @@
+//! The benchmark harness's smoke run: the seconds-long scenario through every strategy, behind
+//! the real Envoy. It asserts that each strategy completed its requests and that the report was
+//! written; nothing about speed (that is for `fleetpick bench`, not for tests).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+
+#[tokio::test]
+async fn smoke_scenario_runs_every_strategy_and_writes_the_report() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/scenarios/smoke.yaml");
+    let scenario = fleetpick::bench::Scenario::load(&path).unwrap();
+    let results = fleetpick::bench::run(&scenario, |_| {}).await.unwrap();
+    let names: Vec<&str> = results.cells.iter().map(|c| c.strategy.as_str()).collect();
+    assert_eq!(
+        names,
+        vec![
+            "round-robin",
+            "least-request",
+            "fleetpick",
+            "fleetpick-kv-only"
+        ]
+    );
+    for c in &results.cells {
+        assert!(c.requests > 0, "{} sent nothing", c.strategy);
+        assert_eq!(
+            (c.ok, c.errors),
+            (c.requests, 0),
+            "{} did not complete its requests",
+            c.strategy
+        );
+        assert_eq!(
+            c.per_server.values().sum::<usize>(),
+            c.ok,
+            "{}: every answer names its server",
+            c.strategy
+        );
+    }
+    let dir = common::TempDir::new("bench");
+    fleetpick::bench::report::write(&results, &dir.0, "test").unwrap();
+    let md = std::fs::read_to_string(dir.0.join("report.md")).unwrap();
+    assert!(md.contains("| fleetpick-kv-only |"), "{md}");
+    let back: fleetpick::bench::Results =
+        serde_json::from_slice(&std::fs::read(dir.0.join("results.json")).unwrap()).unwrap();
+    assert_eq!(back.cells.len(), 4);
+}
