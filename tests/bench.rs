@@ -42,6 +42,8 @@ async fn smoke_scenario_runs_every_strategy_and_writes_the_report() {
     fleetpick::bench::report::write(&results, &dir.0, "test").unwrap();
     let md = std::fs::read_to_string(dir.0.join("report.md")).unwrap();
     assert!(md.contains("| fleetpick-kv-only |"), "{md}");
+    let png = std::fs::read(dir.0.join("ttft-p90.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "the plot is a PNG");
     let back: fleetpick::bench::Results =
         serde_json::from_slice(&std::fs::read(dir.0.join("results.json")).unwrap()).unwrap();
     assert_eq!(back.cells.len(), 4);

@@ -17,6 +17,7 @@
 //! strategies: [round-robin, least-request, fleetpick, {name: no-queue, weights: {queue: 0}}]
 //! ```
 
+pub mod plot;
 pub mod report;
 
 use std::collections::BTreeMap;

@@ -1,10 +1,11 @@
 //! The report of a scenario run: results as JSON, a Markdown page with the table of every cell,
 //! the comparisons the project tracks (as ratios against baselines measured in the same run),
-//! and the plot of time to first token against offered rate.
+//! and the plot of time to first token against offered rate (`ttft-p90.png`).
 
 use std::fmt::Write;
 use std::path::Path;
 
+use super::plot::{Series, line_chart_png};
 use super::{BenchError, CellResult, Results};
 
 /// Today's date and time in UTC, `YYYY-MM-DD HH:MM UTC`, without a calendar crate.
@@ -143,7 +144,7 @@ pub fn markdown(r: &Results, command: &str) -> String {
     out
 }
 
-/// Writes `results.json` and `report.md` into `dir`.
+/// Writes `results.json`, `report.md` and `ttft-p90.png` into `dir`.
 pub fn write(r: &Results, dir: &Path, command: &str) -> Result<(), BenchError> {
     let io = |what: &str| {
         let what = format!("{what} in {}", dir.display());
@@ -157,6 +158,31 @@ pub fn write(r: &Results, dir: &Path, command: &str) -> Result<(), BenchError> {
     std::fs::write(dir.join("results.json"), json).map_err(io("cannot write results.json"))?;
     std::fs::write(dir.join("report.md"), markdown(r, command))
         .map_err(io("cannot write report.md"))?;
+    let mut series: Vec<Series> = Vec::new();
+    for c in &r.cells {
+        let Some(p) = &c.ttft_ms else { continue };
+        match series.iter_mut().find(|s| s.name == c.strategy) {
+            Some(s) => s.points.push((c.rate, p.p90)),
+            None => series.push(Series {
+                name: c.strategy.clone(),
+                points: vec![(c.rate, p.p90)],
+            }),
+        }
+    }
+    line_chart_png(
+        &dir.join("ttft-p90.png"),
+        &format!(
+            "{}: time to first token p90 against offered rate",
+            r.scenario
+        ),
+        "offered rate (requests/s)",
+        "TTFT p90 (ms)",
+        &series,
+    )
+    .map_err(|e| BenchError::Io {
+        what: format!("cannot draw {}/ttft-p90.png", dir.display()),
+        source: std::io::Error::other(e),
+    })?;
     Ok(())
 }
 
