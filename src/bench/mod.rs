@@ -145,6 +145,7 @@ pub struct WeightOverrides {
     pub kv_cache: Option<f64>,
     pub queue: Option<f64>,
     pub in_flight: Option<f64>,
+    pub prefill: Option<f64>,
 }
 
 /// A strategy resolved: which Envoy, and fleetpick's weights if it is in the path.
@@ -187,6 +188,7 @@ impl StrategySpec {
                         kv_cache: weights.kv_cache.unwrap_or(d.kv_cache),
                         queue: weights.queue.unwrap_or(d.queue),
                         in_flight: weights.in_flight.unwrap_or(d.in_flight),
+                        prefill: weights.prefill.unwrap_or(d.prefill),
                     }),
                 })
             }
@@ -328,8 +330,8 @@ fn fleet_file(entries: &[ReadyEntry], model: &str, weights: &Weights) -> String 
         y.push_str(&format!("      {c}: [{}]\n", addrs.join(", ")));
     }
     y.push_str(&format!(
-        "scheduler:\n  weights: {{kv_cache: {}, queue: {}, in_flight: {}}}\n",
-        weights.kv_cache, weights.queue, weights.in_flight
+        "scheduler:\n  weights: {{kv_cache: {}, queue: {}, in_flight: {}, prefill: {}}}\n",
+        weights.kv_cache, weights.queue, weights.in_flight, weights.prefill
     ));
     y
 }

@@ -17,7 +17,7 @@
 //!     endpoints:
 //!       us-east: [10.0.0.1, "10.0.0.2:8001"]   # ip (target_port) or ip:port
 //! scheduler:
-//!   weights: {kv_cache: 2, queue: 2, in_flight: 1}
+//!   weights: {kv_cache: 1, queue: 2, in_flight: 2, prefill: 3}
 //!   fallbacks: 0              # extra endpoints after the primary in the destination list
 //! poller:
 //!   interval_ms: 50
@@ -104,14 +104,19 @@ pub struct Weights {
     /// Prefers endpoints with fewer requests in flight through this picker (current between
     /// polls), scaled like the queue.
     pub in_flight: f64,
+    /// Prefers endpoints with fewer of this picker's requests still waiting for their first
+    /// token (queued or in prefill), scaled like the queue: a new request there would share its
+    /// prefill steps with theirs.
+    pub prefill: f64,
 }
 
 impl Default for Weights {
     fn default() -> Self {
         Weights {
-            kv_cache: 2.0,
+            kv_cache: 1.0,
             queue: 2.0,
-            in_flight: 1.0,
+            in_flight: 2.0,
+            prefill: 3.0,
         }
     }
 }
@@ -429,6 +434,7 @@ fn validate(file: &FleetFile, c: &Checker<'_>) -> Result<FleetConfig, ConfigErro
         ("kv_cache", w.kv_cache),
         ("queue", w.queue),
         ("in_flight", w.in_flight),
+        ("prefill", w.prefill),
     ] {
         if !(v.is_finite() && (0.0..=MAX_WEIGHT).contains(&v)) {
             return Err(c.err(
@@ -437,7 +443,7 @@ fn validate(file: &FleetFile, c: &Checker<'_>) -> Result<FleetConfig, ConfigErro
             ));
         }
     }
-    if w.kv_cache + w.queue + w.in_flight <= 0.0 {
+    if w.kv_cache + w.queue + w.in_flight + w.prefill <= 0.0 {
         return Err(c.err(
             &[key("scheduler"), key("weights")],
             "at least one weight must be above 0",
@@ -579,7 +585,7 @@ scheduler:
         ));
         assert!(e.contains("fleet.yaml:23: poller.stale_after_ms"), "{e}");
         let e = err(&format!(
-            "{GOOD}  weights: {{kv_cache: 0, queue: 0, in_flight: 0}}\n"
+            "{GOOD}  weights: {{kv_cache: 0, queue: 0, in_flight: 0, prefill: 0}}\n"
         ));
         assert!(e.contains("scheduler.weights"), "{e}");
     }

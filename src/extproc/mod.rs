@@ -311,6 +311,11 @@ impl StreamState {
                 vec![headers_response(Resp::ResponseHeaders, None)]
             }
             Some(Req::ResponseBody(b)) => {
+                if !b.body.is_empty()
+                    && let Some(guard) = self.in_flight.as_mut()
+                {
+                    guard.first_token();
+                }
                 if b.end_of_stream {
                     self.finish();
                 }

@@ -125,6 +125,8 @@ pub struct Endpoint {
     pub load: LoadCell,
     /// Requests this picker sent here that have not ended.
     pub in_flight: AtomicU32,
+    /// Of those, the ones still waiting for their first token (queued or in prefill).
+    pub awaiting_first_token: AtomicU32,
 }
 
 #[derive(Debug)]
@@ -167,6 +169,7 @@ impl Fleet {
                     metrics_url: format!("http://{}{}", e.addr, pool.metrics_path),
                     load: LoadCell::default(),
                     in_flight: AtomicU32::new(0),
+                    awaiting_first_token: AtomicU32::new(0),
                 })
             })
             .collect();
@@ -219,25 +222,43 @@ impl Fleet {
     }
 }
 
-/// One request in flight at an endpoint; dropping it ends the request's accounting.
+/// One request in flight at an endpoint, counted as awaiting its first token until
+/// [`InFlight::first_token`]; dropping it ends the request's accounting.
 #[derive(Debug)]
 pub struct InFlight {
     endpoint: Arc<Endpoint>,
+    awaiting: bool,
 }
 
 impl InFlight {
     pub fn new(endpoint: Arc<Endpoint>) -> InFlight {
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight { endpoint }
+        endpoint
+            .awaiting_first_token
+            .fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            endpoint,
+            awaiting: true,
+        }
     }
 
     pub fn endpoint(&self) -> &Arc<Endpoint> {
         &self.endpoint
     }
+
+    /// The response's first token (its first body bytes) went by. Idempotent.
+    pub fn first_token(&mut self) {
+        if std::mem::take(&mut self.awaiting) {
+            self.endpoint
+                .awaiting_first_token
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.first_token();
         self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -295,12 +316,17 @@ mod tests {
         .unwrap();
         let fleet = Fleet::new(&cfg);
         let ep = fleet.endpoints[0].clone();
-        let g1 = InFlight::new(ep.clone());
+        let mut g1 = InFlight::new(ep.clone());
         let g2 = InFlight::new(ep.clone());
         assert_eq!(ep.in_flight.load(Ordering::Relaxed), 2);
+        assert_eq!(ep.awaiting_first_token.load(Ordering::Relaxed), 2);
+        g1.first_token();
+        g1.first_token();
+        assert_eq!(ep.awaiting_first_token.load(Ordering::Relaxed), 1);
         drop(g1);
         drop(g2);
         assert_eq!(ep.in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(ep.awaiting_first_token.load(Ordering::Relaxed), 0);
         assert_eq!(fleet.pool_for("m"), Some(0));
         assert_eq!(fleet.pools[0].endpoints, vec![0]);
     }

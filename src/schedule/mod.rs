@@ -7,7 +7,11 @@
 //! - `queue`: the waiting count, scaled between the candidates' minimum (1) and maximum (0);
 //! - `in_flight`: this picker's own requests in flight there, scaled the same way. It moves the
 //!   instant a request is picked, so a burst between two polls spreads instead of piling onto
-//!   the endpoint that looked idlest at the last scrape.
+//!   the endpoint that looked idlest at the last scrape;
+//! - `prefill`: of those, the ones still waiting for their first token, scaled the same way. A
+//!   request sent where others are in prefill shares their prefill steps and waits longer for
+//!   its own first token; this is what round robin avoids by accident and a load score alone
+//!   does not see (two requests a few milliseconds apart look alike to a 50 ms scrape).
 //!
 //! The highest weighted sum wins; endpoints within a hair of it tie and one is drawn at random,
 //! so idle endpoints share the next requests instead of the first in list order taking them all.
@@ -49,6 +53,7 @@ struct Candidate {
     kv: f64,
     waiting: u32,
     in_flight: u32,
+    awaiting: u32,
     score: f64,
 }
 
@@ -92,6 +97,9 @@ pub fn pick(
             kv: load.kv_usage,
             waiting: load.waiting,
             in_flight: ep.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+            awaiting: ep
+                .awaiting_first_token
+                .load(std::sync::atomic::Ordering::Relaxed),
             score: 0.0,
         });
     }
@@ -134,12 +142,16 @@ pub fn pick(
 fn score(cands: &mut [Candidate], w: &Weights) {
     let (qmin, qmax) = min_max(cands.iter().map(|c| c.waiting));
     let (fmin, fmax) = min_max(cands.iter().map(|c| c.in_flight));
-    let total = (w.kv_cache + w.queue + w.in_flight).max(f64::MIN_POSITIVE);
+    let (amin, amax) = min_max(cands.iter().map(|c| c.awaiting));
+    let total = (w.kv_cache + w.queue + w.in_flight + w.prefill).max(f64::MIN_POSITIVE);
     for c in cands.iter_mut() {
         let kv = 1.0 - c.kv.clamp(0.0, 1.0);
         let queue = scaled(c.waiting, qmin, qmax);
         let flight = scaled(c.in_flight, fmin, fmax);
-        let score = (w.kv_cache * kv + w.queue * queue + w.in_flight * flight) / total;
+        let prefill = scaled(c.awaiting, amin, amax);
+        let score =
+            (w.kv_cache * kv + w.queue * queue + w.in_flight * flight + w.prefill * prefill)
+                / total;
         // Validated weights keep this finite; if it is not, rank the endpoint last rather than
         // let a NaN break the comparison.
         c.score = if score.is_finite() { score } else { 0.0 };
@@ -249,6 +261,36 @@ mod tests {
         for e in &f.endpoints[..4] {
             assert_eq!(e.in_flight.load(std::sync::atomic::Ordering::Relaxed), 2);
         }
+    }
+
+    #[test]
+    fn prefill_steers_away_from_endpoints_still_waiting_for_first_tokens() {
+        let f = fleet(2);
+        set(&f, 0, 0.0, 0);
+        set(&f, 1, 0.0, 0);
+        // Both have one request in flight; endpoint 0's has not produced its first token yet.
+        let waiting = InFlight::new(f.endpoints[0].clone());
+        let mut streaming = InFlight::new(f.endpoints[1].clone());
+        streaming.first_token();
+        let mut rng = fastrand::Rng::with_seed(6);
+        for _ in 0..50 {
+            assert_eq!(
+                pick(&f, &req("m"), &Weights::default(), 0, &mut rng)
+                    .unwrap()
+                    .primary,
+                1
+            );
+        }
+        // With the scorer off, the two tie again and share the picks.
+        let off = Weights {
+            prefill: 0.0,
+            ..Weights::default()
+        };
+        let zeros = (0..200)
+            .filter(|_| pick(&f, &req("m"), &off, 0, &mut rng).unwrap().primary == 0)
+            .count();
+        assert!((50..150).contains(&zeros), "{zeros}");
+        drop((waiting, streaming));
     }
 
     #[test]
