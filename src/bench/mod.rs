@@ -207,8 +207,20 @@ pub struct Scenario {
     pub rates: Vec<f64>,
     pub duration_s: f64,
     pub strategies: Vec<StrategySpec>,
+    /// Bursts on top of each rate (default: steady Poisson arrivals at the rate).
+    #[serde(default)]
+    pub bursts: Option<BurstSpec>,
     #[serde(default)]
     pub seed: u64,
+}
+
+/// Bursts: for `on_s` seconds of every `on_s + off_s`, arrivals come `factor` times faster.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BurstSpec {
+    pub factor: f64,
+    pub on_s: f64,
+    pub off_s: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -267,6 +279,11 @@ impl Scenario {
         if self.strategies.is_empty() {
             return bad("strategies: list at least one");
         }
+        if let Some(b) = self.bursts
+            && !(b.factor.is_finite() && b.factor > 0.0 && b.on_s > 0.0 && b.off_s >= 0.0)
+        {
+            return bad("bursts: factor and on_s must be positive, off_s at least 0");
+        }
         if !(0.0..=1.0).contains(&self.workload.long_share) {
             return bad("workload.long_share: must be between 0 and 1");
         }
@@ -290,6 +307,11 @@ pub struct CellResult {
     /// Mean time between tokens within each request, from first token to end.
     pub itl_ms: Option<Percentiles>,
     pub e2e_ms: Option<Percentiles>,
+    /// Time to first token of the short and of the long prompts, when the workload mixes them.
+    #[serde(default)]
+    pub ttft_short_ms: Option<Percentiles>,
+    #[serde(default)]
+    pub ttft_long_ms: Option<Percentiles>,
     /// Prefix-cache hits over queries, summed over the simulated servers.
     pub prefix_hit_rate: f64,
     /// Requests answered per server.
@@ -469,9 +491,18 @@ async fn drive_cell(
     let workload = scenario.workload.workload(model);
     let report = loadgen::run(LoadSpec {
         targets: vec![envoy.url("")],
-        arrivals: Arrivals::Poisson {
-            rate,
-            max_in_flight: 4096,
+        arrivals: match scenario.bursts {
+            None => Arrivals::Poisson {
+                rate,
+                max_in_flight: 4096,
+            },
+            Some(b) => Arrivals::Bursts {
+                rate,
+                factor: b.factor,
+                on_s: b.on_s,
+                off_s: b.off_s,
+                max_in_flight: 4096,
+            },
         },
         workload: workload.clone(),
         duration: Duration::from_secs_f64(scenario.duration_s),
@@ -498,6 +529,17 @@ async fn drive_cell(
                 .map(|f| (r.end_us - f) as f64 / 1000.0 / f64::from(workload.max_tokens - 1))
         })
         .collect();
+    let ttft_of = |long: bool| {
+        loadgen::percentiles(
+            report
+                .records
+                .iter()
+                .filter(|r| r.long_prompt == long && r.status == 200 && r.error.is_none())
+                .filter_map(|r| r.first_token_us.map(|f| (f - r.start_us) as f64 / 1000.0))
+                .collect(),
+        )
+    };
+    let mixed = workload.long_share > 0.0;
     let even = s.ok as f64 / scenario.fleet.servers.max(1) as f64;
     let busiest = s.per_server.values().copied().max().unwrap_or(0) as f64;
     Ok(CellResult {
@@ -510,6 +552,8 @@ async fn drive_cell(
         ttft_ms: s.ttft_ms.clone(),
         itl_ms: loadgen::percentiles(itl),
         e2e_ms: s.e2e_ms.clone(),
+        ttft_short_ms: if mixed { ttft_of(false) } else { None },
+        ttft_long_ms: if mixed { ttft_of(true) } else { None },
         prefix_hit_rate: if queries == 0 {
             0.0
         } else {

@@ -121,6 +121,21 @@ pub fn markdown(r: &Results, command: &str) -> String {
             c.strategy, c.rate, c.ok_per_second, c.errors, c.prefix_hit_rate, c.max_share_over_even
         );
     }
+    if r.cells.iter().any(|c| c.ttft_long_ms.is_some()) {
+        let _ = writeln!(
+            out,
+            "\n## Short and long prompts\n\n| strategy | offered/s | short TTFT p50 | p90 | p99 (ms) | long TTFT p50 | p90 | p99 (ms) |\n|---|---|---|---|---|---|---|---|"
+        );
+        for c in &r.cells {
+            let [s50, s90, s99] = pct(&c.ttft_short_ms);
+            let [l50, l90, l99] = pct(&c.ttft_long_ms);
+            let _ = writeln!(
+                out,
+                "| {} | {:.1} | {s50} | {s90} | {s99} | {l50} | {l90} | {l99} |",
+                c.strategy, c.rate
+            );
+        }
+    }
     if let Some(k) = knee_comparison(r) {
         let _ = writeln!(out, "\n## At round robin's knee\n\n{k}");
     }
@@ -206,6 +221,8 @@ mod tests {
             }),
             itl_ms: None,
             e2e_ms: None,
+            ttft_short_ms: None,
+            ttft_long_ms: None,
             prefix_hit_rate: 0.5,
             per_server: Default::default(),
             max_share_over_even: 1.0,

@@ -23,6 +23,38 @@ pub enum Arrivals {
     /// Poisson arrivals at `rate` per second, at most `max_in_flight` outstanding (beyond that
     /// the generator waits, and says so in the report).
     Poisson { rate: f64, max_in_flight: usize },
+    /// Poisson arrivals whose rate is `rate x factor` for the first `on_s` seconds of every
+    /// `on_s + off_s` and `rate` for the rest: bursts on a steady base.
+    Bursts {
+        rate: f64,
+        factor: f64,
+        on_s: f64,
+        off_s: f64,
+        max_in_flight: usize,
+    },
+}
+
+impl Arrivals {
+    /// The arrival rate `t` seconds into the run.
+    fn rate_at(&self, t: f64) -> f64 {
+        match *self {
+            Arrivals::Closed { .. } => 0.0,
+            Arrivals::Poisson { rate, .. } => rate,
+            Arrivals::Bursts {
+                rate,
+                factor,
+                on_s,
+                off_s,
+                ..
+            } => {
+                if t % (on_s + off_s) < on_s {
+                    rate * factor
+                } else {
+                    rate
+                }
+            }
+        }
+    }
 }
 
 /// What each request looks like.
@@ -88,6 +120,9 @@ pub struct RequestRecord {
     pub status: u16,
     pub server: Option<String>,
     pub error: Option<String>,
+    /// The request carried a long prompt (see [`Workload::long_share`]).
+    #[serde(default)]
+    pub long_prompt: bool,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -178,8 +213,8 @@ pub fn filler_text(seed: u64, n: usize) -> String {
 }
 
 impl Workload {
-    /// The path and body of request number `i`.
-    pub fn request(&self, i: u64, rng: &mut fastrand::Rng) -> (&'static str, Vec<u8>) {
+    /// The path and body of request number `i`, and whether its prompt is a long one.
+    pub fn request(&self, i: u64, rng: &mut fastrand::Rng) -> (&'static str, Vec<u8>, bool) {
         let mut prompt = String::new();
         if self.shared_prefix_bytes > 0 {
             let group = rng.u64(..self.prefix_groups.max(1) as u64);
@@ -188,7 +223,8 @@ impl Workload {
                 self.shared_prefix_bytes,
             ));
         }
-        let unique = if self.long_share > 0.0 && rng.f64() < self.long_share {
+        let long = self.long_share > 0.0 && rng.f64() < self.long_share;
+        let unique = if long {
             self.long_prompt_bytes
         } else {
             self.prompt_bytes
@@ -215,7 +251,7 @@ impl Workload {
                 "/v1/completions"
             }
         };
-        (path, body.to_string().into_bytes())
+        (path, body.to_string().into_bytes(), long)
     }
 }
 
@@ -245,10 +281,12 @@ impl Shared {
         let target = &self.spec.targets[i % self.spec.targets.len()];
         let mut rng =
             fastrand::Rng::with_seed(self.spec.seed ^ (i as u64).wrapping_mul(0x9e37_79b9));
+        let mut long_prompt = false;
         let request = match &self.spec.workload.get_path {
             Some(path) => self.client.get(format!("{target}{path}")),
             None => {
-                let (path, body) = self.spec.workload.request(i as u64, &mut rng);
+                let (path, body, long) = self.spec.workload.request(i as u64, &mut rng);
+                long_prompt = long;
                 self.client
                     .post(format!("{target}{path}"))
                     .header("content-type", "application/json")
@@ -263,6 +301,7 @@ impl Shared {
             status: 0,
             server: None,
             error: None,
+            long_prompt,
         };
         let result = request.send().await;
         match result {
@@ -311,16 +350,38 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
         Arrivals::Poisson {
             rate,
             max_in_flight,
+        }
+        | Arrivals::Bursts {
+            rate,
+            max_in_flight,
+            ..
         } if !(rate.is_finite() && rate > 0.0) || max_in_flight == 0 => {
             return Err(LoadError::Invalid(
                 "rate must be positive and max_in_flight at least 1".into(),
+            ));
+        }
+        Arrivals::Bursts {
+            factor,
+            on_s,
+            off_s,
+            ..
+        } if !(factor.is_finite()
+            && factor > 0.0
+            && on_s > 0.0
+            && off_s >= 0.0
+            && (on_s + off_s).is_finite()) =>
+        {
+            return Err(LoadError::Invalid(
+                "bursts need a positive factor and on_s, and off_s of at least 0".into(),
             ));
         }
         _ => {}
     }
     let in_flight_cap = match spec.arrivals {
         Arrivals::Closed { concurrency } => concurrency,
-        Arrivals::Poisson { max_in_flight, .. } => max_in_flight,
+        Arrivals::Poisson { max_in_flight, .. } | Arrivals::Bursts { max_in_flight, .. } => {
+            max_in_flight
+        }
     };
     let client = reqwest::Client::builder()
         .no_proxy()
@@ -353,17 +414,18 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
             }
             while workers.join_next().await.is_some() {}
         }
-        Arrivals::Poisson {
-            rate,
-            max_in_flight,
-        } => {
+        Arrivals::Poisson { max_in_flight, .. } | Arrivals::Bursts { max_in_flight, .. } => {
             let slots = Arc::new(Semaphore::new(max_in_flight));
             let mut rng = fastrand::Rng::with_seed(spec.seed);
             let mut next_at = Instant::now();
             let mut tasks = tokio::task::JoinSet::new();
             while let Some(i) = shared.next() {
                 tokio::time::sleep_until(next_at.into()).await;
-                // Exponential inter-arrival times give Poisson arrivals.
+                // Exponential inter-arrival times give Poisson arrivals (for bursts, at the rate
+                // in force when the gap starts).
+                let rate = spec
+                    .arrivals
+                    .rate_at(next_at.duration_since(started).as_secs_f64());
                 let gap = -(1.0 - rng.f64()).ln() / rate;
                 next_at += Duration::from_secs_f64(gap);
                 let permit = match slots.clone().try_acquire_owned() {
@@ -455,8 +517,8 @@ mod tests {
             ..Workload::default()
         };
         let mut rng = fastrand::Rng::with_seed(1);
-        let (_, a) = w.request(1, &mut rng);
-        let (_, b) = w.request(2, &mut rng);
+        let (_, a, _) = w.request(1, &mut rng);
+        let (_, b, _) = w.request(2, &mut rng);
         let pa: serde_json::Value = serde_json::from_slice(&a).unwrap();
         let pb: serde_json::Value = serde_json::from_slice(&b).unwrap();
         let (pa, pb) = (
@@ -465,6 +527,20 @@ mod tests {
         );
         assert_eq!(pa[..200], pb[..200]);
         assert_ne!(pa[200..], pb[200..]);
+    }
+
+    #[test]
+    fn bursts_raise_the_rate_in_their_window() {
+        let a = Arrivals::Bursts {
+            rate: 2.0,
+            factor: 5.0,
+            on_s: 1.0,
+            off_s: 3.0,
+            max_in_flight: 1,
+        };
+        assert_eq!(a.rate_at(0.5), 10.0);
+        assert_eq!(a.rate_at(2.0), 2.0);
+        assert_eq!(a.rate_at(4.2), 10.0);
     }
 
     #[test]
