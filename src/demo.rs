@@ -17,8 +17,8 @@ use crate::config::FleetConfig;
 use crate::envoy::{BodyMode, EnvoyParams, EnvoyProcess, Flavor, render};
 use crate::fleet::Fleet;
 use crate::loadgen::{self, Arrivals, LoadSpec, Workload};
+use crate::sim::FleetOptions;
 use crate::sim::params::SimConfig;
-use crate::sim::{FleetOptions, ReadyEntry};
 
 /// One step of the demo script.
 struct Step {
@@ -66,26 +66,6 @@ const STEPS: [Step; 4] = [
     },
 ];
 
-/// The fleet file for the simulated servers.
-fn fleet_file(entries: &[ReadyEntry], model: &str) -> String {
-    let mut y = String::from(
-        "clusters:\n  - {name: us-east-a, region: us-east1}\n  - {name: us-east-b, region: us-east1}\n  - {name: eu-west, region: europe-west1}\npools:\n  - name: llama\n",
-    );
-    y.push_str(&format!(
-        "    models: [{model}]\n    target_port: 8000\n    endpoints:\n"
-    ));
-    for cluster in ["us-east-a", "us-east-b", "eu-west"] {
-        let addrs: Vec<String> = entries
-            .iter()
-            .filter(|e| e.cluster == cluster)
-            .map(|e| format!("\"{}\"", e.address))
-            .collect();
-        y.push_str(&format!("      {cluster}: [{}]\n", addrs.join(", ")));
-    }
-    y.push_str("poller: {interval_ms: 50, backoff_max_ms: 500}\n");
-    y
-}
-
 /// Runs the demo; `time_scale` speeds up the simulated servers.
 pub async fn run(time_scale: f64) -> anyhow::Result<()> {
     let mut sim_config = SimConfig::default();
@@ -101,7 +81,18 @@ pub async fn run(time_scale: f64) -> anyhow::Result<()> {
     .await?;
     let entries = sim.entries(None);
     let model = crate::sim::params::EngineParams::default().model;
-    let cfg = FleetConfig::parse(&fleet_file(&entries, &model), "demo fleet")?;
+    let regions = [
+        ("us-east-a", "us-east1"),
+        ("us-east-b", "us-east1"),
+        ("eu-west", "europe-west1"),
+    ];
+    let yaml = crate::sim::fleet::fleet_file(
+        &entries,
+        &model,
+        &regions,
+        "poller: {interval_ms: 50, backoff_max_ms: 500}\n",
+    );
+    let cfg = FleetConfig::parse(&yaml, "demo fleet")?;
     let fleet = Arc::new(Fleet::new(&cfg));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let picker_addr = listener.local_addr()?;

@@ -52,14 +52,9 @@ impl Harness {
         })
         .await
         .unwrap();
-        let addrs: Vec<String> = sim
-            .entries(None)
-            .into_iter()
-            .map(|e| format!("\"{}\"", e.address))
-            .collect();
-        let yaml = format!(
-            "clusters: [{{name: local}}]\npools:\n  - name: llama\n    models: [{MODEL}]\n    target_port: 8000\n    endpoints:\n      local: [{}]\npoller: {{interval_ms: 20, stale_after_ms: 2000}}\n{extra_yaml}",
-            addrs.join(", ")
+        let yaml = common::fleet_yaml(
+            &sim.entries(None),
+            &format!("poller: {{interval_ms: 20, stale_after_ms: 2000}}\n{extra_yaml}"),
         );
         let cfg = FleetConfig::parse(&yaml, "test.yaml").unwrap();
         let fleet = Arc::new(Fleet::new(&cfg));

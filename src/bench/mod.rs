@@ -33,8 +33,8 @@ use crate::envoy::{BodyMode, EnvoyParams, EnvoyProcess, Flavor, render};
 use crate::fleet::Fleet;
 use crate::loadgen::{self, Arrivals, LoadSpec, Percentiles, Workload};
 use crate::openai::Api;
+use crate::sim::FleetOptions;
 use crate::sim::params::{EngineOverrides, SimConfig};
-use crate::sim::{FleetOptions, ReadyEntry};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -333,31 +333,6 @@ pub struct Results {
     pub cells: Vec<CellResult>,
 }
 
-fn fleet_file(entries: &[ReadyEntry], model: &str, weights: &Weights) -> String {
-    let mut clusters: Vec<&str> = entries.iter().map(|e| e.cluster.as_str()).collect();
-    clusters.dedup();
-    let mut y = String::from("clusters:\n");
-    for c in &clusters {
-        y.push_str(&format!("  - name: {c}\n"));
-    }
-    y.push_str(&format!(
-        "pools:\n  - name: pool\n    models: [\"{model}\"]\n    target_port: 8000\n    endpoints:\n"
-    ));
-    for c in &clusters {
-        let addrs: Vec<String> = entries
-            .iter()
-            .filter(|e| e.cluster == *c)
-            .map(|e| format!("\"{}\"", e.address))
-            .collect();
-        y.push_str(&format!("      {c}: [{}]\n", addrs.join(", ")));
-    }
-    y.push_str(&format!(
-        "scheduler:\n  weights: {{kv_cache: {}, queue: {}, in_flight: {}, prefill: {}}}\n",
-        weights.kv_cache, weights.queue, weights.in_flight, weights.prefill
-    ));
-    y
-}
-
 fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
@@ -454,7 +429,14 @@ async fn drive_cell(
     // fleetpick in this process when the strategy uses it; stopped when `_stop` drops.
     let mut _stop = None;
     if let Some(weights) = &strategy.weights {
-        let cfg = FleetConfig::parse(&fleet_file(&entries, model, weights), "bench fleet")?;
+        let scheduler = format!(
+            "scheduler:\n  weights: {{kv_cache: {}, queue: {}, in_flight: {}, prefill: {}}}\n",
+            weights.kv_cache, weights.queue, weights.in_flight, weights.prefill
+        );
+        let cfg = FleetConfig::parse(
+            &crate::sim::fleet::fleet_file(&entries, model, &[], &scheduler),
+            "bench fleet",
+        )?;
         let fleet = Arc::new(Fleet::new(&cfg));
         let listener = tokio::net::TcpListener::bind(loopback)
             .await

@@ -104,6 +104,44 @@ pub struct Fleet {
     drivers: Vec<JoinHandle<()>>,
 }
 
+/// A fleetpick fleet file for the simulated servers `entries`: one cluster per simulator
+/// cluster (with its region from `regions`, when listed), one pool `pool` serving `model`, and
+/// `extra` YAML (scheduler, poller, server sections) appended. Tests, the demo and the
+/// benchmarks put fleetpick in front of a simulated fleet with it.
+pub fn fleet_file(
+    entries: &[ReadyEntry],
+    model: &str,
+    regions: &[(&str, &str)],
+    extra: &str,
+) -> String {
+    let mut clusters: Vec<&str> = Vec::new();
+    for e in entries {
+        if !clusters.contains(&e.cluster.as_str()) {
+            clusters.push(&e.cluster);
+        }
+    }
+    let mut y = String::from("clusters:\n");
+    for c in &clusters {
+        match regions.iter().find(|(name, _)| name == c) {
+            Some((_, region)) => y.push_str(&format!("  - {{name: {c}, region: {region}}}\n")),
+            None => y.push_str(&format!("  - name: {c}\n")),
+        }
+    }
+    y.push_str(&format!(
+        "pools:\n  - name: pool\n    models: [\"{model}\"]\n    target_port: 8000\n    endpoints:\n"
+    ));
+    for c in &clusters {
+        let addrs: Vec<String> = entries
+            .iter()
+            .filter(|e| e.cluster == *c)
+            .map(|e| format!("\"{}\"", e.address))
+            .collect();
+        y.push_str(&format!("      {c}: [{}]\n", addrs.join(", ")));
+    }
+    y.push_str(extra);
+    y
+}
+
 /// Splits `n` servers over the clusters in contiguous groups, as evenly as possible; names
 /// are `<cluster>-<index in cluster>`.
 pub fn layout(n: usize, clusters: &[String]) -> Vec<(String, String)> {

@@ -193,28 +193,10 @@ impl Picker {
     }
 }
 
-/// A fleet file for the simulated servers `entries` (one cluster per simulator cluster, one
-/// pool serving [`MODEL`]), with `extra` YAML appended.
+/// A fleet file for the simulated servers `entries` (one pool serving [`MODEL`]), with `extra`
+/// YAML appended.
 pub fn fleet_yaml(entries: &[ReadyEntry], extra: &str) -> String {
-    let mut clusters: Vec<&str> = entries.iter().map(|e| e.cluster.as_str()).collect();
-    clusters.dedup();
-    let mut y = String::from("clusters:\n");
-    for c in &clusters {
-        y.push_str(&format!("  - name: {c}\n"));
-    }
-    y.push_str(&format!(
-        "pools:\n  - name: llama\n    models: [{MODEL}]\n    target_port: 8000\n    endpoints:\n"
-    ));
-    for c in &clusters {
-        let addrs: Vec<String> = entries
-            .iter()
-            .filter(|e| &e.cluster == c)
-            .map(|e| format!("\"{}\"", e.address))
-            .collect();
-        y.push_str(&format!("      {c}: [{}]\n", addrs.join(", ")));
-    }
-    y.push_str(extra);
-    y
+    fleetpick::sim::fleet::fleet_file(entries, MODEL, &[], extra)
 }
 
 /// Sends one completion to `url` and returns (status, the server that answered).
