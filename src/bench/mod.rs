@@ -210,9 +210,26 @@ pub struct Scenario {
     /// Bursts on top of each rate (default: steady Poisson arrivals at the rate).
     #[serde(default)]
     pub bursts: Option<BurstSpec>,
+    /// Which client sends the load: fleetpick's own (`rust`, the default) or `inference-perf`
+    /// (bench/inference-perf/, run offline; no bursts, no mixed prompt lengths).
+    #[serde(default)]
+    pub load_generator: LoadGenerator,
     #[serde(default)]
     pub seed: u64,
 }
+
+/// The client that sends a scenario's load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadGenerator {
+    #[default]
+    Rust,
+    InferencePerf,
+}
+
+/// inference-perf counts lengths in tokens of its local tokenizer, about 6.6 bytes of its
+/// generated text each (bench/inference-perf/README.md).
+const INFERENCE_PERF_BYTES_PER_TOKEN: f64 = 6.6;
 
 /// Bursts: for `on_s` seconds of every `on_s + off_s`, arrivals come `factor` times faster.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize)]
@@ -283,6 +300,13 @@ impl Scenario {
             && !(b.factor.is_finite() && b.factor > 0.0 && b.on_s > 0.0 && b.off_s >= 0.0)
         {
             return bad("bursts: factor and on_s must be positive, off_s at least 0");
+        }
+        if self.load_generator == LoadGenerator::InferencePerf
+            && (self.bursts.is_some() || self.workload.long_share > 0.0)
+        {
+            return bad(
+                "load_generator: inference-perf cannot send bursts or mixed prompt lengths here; use rust",
+            );
         }
         if !(0.0..=1.0).contains(&self.workload.long_share) {
             return bad("workload.long_share: must be between 0 and 1");
@@ -471,6 +495,26 @@ async fn drive_cell(
     }
     let envoy = EnvoyProcess::start(&render(strategy.flavor, &params)).await?;
     let workload = scenario.workload.workload(model);
+    if scenario.load_generator == LoadGenerator::InferencePerf {
+        let mut records = inference_perf(scenario, rate, model, &envoy.url("")).await?;
+        drop(envoy);
+        let wall = records.iter().map(|r| r.end_us).max().unwrap_or(0) as f64 / 1e6;
+        let mut summary = loadgen::summarize(&mut records, wall);
+        // inference-perf keeps no response headers: count answers per server at the servers.
+        summary.per_server = sim
+            .servers
+            .iter()
+            .map(|s| (s.name.clone(), s.status().completed as usize))
+            .collect();
+        return Ok(cell_result(
+            scenario,
+            strategy,
+            rate,
+            sim,
+            &workload,
+            loadgen::Report { summary, records },
+        ));
+    }
     let report = loadgen::run(LoadSpec {
         targets: vec![envoy.url("")],
         arrivals: match scenario.bursts {
@@ -494,6 +538,98 @@ async fn drive_cell(
     })
     .await?;
     drop(envoy);
+    Ok(cell_result(
+        scenario, strategy, rate, sim, &workload, report,
+    ))
+}
+
+/// Runs inference-perf at `rate` against `url` for the scenario's duration and returns its
+/// per-request records (bench/inference-perf/run.sh writes them in fleetpick's record format).
+async fn inference_perf(
+    scenario: &Scenario,
+    rate: f64,
+    model: &str,
+    url: &str,
+) -> Result<Vec<loadgen::RequestRecord>, BenchError> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::temp_dir().join(format!(
+        "fleetpick-iperf-{}-{}",
+        std::process::id(),
+        rate.to_bits()
+    ));
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| BenchError::Io { what, source }
+    };
+    std::fs::create_dir_all(&dir).map_err(io("cannot create inference-perf's directory"))?;
+    let w = &scenario.workload;
+    let tokens =
+        |bytes: usize| ((bytes as f64 / INFERENCE_PERF_BYTES_PER_TOKEN).round() as u64).max(1);
+    let data = if w.shared_prefix_bytes > 0 {
+        format!(
+            "  type: shared_prefix\n  shared_prefix: {{num_groups: {}, num_prompts_per_group: 64, system_prompt_len: {}, question_len: {}, output_len: {}, seed: {}}}\n",
+            w.prefix_groups,
+            tokens(w.shared_prefix_bytes),
+            tokens(w.prompt_bytes),
+            w.max_tokens,
+            scenario.seed
+        )
+    } else {
+        let n = tokens(w.prompt_bytes);
+        let m = w.max_tokens;
+        format!(
+            "  type: synthetic\n  input_distribution: {{mean: {n}, std_dev: 0, min: {n}, max: {n}}}\n  output_distribution: {{mean: {m}, std_dev: 0, min: {m}, max: {m}}}\n"
+        )
+    };
+    let api = match w.api {
+        ApiKind::Completions => "completion",
+        ApiKind::Chat => "chat",
+    };
+    let config = format!(
+        "api: {{type: {api}, streaming: {}}}\ndata:\n{data}load:\n  type: poisson\n  stages: [{{rate: {rate}, duration: {}}}]\n  num_workers: 1\n  request_timeout: 300\nserver: {{type: vllm, ignore_eos: true}}\nreport:\n  request_lifecycle:\n    summary: true\n    per_stage: false\n    per_request: true\n    per_request_fields: {{request: false, response: false, info: true, response_chunks: false}}\n",
+        w.stream,
+        scenario.duration_s.ceil() as u64
+    );
+    let config_path = dir.join("config.yaml");
+    std::fs::write(&config_path, config).map_err(io("cannot write inference-perf's config"))?;
+    let out = tokio::process::Command::new("bash")
+        .arg(repo.join("bench/inference-perf/run.sh"))
+        .arg(url)
+        .arg(model)
+        .arg(&config_path)
+        .arg(&dir)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(io("cannot run bench/inference-perf/run.sh"))?;
+    if !out.status.success() {
+        return Err(BenchError::Io {
+            what: format!(
+                "inference-perf failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            source: std::io::Error::other("inference-perf"),
+        });
+    }
+    let records = std::fs::read(dir.join("records.json"))
+        .map_err(io("cannot read inference-perf's records.json"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    serde_json::from_slice(&records).map_err(|e| BenchError::Io {
+        what: "inference-perf's records.json is not a list of records".into(),
+        source: std::io::Error::other(e),
+    })
+}
+
+fn cell_result(
+    scenario: &Scenario,
+    strategy: &Strategy,
+    rate: f64,
+    sim: &crate::sim::Fleet,
+    workload: &Workload,
+    report: loadgen::Report,
+) -> CellResult {
     let (hits, queries) = sim
         .servers
         .iter()
@@ -524,7 +660,7 @@ async fn drive_cell(
     let mixed = workload.long_share > 0.0;
     let even = s.ok as f64 / scenario.fleet.servers.max(1) as f64;
     let busiest = s.per_server.values().copied().max().unwrap_or(0) as f64;
-    Ok(CellResult {
+    CellResult {
         strategy: strategy.name.clone(),
         rate,
         requests: s.requests,
@@ -543,7 +679,7 @@ async fn drive_cell(
         },
         per_server: s.per_server.clone(),
         max_share_over_even: if even > 0.0 { busiest / even } else { 0.0 },
-    })
+    }
 }
 
 #[cfg(test)]

@@ -111,7 +111,7 @@ pub struct LoadSpec {
 }
 
 /// One request's record. Times are microseconds from the start of the run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RequestRecord {
     pub start_us: u64,
     pub first_token_us: Option<u64>,
@@ -456,6 +456,17 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
             .map(|a| a - b)
     });
     let mut records = std::mem::take(&mut *shared.records.lock().await);
+    let mut summary = summarize(&mut records, wall);
+    summary.loadgen_cpu_seconds = cpu_self;
+    summary.watched_cpu_seconds = cpu_watch;
+    summary.arrivals_delayed = delayed;
+    Ok(Report { summary, records })
+}
+
+/// Sorts `records` by start and summarizes them over `wall` seconds: counts, throughput, time to
+/// first token and end-to-end percentiles of the successful ones, answers per server. Records
+/// from another load tool (inference-perf) are summarized the same way.
+pub fn summarize(records: &mut [RequestRecord], wall: f64) -> Summary {
     records.sort_by_key(|r| r.start_us);
     let ok: Vec<&RequestRecord> = records
         .iter()
@@ -467,7 +478,7 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
             *per_server.entry(s.clone()).or_insert(0) += 1;
         }
     }
-    let summary = Summary {
+    Summary {
         requests: records.len(),
         ok: ok.len(),
         errors: records.len() - ok.len(),
@@ -475,20 +486,22 @@ pub async fn run(spec: LoadSpec) -> Result<Report, LoadError> {
         ok_per_second: ok.len() as f64 / wall.max(1e-9),
         ttft_ms: percentiles(
             ok.iter()
-                .filter_map(|r| r.first_token_us.map(|f| (f - r.start_us) as f64 / 1000.0))
+                .filter_map(|r| {
+                    r.first_token_us
+                        .map(|f| f.saturating_sub(r.start_us) as f64 / 1000.0)
+                })
                 .collect(),
         ),
         e2e_ms: percentiles(
             ok.iter()
-                .map(|r| (r.end_us - r.start_us) as f64 / 1000.0)
+                .map(|r| r.end_us.saturating_sub(r.start_us) as f64 / 1000.0)
                 .collect(),
         ),
         per_server,
-        loadgen_cpu_seconds: cpu_self,
-        watched_cpu_seconds: cpu_watch,
-        arrivals_delayed: delayed,
-    };
-    Ok(Report { summary, records })
+        loadgen_cpu_seconds: None,
+        watched_cpu_seconds: None,
+        arrivals_delayed: 0,
+    }
 }
 
 #[cfg(test)]
