@@ -10,6 +10,7 @@
 //! - [`serve`]: `fleetpick serve`, wiring the above with gRPC health.
 //! - [`envoy`]: the Envoy configurations fleetpick ships and tests with.
 //! - [`openai`]: OpenAI-style request bodies (one parse per request) and the error shape.
+//! - [`scratch`]: scratch directories removed on drop.
 //! - [`sim`]: the model-server simulator (engine model, OpenAI API, `/metrics`, faults) that
 //!   every test, demo and benchmark runs on.
 //! - [`loadgen`]: a load generator that records, per request, start, first token, end, status
@@ -28,5 +29,6 @@ pub mod fleet;
 pub mod loadgen;
 pub mod openai;
 pub mod schedule;
+pub mod scratch;
 pub mod serve;
 pub mod sim;

@@ -132,6 +132,30 @@ impl Harness {
         (tx, rx)
     }
 
+    /// Opens a BUFFERED stream the way Envoy does: the request headers go first and are
+    /// answered (let through) before Envoy sends the body.
+    async fn open_buffered(
+        &self,
+        path: &str,
+    ) -> (
+        mpsc::Sender<ProcessingRequest>,
+        tonic::Streaming<ProcessingResponse>,
+    ) {
+        let (tx, mut rx) = self.open().await;
+        tx.send(headers(path, false, BodySendMode::Buffered, None))
+            .await
+            .unwrap();
+        let first = next(&mut rx).await;
+        let Some(Resp::RequestHeaders(hr)) = first.response else {
+            panic!("BUFFERED: the headers are answered before the body is sent")
+        };
+        assert!(
+            hr.response.unwrap_or_default().header_mutation.is_none(),
+            "no pick before the body"
+        );
+        (tx, rx)
+    }
+
     /// Opens a stream; returns the sender of requests and the stream of responses.
     async fn open(
         &self,
@@ -388,20 +412,8 @@ async fn http2_shape_one_chunk_and_a_1mb_body_byte_identical() {
 #[tokio::test]
 async fn buffered_mode_answers_headers_then_body_with_the_mutation() {
     let h = Harness::start(2, "").await;
-    let (tx, mut rx) = h.open().await;
-    tx.send(headers(
-        "/v1/chat/completions",
-        false,
-        BodySendMode::Buffered,
-        None,
-    ))
-    .await
-    .unwrap();
-    let first = next(&mut rx).await;
-    let Some(Resp::RequestHeaders(hr)) = first.response else {
-        panic!("headers answered first")
-    };
-    assert!(hr.response.unwrap_or_default().header_mutation.is_none());
+    // The helper checks that the headers are answered first, without a pick.
+    let (tx, mut rx) = h.open_buffered("/v1/chat/completions").await;
     let payload = serde_json::to_vec(
         &json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
     )
@@ -677,19 +689,7 @@ fn trailers() -> ProcessingRequest {
 async fn buffered_body_followed_by_trailers_is_answered() {
     // With trailers, Envoy sends the buffered body WITHOUT end of stream, then the trailers.
     let h = Harness::start(2, "").await;
-    let (tx, mut rx) = h.open().await;
-    tx.send(headers(
-        "/v1/completions",
-        false,
-        BodySendMode::Buffered,
-        None,
-    ))
-    .await
-    .unwrap();
-    assert!(matches!(
-        next(&mut rx).await.response,
-        Some(Resp::RequestHeaders(_))
-    ));
+    let (tx, mut rx) = h.open_buffered("/v1/completions").await;
     tx.send(body(&completion("x"), false)).await.unwrap();
     let r = next(&mut rx).await;
     let dest = metadata_destination(&r);
@@ -704,19 +704,7 @@ async fn buffered_body_followed_by_trailers_is_answered() {
 #[tokio::test]
 async fn buffered_body_over_the_limit_gets_413_not_a_broken_stream() {
     let h = Harness::start(1, "server: {max_body_bytes: 2000}\n").await;
-    let (tx, mut rx) = h.open().await;
-    tx.send(headers(
-        "/v1/completions",
-        false,
-        BodySendMode::Buffered,
-        None,
-    ))
-    .await
-    .unwrap();
-    assert!(matches!(
-        next(&mut rx).await.response,
-        Some(Resp::RequestHeaders(_))
-    ));
+    let (tx, mut rx) = h.open_buffered("/v1/completions").await;
     tx.send(body(&vec![b' '; 100_000], true)).await.unwrap();
     let (status, reason, _) = read_immediate(&mut rx).await;
     assert_eq!((status, reason.as_str()), (413, "body-too-large"));

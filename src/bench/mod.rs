@@ -552,16 +552,14 @@ async fn inference_perf(
     url: &str,
 ) -> Result<Vec<loadgen::RequestRecord>, BenchError> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::env::temp_dir().join(format!(
-        "fleetpick-iperf-{}-{}",
-        std::process::id(),
-        rate.to_bits()
-    ));
     let io = |what: &str| {
         let what = what.to_string();
         move |source| BenchError::Io { what, source }
     };
-    std::fs::create_dir_all(&dir).map_err(io("cannot create inference-perf's directory"))?;
+    // Removed however this ends, failures included.
+    let scratch = crate::scratch::ScratchDir::new("iperf")
+        .map_err(io("cannot create inference-perf's directory"))?;
+    let dir = scratch.path();
     let w = &scenario.workload;
     let tokens =
         |bytes: usize| ((bytes as f64 / INFERENCE_PERF_BYTES_PER_TOKEN).round() as u64).max(1);
@@ -597,7 +595,7 @@ async fn inference_perf(
         .arg(url)
         .arg(model)
         .arg(&config_path)
-        .arg(&dir)
+        .arg(dir)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output()
@@ -615,7 +613,6 @@ async fn inference_perf(
     }
     let records = std::fs::read(dir.join("records.json"))
         .map_err(io("cannot read inference-perf's records.json"))?;
-    let _ = std::fs::remove_dir_all(&dir);
     serde_json::from_slice(&records).map_err(|e| BenchError::Io {
         what: "inference-perf's records.json is not a list of records".into(),
         source: std::io::Error::other(e),

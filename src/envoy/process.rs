@@ -8,6 +8,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
+
+use crate::scratch::ScratchDir;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -91,35 +93,14 @@ fn find_or_install() -> Result<PathBuf, EnvoyError> {
     }
 }
 
-/// A scratch directory removed on drop.
-#[derive(Debug)]
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Result<Scratch, EnvoyError> {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "fleetpick-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
-        Ok(Scratch(dir))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn scratch(tag: &str) -> Result<ScratchDir, EnvoyError> {
+    ScratchDir::new(tag).map_err(io("cannot create a scratch directory"))
 }
 
 /// Runs `envoy --mode validate` on `config_yaml`.
 pub fn validate(config_yaml: &str) -> Result<(), EnvoyError> {
-    let dir = Scratch::new("envoy-validate")?;
-    let config = dir.0.join("envoy.yaml");
+    let dir = scratch("envoy-validate")?;
+    let config = dir.path().join("envoy.yaml");
     std::fs::write(&config, config_yaml).map_err(io("cannot write the configuration"))?;
     let out = Command::new(envoy_binary()?)
         .args([
@@ -153,7 +134,7 @@ pub struct EnvoyProcess {
     /// The admin interface, as bound.
     pub admin: SocketAddr,
     /// Holds the configuration and Envoy's log; removed after Envoy is stopped.
-    dir: Scratch,
+    dir: ScratchDir,
 }
 
 /// How long Envoy may take to come up.
@@ -163,11 +144,12 @@ impl EnvoyProcess {
     /// Starts Envoy on `config_yaml` and waits until it is ready and its (single) listener is
     /// bound.
     pub async fn start(config_yaml: &str) -> Result<EnvoyProcess, EnvoyError> {
-        let dir = Scratch::new("envoy")?;
-        let config = dir.0.join("envoy.yaml");
-        let admin_file = dir.0.join("admin");
+        let dir = scratch("envoy")?;
+        let config = dir.path().join("envoy.yaml");
+        let admin_file = dir.path().join("admin");
         std::fs::write(&config, config_yaml).map_err(io("cannot write the configuration"))?;
-        let out = File::create(dir.0.join("envoy.out")).map_err(io("cannot create envoy.out"))?;
+        let out =
+            File::create(dir.path().join("envoy.out")).map_err(io("cannot create envoy.out"))?;
         let err = out.try_clone().map_err(io("cannot create envoy.out"))?;
         let bin = envoy_binary()?;
         let child = Command::new(&bin)
@@ -176,7 +158,7 @@ impl EnvoyProcess {
             .arg("--admin-address-path")
             .arg(&admin_file)
             .arg("--log-path")
-            .arg(dir.0.join("envoy.log"))
+            .arg(dir.path().join("envoy.log"))
             // No hot restart: no shared memory or domain socket, so any number of Envoys run side
             // by side without distinct base ids.
             .args([
@@ -271,7 +253,8 @@ impl EnvoyProcess {
 
     /// Envoy's log so far (its log file, then what it wrote to stdout and stderr).
     pub fn log(&self) -> String {
-        let read = |name: &str| std::fs::read_to_string(self.dir.0.join(name)).unwrap_or_default();
+        let read =
+            |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
         format!("{}{}", read("envoy.log"), read("envoy.out"))
     }
 
