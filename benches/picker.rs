@@ -56,6 +56,7 @@ fn pick_latency(c: &mut Criterion) {
         let req = PickRequest {
             model: Some(MODEL),
             subset: None,
+            explain: false,
         };
         let mut rng = fastrand::Rng::with_seed(1);
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
@@ -74,6 +75,7 @@ fn pick_tail(_c: &mut Criterion) {
         let req = PickRequest {
             model: Some(MODEL),
             subset: None,
+            explain: false,
         };
         let mut rng = fastrand::Rng::with_seed(2);
         let mut times: Vec<u64> = (0..100_000)

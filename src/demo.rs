@@ -100,9 +100,18 @@ pub async fn run(time_scale: f64) -> anyhow::Result<()> {
     let picker = tokio::spawn({
         let fleet = fleet.clone();
         async move {
-            crate::serve::run(fleet, &cfg, listener, async {
-                let _ = stopped.await;
-            })
+            crate::serve::run(
+                fleet,
+                &cfg,
+                crate::serve::Io {
+                    grpc: listener,
+                    metrics: None,
+                    config_file: None,
+                },
+                async {
+                    let _ = stopped.await;
+                },
+            )
             .await
         }
     });

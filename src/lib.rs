@@ -2,12 +2,17 @@
 //! model-server endpoint that will serve it best, across clusters and regions.
 //!
 //! # Layout
-//! - [`config`]: the fleet file (clusters, pools, endpoints, weights, poller), validated once.
-//! - [`fleet`]: the live fleet: topology, each endpoint's scraped load and in-flight count.
+//! - [`config`]: the fleet file (the picker's region, clusters, pools, imports with backend
+//!   policies, weights, poller), validated once.
+//! - [`fleet`]: the live fleet: topology, cluster health, each endpoint's scraped load, round
+//!   trip and in-flight count.
 //! - [`collect`]: the metrics poller and the engine profiles (metric names per engine).
-//! - [`schedule`]: filters and scorers: which endpoint serves a request.
+//! - [`schedule`]: the cluster tier (health, policy, locality, spill) then the endpoint tier
+//!   (scorers): which endpoint serves a request.
 //! - [`extproc`]: the Envoy `ExternalProcessor` service (the Endpoint Picker Protocol).
 //! - [`serve`]: `fleetpick serve`, wiring the above with gRPC health.
+//! - [`telemetry`]: fleetpick's own Prometheus metrics (picks, dry-run verdicts, refusals,
+//!   cluster health, in-flight counts).
 //! - [`envoy`]: the Envoy configurations fleetpick ships and tests with.
 //! - [`openai`]: OpenAI-style request bodies (one parse per request) and the error shape.
 //! - [`scratch`]: scratch directories removed on drop.
@@ -32,3 +37,4 @@ pub mod schedule;
 pub mod scratch;
 pub mod serve;
 pub mod sim;
+pub mod telemetry;

@@ -27,20 +27,31 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The fleet file (YAML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Listen here instead of the fleet file's `server.listen` (port 0: any free port).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Serve fleetpick's own Prometheus metrics on this address (`/metrics`), instead of
+    /// the fleet file's `server.metrics_listen`.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// The region this picker runs in (it prefers clusters there), instead of the fleet
+    /// file's `picker.region`.
+    #[arg(long)]
+    region: Option<String>,
+    /// Once listening, write {"grpc": "ip:port", "metrics": "ip:port"} here.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the picker: the Envoy ext_proc gRPC service for the fleet in FILE.
-    Serve {
-        /// The fleet file (YAML).
-        #[arg(long)]
-        config: PathBuf,
-        /// Listen here instead of the fleet file's `server.listen` (port 0: any free port).
-        #[arg(long)]
-        listen: Option<SocketAddr>,
-        /// Once listening, write {"grpc": "ip:port"} here.
-        #[arg(long)]
-        ready_file: Option<PathBuf>,
-    },
+    Serve(ServeArgs),
     /// Print an Envoy configuration wired to fleetpick (or a baseline without it).
     EnvoyConfig {
         /// original-dst, fallback, round-robin or least-request.
@@ -190,11 +201,7 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         match cli.command {
-            Command::Serve {
-                config,
-                listen,
-                ready_file,
-            } => serve(config, listen, ready_file).await,
+            Command::Serve(args) => serve(args).await,
             Command::CheckConfig { file } => check_config(&file),
             Command::EnvoyConfig {
                 flavor,
@@ -231,28 +238,45 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-async fn serve(
-    config: PathBuf,
-    listen: Option<SocketAddr>,
-    ready_file: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    let cfg = FleetConfig::load(&config)?;
-    let addr = fleetpick::serve::listen_addr(&cfg, listen);
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut cfg = FleetConfig::load(&args.config)?;
+    if args.region.is_some() {
+        cfg.file.picker.region = args.region;
+    }
+    let addr = fleetpick::serve::listen_addr(&cfg, args.listen);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let bound = listener.local_addr()?;
-    tracing::info!(%bound, endpoints = cfg.endpoints.len(), "fleetpick ext_proc listening");
-    if let Some(path) = &ready_file {
+    let metrics = match fleetpick::serve::metrics_addr(&cfg, args.metrics_listen) {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("metrics cannot listen on {a}"))?,
+        ),
+        None => None,
+    };
+    let metrics_bound = metrics.as_ref().map(|l| l.local_addr()).transpose()?;
+    tracing::info!(%bound, metrics = ?metrics_bound, region = ?cfg.file.picker.region, endpoints = cfg.endpoints.len(), "fleetpick ext_proc listening");
+    if let Some(path) = &args.ready_file {
         let tmp = path.with_extension("tmp");
         std::fs::write(
             &tmp,
-            serde_json::json!({ "grpc": bound.to_string() }).to_string(),
+            serde_json::json!({
+                "grpc": bound.to_string(),
+                "metrics": metrics_bound.map(|a| a.to_string()),
+            })
+            .to_string(),
         )
         .with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    fleetpick::serve::serve(cfg, listener, shutdown_signal()).await?;
+    let io = fleetpick::serve::Io {
+        grpc: listener,
+        metrics,
+        config_file: Some(args.config.clone()),
+    };
+    fleetpick::serve::serve(cfg, io, shutdown_signal()).await?;
     tracing::info!("fleetpick stopped");
     Ok(())
 }
@@ -291,13 +315,22 @@ async fn bench(
 fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     let cfg = FleetConfig::load(file)?;
     let f = &cfg.file;
+    let regions: std::collections::BTreeSet<&str> =
+        f.clusters.iter().map(|c| c.region.as_str()).collect();
+    let imported = cfg.policies.iter().filter(|p| p.is_some()).count();
+    let dry = cfg.policies.iter().flatten().filter(|p| p.dry_run).count();
     println!(
-        "{}: ok: {} clusters, {} pools, {} endpoints, {} models",
+        "{}: ok: {} clusters in {} regions, {} pools ({imported} imported, {dry} in dry run), {} endpoints served, {} models; picker region: {}",
         file.display(),
         f.clusters.len(),
+        regions.len(),
         f.pools.len(),
         cfg.endpoints.len(),
-        f.pools.iter().map(|p| p.models.len()).sum::<usize>()
+        f.pools.iter().map(|p| p.models.len()).sum::<usize>(),
+        f.picker
+            .region
+            .as_deref()
+            .unwrap_or("none (every cluster local)")
     );
     Ok(())
 }

@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use crate::collect::poller;
 use crate::config::FleetConfig;
 use crate::extproc::{Picker, Settings};
 use crate::fleet::Fleet;
+use crate::telemetry::{self, Metrics};
 
 /// The gRPC service name Envoy's health check asks about.
 pub const EXT_PROC_SERVICE: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
@@ -36,21 +38,45 @@ pub enum ServeError {
 /// Serves the picker for the fleet file `cfg` on `listener` until `shutdown` resolves.
 pub async fn serve(
     cfg: FleetConfig,
-    listener: TcpListener,
+    io: Io,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let fleet = Arc::new(Fleet::new(&cfg));
-    run(fleet, &cfg, listener, shutdown).await
+    run(fleet, &cfg, io, shutdown).await
 }
+
+/// What `serve` talks to: the ext_proc gRPC listener, optionally fleetpick's own Prometheus
+/// `/metrics` listener, and optionally the fleet file to watch for policy changes.
+#[derive(Debug)]
+pub struct Io {
+    pub grpc: TcpListener,
+    pub metrics: Option<TcpListener>,
+    /// Re-read every [`RELOAD_EVERY`]; a changed file's backend policies are applied when it
+    /// describes the same fleet (see [`Fleet::reload_policies`]).
+    pub config_file: Option<PathBuf>,
+}
+
+/// How often the fleet file is re-read.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 /// Serves the picker for `fleet` (built from `cfg`), which the caller may keep watching.
 pub async fn run(
     fleet: Arc<Fleet>,
     cfg: &FleetConfig,
-    listener: TcpListener,
+    io: Io,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let _pollers = poller::spawn(&fleet)?;
+    let metrics = Arc::new(Metrics::new(&fleet));
+    // Stopped (aborted) when this function returns: a scrape has nothing to finish.
+    let metrics_task = io.metrics.map(|l| {
+        let (metrics, fleet) = (metrics.clone(), fleet.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = telemetry::serve(l, metrics, fleet).await {
+                tracing::error!(error = %e, "the metrics listener failed");
+            }
+        }))
+    });
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health_fleet = fleet.clone();
     let health = tokio::spawn(async move {
@@ -71,6 +97,13 @@ pub async fn run(
             }
         }
     });
+    let watcher = io.config_file.map(|path| {
+        AbortOnDrop(tokio::spawn(watch_config(
+            path,
+            fleet.clone(),
+            metrics.clone(),
+        )))
+    });
     let file = &cfg.file;
     let picker = Picker::new(
         fleet,
@@ -80,21 +113,71 @@ pub async fn run(
             max_body_bytes: file.server.max_body_bytes,
             body_mode: file.server.body_mode,
         },
+        metrics,
     );
     // Nodelay on the accepted sockets themselves (the builder's setting does not reach a
     // listener we bound): with Nagle's algorithm, small ext_proc answers waited for delayed
     // ACKs and requests stalled about 40 ms.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = TcpIncoming::from(io.grpc).with_nodelay(Some(true));
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(picker.into_service())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     health.abort();
+    drop((metrics_task, watcher));
     Ok(result?)
+}
+
+/// Re-reads the fleet file every [`RELOAD_EVERY`] and applies a changed file's backend
+/// policies. A file that does not parse, or describes another fleet, is refused with a log
+/// line and changes nothing.
+async fn watch_config(path: PathBuf, fleet: Arc<Fleet>, metrics: Arc<Metrics>) {
+    let mut last = tokio::fs::read(&path).await.ok();
+    let mut tick = tokio::time::interval(RELOAD_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Ok(text) = tokio::fs::read(&path).await else {
+            continue;
+        };
+        if last.as_deref() == Some(&text[..]) {
+            continue;
+        }
+        last = Some(text.clone());
+        let parsed = std::str::from_utf8(&text)
+            .map_err(|e| format!("{}: not UTF-8: {e}", path.display()))
+            .and_then(|t| {
+                FleetConfig::parse(t, &path.display().to_string()).map_err(|e| e.to_string())
+            });
+        let applied = parsed.and_then(|cfg| {
+            fleet
+                .reload_policies(&cfg)
+                .map_err(|why| format!("{why}: restart fleetpick to apply this file"))
+        });
+        metrics.reloaded(applied.is_ok());
+        match applied {
+            Ok(()) => tracing::info!(file = %path.display(), "backend policies reloaded"),
+            Err(why) => tracing::error!(file = %path.display(), %why, "fleet file not reloaded"),
+        }
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The address `serve` should bind: the flag if given, else the fleet file's.
 pub fn listen_addr(cfg: &FleetConfig, flag: Option<SocketAddr>) -> SocketAddr {
     flag.unwrap_or(cfg.file.server.listen)
+}
+
+/// The address of fleetpick's `/metrics`, if any: the flag if given, else the fleet file's.
+pub fn metrics_addr(cfg: &FleetConfig, flag: Option<SocketAddr>) -> Option<SocketAddr> {
+    flag.or(cfg.file.server.metrics_listen)
 }

@@ -13,16 +13,22 @@ async fn smoke_scenario_runs_every_strategy_and_writes_the_report() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/scenarios/smoke.yaml");
     let scenario = fleetpick::bench::Scenario::load(&path).unwrap();
     let results = fleetpick::bench::run(&scenario, |_| {}).await.unwrap();
-    let names: Vec<&str> = results.cells.iter().map(|c| c.strategy.as_str()).collect();
-    assert_eq!(
-        names,
-        vec![
-            "round-robin",
-            "least-request",
-            "fleetpick",
-            "fleetpick-kv-only"
-        ]
-    );
+    let cells: Vec<(&str, Option<usize>)> = results
+        .cells
+        .iter()
+        .map(|c| (c.strategy.as_str(), c.concurrency))
+        .collect();
+    // Each strategy at the offered rate, then in the closed loop (its highest rate).
+    let mut expected = Vec::new();
+    for s in [
+        "round-robin",
+        "least-request",
+        "fleetpick",
+        "fleetpick-kv-only",
+    ] {
+        expected.extend([(s, None), (s, Some(4))]);
+    }
+    assert_eq!(cells, expected);
     for c in &results.cells {
         assert!(c.requests > 0, "{} sent nothing", c.strategy);
         assert_eq!(
@@ -42,9 +48,14 @@ async fn smoke_scenario_runs_every_strategy_and_writes_the_report() {
     fleetpick::bench::report::write(&results, &dir.0, "test").unwrap();
     let md = std::fs::read_to_string(dir.0.join("report.md")).unwrap();
     assert!(md.contains("| fleetpick-kv-only |"), "{md}");
+    assert!(
+        md.contains("| fleetpick | closed loop, 4 clients |")
+            && md.contains("## Against round robin: added latency"),
+        "{md}"
+    );
     let png = std::fs::read(dir.0.join("ttft-p90.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "the plot is a PNG");
     let back: fleetpick::bench::Results =
         serde_json::from_slice(&std::fs::read(dir.0.join("results.json")).unwrap()).unwrap();
-    assert_eq!(back.cells.len(), 4);
+    assert_eq!(back.cells.len(), 8);
 }

@@ -19,7 +19,7 @@ fn check_config_accepts_the_example_and_names_errors() {
     );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
-        said.contains("ok: 2 clusters, 2 pools, 5 endpoints, 4 models"),
+        said.contains("ok: 3 clusters in 2 regions, 2 pools (2 imported, 1 in dry run), 6 endpoints served, 4 models; picker region: us-east1"),
         "{said}"
     );
 
@@ -36,7 +36,7 @@ fn check_config_accepts_the_example_and_names_errors() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("fleet.yaml:28: pools[1].endpoints.eu-west: no cluster named `eu-west`"),
+        err.contains("fleet.yaml:39: pools[1].endpoints.eu-west: no cluster named `eu-west`"),
         "{err}"
     );
 }

@@ -260,9 +260,18 @@ async fn in_flight_lasts_as_long_as_the_response_through_envoy() {
     let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let run_fleet = fleet.clone();
     tokio::spawn(async move {
-        let _ = fleetpick::serve::run(run_fleet, &cfg, listener, async {
-            let _ = stopped.await;
-        })
+        let _ = fleetpick::serve::run(
+            run_fleet,
+            &cfg,
+            fleetpick::serve::Io {
+                grpc: listener,
+                metrics: None,
+                config_file: None,
+            },
+            async {
+                let _ = stopped.await;
+            },
+        )
         .await;
     });
     let envoy = envoy_for(Flavor::OriginalDst, picker, &sim).await;

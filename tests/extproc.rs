@@ -63,9 +63,18 @@ impl Harness {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let run_fleet = fleet.clone();
         tokio::spawn(async move {
-            fleetpick::serve::run(run_fleet, &cfg, listener, async {
-                let _ = stopped.await;
-            })
+            fleetpick::serve::run(
+                run_fleet,
+                &cfg,
+                fleetpick::serve::Io {
+                    grpc: listener,
+                    metrics: None,
+                    config_file: None,
+                },
+                async {
+                    let _ = stopped.await;
+                },
+            )
             .await
             .unwrap();
         });

@@ -146,6 +146,7 @@ pub struct WeightOverrides {
     pub queue: Option<f64>,
     pub in_flight: Option<f64>,
     pub prefill: Option<f64>,
+    pub rtt: Option<f64>,
 }
 
 /// A strategy resolved: which Envoy, and fleetpick's weights if it is in the path.
@@ -189,6 +190,7 @@ impl StrategySpec {
                         queue: weights.queue.unwrap_or(d.queue),
                         in_flight: weights.in_flight.unwrap_or(d.in_flight),
                         prefill: weights.prefill.unwrap_or(d.prefill),
+                        rtt: weights.rtt.unwrap_or(d.rtt),
                     }),
                 })
             }
@@ -216,6 +218,43 @@ pub struct Scenario {
     pub load_generator: LoadGenerator,
     #[serde(default)]
     pub seed: u64,
+    /// After the rates, one closed-loop cell per strategy: the highest request rate each path
+    /// sustains (the overhead scenario's second question).
+    #[serde(default)]
+    pub max_rate: Option<MaxRateSpec>,
+}
+
+/// A closed-loop cell: `concurrency` clients, each sending its next request when the last ends.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaxRateSpec {
+    pub concurrency: usize,
+    pub duration_s: f64,
+}
+
+/// The load of one cell: Poisson arrivals at a rate (with the scenario's bursts, if any), or a
+/// closed loop.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Load {
+    Rate(f64),
+    Closed { concurrency: usize },
+}
+
+impl Load {
+    fn duration_s(self, scenario: &Scenario) -> f64 {
+        match (self, scenario.max_rate) {
+            (Load::Closed { .. }, Some(m)) => m.duration_s,
+            _ => scenario.duration_s,
+        }
+    }
+
+    /// Seeds differ per cell, and are the same for every strategy in a cell.
+    fn seed_bits(self) -> u64 {
+        match self {
+            Load::Rate(r) => r.to_bits(),
+            Load::Closed { concurrency } => concurrency as u64,
+        }
+    }
 }
 
 /// The client that sends a scenario's load.
@@ -308,6 +347,14 @@ impl Scenario {
                 "load_generator: inference-perf cannot send bursts or mixed prompt lengths here; use rust",
             );
         }
+        if let Some(m) = self.max_rate {
+            if m.concurrency == 0 || !(m.duration_s.is_finite() && m.duration_s > 0.0) {
+                return bad("max_rate: concurrency must be at least 1 and duration_s positive");
+            }
+            if self.load_generator == LoadGenerator::InferencePerf {
+                return bad("max_rate: the closed loop is sent by the rust load generator only");
+            }
+        }
         if !(0.0..=1.0).contains(&self.workload.long_share) {
             return bad("workload.long_share: must be between 0 and 1");
         }
@@ -322,7 +369,11 @@ impl Scenario {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CellResult {
     pub strategy: String,
+    /// Offered requests per second; 0 for a closed-loop cell.
     pub rate: f64,
+    /// The closed loop's clients, for a closed-loop (maximum rate) cell.
+    #[serde(default)]
+    pub concurrency: Option<usize>,
     pub requests: usize,
     pub ok: usize,
     pub errors: usize,
@@ -380,12 +431,23 @@ pub async fn run(
     let mut cells = Vec::new();
     for spec in &scenario.strategies {
         let strategy = spec.resolve()?;
-        for &rate in &scenario.rates {
-            let cell = run_cell(scenario, &strategy, rate, &model).await?;
+        let loads = scenario
+            .rates
+            .iter()
+            .map(|&r| Load::Rate(r))
+            .chain(scenario.max_rate.map(|m| Load::Closed {
+                concurrency: m.concurrency,
+            }));
+        for load in loads {
+            let cell = run_cell(scenario, &strategy, load, &model).await?;
             progress(&format!(
-                "{:<16} {:>7.1}/s: {} ok, {} errors, ttft p90 {} ms, hit rate {:.2}",
+                "{:<16} {:>9}: {:.1} ok/s, {} ok, {} errors, ttft p90 {} ms, hit rate {:.2}",
                 strategy.name,
-                rate,
+                match load {
+                    Load::Rate(r) => format!("{r:.1}/s"),
+                    Load::Closed { concurrency } => format!("closed {concurrency}"),
+                },
+                cell.ok_per_second,
                 cell.ok,
                 cell.errors,
                 cell.ttft_ms
@@ -411,7 +473,7 @@ pub async fn run(
 async fn run_cell(
     scenario: &Scenario,
     strategy: &Strategy,
-    rate: f64,
+    load: Load,
     model: &str,
 ) -> Result<CellResult, BenchError> {
     let sim = crate::sim::Fleet::launch(FleetOptions {
@@ -426,7 +488,7 @@ async fn run_cell(
         ..FleetOptions::default()
     })
     .await?;
-    let result = drive_cell(scenario, strategy, rate, model, &sim).await;
+    let result = drive_cell(scenario, strategy, load, model, &sim).await;
     sim.shutdown().await;
     result
 }
@@ -434,7 +496,7 @@ async fn run_cell(
 async fn drive_cell(
     scenario: &Scenario,
     strategy: &Strategy,
-    rate: f64,
+    load: Load,
     model: &str,
     sim: &crate::sim::Fleet,
 ) -> Result<CellResult, BenchError> {
@@ -450,40 +512,22 @@ async fn drive_cell(
             .collect(),
         body_mode: BodyMode::FullDuplex,
     };
-    // fleetpick in this process when the strategy uses it; stopped when `_stop` drops.
-    let mut _stop = None;
+    // fleetpick when the strategy uses it; stopped when `_picker` drops.
+    let mut _picker = None;
     if let Some(weights) = &strategy.weights {
         let scheduler = format!(
-            "scheduler:\n  weights: {{kv_cache: {}, queue: {}, in_flight: {}, prefill: {}}}\n",
-            weights.kv_cache, weights.queue, weights.in_flight, weights.prefill
+            "scheduler:\n  weights: {{kv_cache: {}, queue: {}, in_flight: {}, prefill: {}, rtt: {}}}\n",
+            weights.kv_cache, weights.queue, weights.in_flight, weights.prefill, weights.rtt
         );
         let cfg = FleetConfig::parse(
             &crate::sim::fleet::fleet_file(&entries, model, &[], &scheduler),
             "bench fleet",
         )?;
-        let fleet = Arc::new(Fleet::new(&cfg));
-        let listener = tokio::net::TcpListener::bind(loopback)
-            .await
-            .map_err(|source| BenchError::Io {
-                what: "cannot bind fleetpick's listener".into(),
-                source,
-            })?;
-        params.extproc = listener.local_addr().map_err(|source| BenchError::Io {
-            what: "fleetpick's listener".into(),
-            source,
-        })?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let run_fleet = fleet.clone();
-        tokio::spawn(async move {
-            let _ = crate::serve::run(run_fleet, &cfg, listener, async {
-                let _ = stopped.await;
-            })
-            .await;
-        });
-        _stop = Some(stop);
+        let picker = PickerThread::start(cfg)?;
+        params.extproc = picker.addr;
         let mut ready = false;
         for _ in 0..400 {
-            if fleet.eligible_count() == entries.len() {
+            if picker.fleet.eligible_count() == entries.len() {
                 ready = true;
                 break;
             }
@@ -492,10 +536,11 @@ async fn drive_cell(
         if !ready {
             return Err(BenchError::NotReady);
         }
+        _picker = Some(picker);
     }
     let envoy = EnvoyProcess::start(&render(strategy.flavor, &params)).await?;
     let workload = scenario.workload.workload(model);
-    if scenario.load_generator == LoadGenerator::InferencePerf {
+    if let (LoadGenerator::InferencePerf, Load::Rate(rate)) = (scenario.load_generator, load) {
         let mut records = inference_perf(scenario, rate, model, &envoy.url("")).await?;
         drop(envoy);
         let wall = records.iter().map(|r| r.end_us).max().unwrap_or(0) as f64 / 1e6;
@@ -509,7 +554,7 @@ async fn drive_cell(
         return Ok(cell_result(
             scenario,
             strategy,
-            rate,
+            load,
             sim,
             &workload,
             loadgen::Report { summary, records },
@@ -517,12 +562,13 @@ async fn drive_cell(
     }
     let report = loadgen::run(LoadSpec {
         targets: vec![envoy.url("")],
-        arrivals: match scenario.bursts {
-            None => Arrivals::Poisson {
+        arrivals: match (load, scenario.bursts) {
+            (Load::Closed { concurrency }, _) => Arrivals::Closed { concurrency },
+            (Load::Rate(rate), None) => Arrivals::Poisson {
                 rate,
                 max_in_flight: 4096,
             },
-            Some(b) => Arrivals::Bursts {
+            (Load::Rate(rate), Some(b)) => Arrivals::Bursts {
                 rate,
                 factor: b.factor,
                 on_s: b.on_s,
@@ -531,16 +577,91 @@ async fn drive_cell(
             },
         },
         workload: workload.clone(),
-        duration: Duration::from_secs_f64(scenario.duration_s),
+        duration: Duration::from_secs_f64(load.duration_s(scenario)),
         max_requests: None,
-        seed: scenario.seed ^ rate.to_bits(),
+        seed: scenario.seed ^ load.seed_bits(),
         watch_pid: None,
     })
     .await?;
     drop(envoy);
     Ok(cell_result(
-        scenario, strategy, rate, sim, &workload, report,
+        scenario, strategy, load, sim, &workload, report,
     ))
+}
+
+/// fleetpick on its own threads and Tokio runtime, as `fleetpick serve` would run it, so that
+/// it does not share worker threads with the load generator and the simulator of this process
+/// (which would add their queueing to its latency). Stopped, and its threads joined, on drop.
+struct PickerThread {
+    addr: SocketAddr,
+    fleet: Arc<Fleet>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PickerThread {
+    fn start(cfg: FleetConfig) -> Result<PickerThread, BenchError> {
+        let io = |what: &str| {
+            let what = what.to_string();
+            move |source| BenchError::Io { what, source }
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("fleetpick")
+            .enable_all()
+            .build()
+            .map_err(io("cannot build fleetpick's runtime"))?;
+        let listener = {
+            let _guard = rt.enter();
+            let std_listener = std::net::TcpListener::bind(("127.0.0.1", 0))
+                .map_err(io("cannot bind fleetpick's listener"))?;
+            std_listener
+                .set_nonblocking(true)
+                .map_err(io("fleetpick's listener"))?;
+            tokio::net::TcpListener::from_std(std_listener).map_err(io("fleetpick's listener"))?
+        };
+        let addr = listener.local_addr().map_err(io("fleetpick's listener"))?;
+        let fleet = Arc::new(Fleet::new(&cfg));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run_fleet = fleet.clone();
+        let thread = std::thread::Builder::new()
+            .name("fleetpick".into())
+            .spawn(move || {
+                let served = rt.block_on(crate::serve::run(
+                    run_fleet,
+                    &cfg,
+                    crate::serve::Io {
+                        grpc: listener,
+                        metrics: None,
+                        config_file: None,
+                    },
+                    async {
+                        let _ = stopped.await;
+                    },
+                ));
+                if let Err(e) = served {
+                    tracing::warn!(error = %e, "fleetpick stopped with an error");
+                }
+                rt.shutdown_timeout(Duration::from_secs(2));
+            })
+            .map_err(io("cannot start fleetpick's thread"))?;
+        Ok(PickerThread {
+            addr,
+            fleet,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for PickerThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Runs inference-perf at `rate` against `url` for the scenario's duration and returns its
@@ -622,7 +743,7 @@ async fn inference_perf(
 fn cell_result(
     scenario: &Scenario,
     strategy: &Strategy,
-    rate: f64,
+    load: Load,
     sim: &crate::sim::Fleet,
     workload: &Workload,
     report: loadgen::Report,
@@ -659,7 +780,14 @@ fn cell_result(
     let busiest = s.per_server.values().copied().max().unwrap_or(0) as f64;
     CellResult {
         strategy: strategy.name.clone(),
-        rate,
+        rate: match load {
+            Load::Rate(r) => r,
+            Load::Closed { .. } => 0.0,
+        },
+        concurrency: match load {
+            Load::Rate(_) => None,
+            Load::Closed { concurrency } => Some(concurrency),
+        },
         requests: s.requests,
         ok: s.ok,
         errors: s.errors,

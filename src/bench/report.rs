@@ -31,8 +31,22 @@ pub fn utc_now() -> String {
     )
 }
 
+/// A strategy's cells at offered rates (closed-loop cells left out).
 fn cells<'a>(r: &'a Results, strategy: &'a str) -> impl Iterator<Item = &'a CellResult> + 'a {
-    r.cells.iter().filter(move |c| c.strategy == strategy)
+    r.cells
+        .iter()
+        .filter(move |c| c.strategy == strategy && c.concurrency.is_none())
+}
+
+/// The strategies in the order the scenario lists them.
+fn strategy_names(r: &Results) -> Vec<&str> {
+    let mut names: Vec<&str> = Vec::new();
+    for c in &r.cells {
+        if !names.contains(&c.strategy.as_str()) {
+            names.push(&c.strategy);
+        }
+    }
+    names
 }
 
 fn p90(c: &CellResult) -> Option<f64> {
@@ -66,16 +80,75 @@ pub fn knee_comparison(r: &Results) -> Option<String> {
         out,
         "| strategy | TTFT p90 (ms) | / round robin | / least request |\n|---|---|---|---|"
     );
-    let mut names: Vec<&str> = Vec::new();
-    for c in &r.cells {
-        if !names.contains(&c.strategy.as_str()) {
-            names.push(&c.strategy);
-        }
-    }
-    for name in names {
+    for name in strategy_names(r) {
         if let Some(v) = cells(r, name).find(|c| c.rate == knee.rate).and_then(p90) {
             let lr = lr_p90.map_or("-".into(), |l| format!("{:.2}", v / l));
             let _ = writeln!(out, "| {name} | {v:.0} | {:.2} | {lr} |", v / rr_p90);
+        }
+    }
+    Some(out)
+}
+
+/// What each strategy adds to round robin's end-to-end latency at each offered rate, and the
+/// highest rate each sustains in the closed loop, as ratios to round robin. Meant for fast
+/// backends (the overhead scenario), where the difference is the cost of the path itself.
+pub fn overhead_comparison(r: &Results) -> Option<String> {
+    let rr: Vec<&CellResult> = r
+        .cells
+        .iter()
+        .filter(|c| c.strategy == "round-robin")
+        .collect();
+    if rr.is_empty() || r.cells.iter().all(|c| c.strategy == "round-robin") {
+        return None;
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| strategy | offered/s | e2e p50 (ms) | added p50 | p99 (ms) | added p99 |\n|---|---|---|---|---|---|"
+    );
+    for c in r.cells.iter().filter(|c| c.concurrency.is_none()) {
+        let Some(base) = rr
+            .iter()
+            .find(|b| b.concurrency.is_none() && b.rate == c.rate)
+            .and_then(|b| b.e2e_ms.as_ref())
+        else {
+            continue;
+        };
+        let Some(p) = &c.e2e_ms else { continue };
+        let added = |v: f64, b: f64| {
+            if c.strategy == "round-robin" {
+                "(baseline)".to_string()
+            } else {
+                format!("{:+.2} ({:.2}x)", v - b, v / b)
+            }
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.2} | {} | {:.2} | {} |",
+            c.strategy,
+            c.rate,
+            p.p50,
+            added(p.p50, base.p50),
+            p.p99,
+            added(p.p99, base.p99)
+        );
+    }
+    let closed: Vec<&CellResult> = r.cells.iter().filter(|c| c.concurrency.is_some()).collect();
+    if let Some(base) = closed.iter().find(|c| c.strategy == "round-robin") {
+        let _ = writeln!(
+            out,
+            "\nHighest rate sustained, closed loop of {} clients:\n\n| strategy | ok/s | errors | / round robin |\n|---|---|---|---|",
+            base.concurrency.unwrap_or(0)
+        );
+        for c in &closed {
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {} | {:.2} |",
+                c.strategy,
+                c.ok_per_second,
+                c.errors,
+                c.ok_per_second / base.ok_per_second.max(f64::MIN_POSITIVE)
+            );
         }
     }
     Some(out)
@@ -115,10 +188,14 @@ pub fn markdown(r: &Results, command: &str) -> String {
             .as_ref()
             .map_or("-".into(), |p| format!("{:.1}", p.p50));
         let e2e = pct(&c.e2e_ms)[1].clone();
+        let offered = match c.concurrency {
+            Some(n) => format!("closed loop, {n} clients"),
+            None => format!("{:.1}", c.rate),
+        };
         let _ = writeln!(
             out,
-            "| {} | {:.1} | {:.2} | {} | {t50} | {t90} | {t99} | {itl} | {e2e} | {:.3} | {:.2} |",
-            c.strategy, c.rate, c.ok_per_second, c.errors, c.prefix_hit_rate, c.max_share_over_even
+            "| {} | {offered} | {:.2} | {} | {t50} | {t90} | {t99} | {itl} | {e2e} | {:.3} | {:.2} |",
+            c.strategy, c.ok_per_second, c.errors, c.prefix_hit_rate, c.max_share_over_even
         );
     }
     if r.cells.iter().any(|c| c.ttft_long_ms.is_some()) {
@@ -135,6 +212,14 @@ pub fn markdown(r: &Results, command: &str) -> String {
                 c.strategy, c.rate
             );
         }
+    }
+    if r.cells.iter().any(|c| c.concurrency.is_some())
+        && let Some(o) = overhead_comparison(r)
+    {
+        let _ = writeln!(
+            out,
+            "\n## Against round robin: added latency, highest rate\n\n{o}"
+        );
     }
     if let Some(k) = knee_comparison(r) {
         let _ = writeln!(out, "\n## At round robin's knee\n\n{k}");
@@ -174,7 +259,7 @@ pub fn write(r: &Results, dir: &Path, command: &str) -> Result<(), BenchError> {
     std::fs::write(dir.join("report.md"), markdown(r, command))
         .map_err(io("cannot write report.md"))?;
     let mut series: Vec<Series> = Vec::new();
-    for c in &r.cells {
+    for c in r.cells.iter().filter(|c| c.concurrency.is_none()) {
         let Some(p) = &c.ttft_ms else { continue };
         match series.iter_mut().find(|s| s.name == c.strategy) {
             Some(s) => s.points.push((c.rate, p.p90)),
@@ -210,6 +295,7 @@ mod tests {
         CellResult {
             strategy: strategy.into(),
             rate,
+            concurrency: None,
             requests: 10,
             ok: 10,
             errors: 0,
@@ -255,6 +341,55 @@ mod tests {
             md.contains("Upper bound") && md.contains("fleetpick: 0.500 (0.83 of the bound)"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn overhead_is_against_round_robin_at_the_same_rate() {
+        let with = |strategy: &str, rate: f64, p50: f64, concurrency: Option<usize>| {
+            // Closed-loop cells have ten times the TTFT: a knee, if they counted as a rate.
+            let mut c = cell(
+                strategy,
+                rate,
+                if concurrency.is_some() { 1000.0 } else { 100.0 },
+            );
+            c.e2e_ms = Some(Percentiles {
+                p50,
+                p90: p50 * 2.0,
+                p99: p50 * 4.0,
+            });
+            c.concurrency = concurrency;
+            c.ok_per_second = 1000.0 / p50;
+            c
+        };
+        let r = Results {
+            scenario: "o".into(),
+            description: String::new(),
+            date: utc_now(),
+            machine: "m".into(),
+            servers: 2,
+            duration_s: 1.0,
+            prefix_upper_bound: 0.0,
+            cells: vec![
+                with("round-robin", 500.0, 1.0, None),
+                with("round-robin", 0.0, 2.0, Some(8)),
+                with("fleetpick", 500.0, 1.5, None),
+                with("fleetpick", 0.0, 4.0, Some(8)),
+            ],
+        };
+        let o = overhead_comparison(&r).unwrap();
+        assert!(
+            o.contains("| fleetpick | 500 | 1.50 | +0.50 (1.50x) | 6.00 | +2.00 (1.50x) |"),
+            "{o}"
+        );
+        assert!(o.contains("closed loop of 8 clients"), "{o}");
+        assert!(o.contains("| fleetpick | 250 | 0 | 0.50 |"), "{o}");
+        let md = markdown(&r, "cmd");
+        assert!(
+            md.contains("closed loop, 8 clients") && md.contains("added latency"),
+            "{md}"
+        );
+        // The closed-loop cells are not a point on the rate axis.
+        assert!(knee_comparison(&r).is_none());
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! replaces the endpoint's [`LoadCell`](crate::fleet::LoadCell). A failed scrape (refused,
 //! timed out, non-2xx, page without the series) makes the endpoint ineligible at once; it is
 //! then polled with exponential backoff up to `backoff_max_ms`, and returns on its first good
-//! scrape. The request path never waits on any of this.
+//! scrape. Each scrape's time to response headers is the endpoint's measured round trip. One
+//! more task moves each cluster's health on every interval (see
+//! [`ClusterHealth`](crate::fleet::ClusterHealth)). The request path never waits on any of this.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +29,19 @@ pub fn spawn(fleet: &Arc<Fleet>) -> Result<JoinSet<()>, reqwest::Error> {
     for ep in &fleet.endpoints {
         tasks.spawn(poll(fleet.clone(), ep.clone(), client.clone()));
     }
+    tasks.spawn(watch_clusters(fleet.clone()));
     Ok(tasks)
+}
+
+async fn watch_clusters(fleet: Arc<Fleet>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(fleet.poller.interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for (i, health) in fleet.update_cluster_health() {
+            tracing::info!(cluster = %fleet.clusters[i].name, health = health.as_str(), "cluster health changed");
+        }
+    }
 }
 
 async fn poll(fleet: Arc<Fleet>, ep: Arc<Endpoint>, client: reqwest::Client) {
@@ -39,7 +53,8 @@ async fn poll(fleet: Arc<Fleet>, ep: Arc<Endpoint>, client: reqwest::Client) {
     loop {
         let started = tokio::time::Instant::now();
         let wait = match scrape(&client, &ep).await {
-            Ok(sample) => {
+            Ok((sample, rtt)) => {
+                ep.observe_rtt(rtt);
                 ep.load.store(&sample, fleet.clock.now_ms());
                 interval
             }
@@ -73,11 +88,15 @@ enum ScrapeError {
 /// The largest `/metrics` page read (a real vLLM page is about 40 KB).
 const MAX_PAGE: usize = 8 * 1024 * 1024;
 
+/// The endpoint's load, and the time to its response headers (its round trip, plus the time
+/// the server takes to start answering).
 async fn scrape(
     client: &reqwest::Client,
     ep: &Endpoint,
-) -> Result<profile::LoadSample, ScrapeError> {
+) -> Result<(profile::LoadSample, Duration), ScrapeError> {
+    let sent = std::time::Instant::now();
     let resp = client.get(&ep.metrics_url).send().await?;
+    let rtt = sent.elapsed();
     if !resp.status().is_success() {
         return Err(ScrapeError::Status(resp.status()));
     }
@@ -92,5 +111,5 @@ async fn scrape(
         page.extend_from_slice(&chunk);
     }
     let page = String::from_utf8_lossy(&page);
-    Ok(profile::parse(ep.engine, &page)?)
+    Ok((profile::parse(ep.engine, &page)?, rtt))
 }

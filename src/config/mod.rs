@@ -5,10 +5,15 @@
 //!   listen: 127.0.0.1:9002
 //!   body_mode: full-duplex    # full-duplex | buffered: what Envoy's filter is configured with
 //!   max_body_bytes: 8388608   # larger request bodies get 413
+//!   metrics_listen: 127.0.0.1:9090   # fleetpick's own /metrics (default: none)
+//! picker:
+//!   region: us-east1          # the picker's region: clusters there are preferred
 //! clusters:
 //!   - name: us-east
 //!     region: us-east1
+//!     zone: us-east1-b
 //!     labels: {tier: a100}
+//!     rtt_ms: 1               # round trip from the picker (default: measured by the poller)
 //! pools:
 //!   - name: llama
 //!     models: [meta-llama/Llama-3.1-8B-Instruct, sql-lora]
@@ -16,15 +21,32 @@
 //!     target_port: 8000
 //!     endpoints:
 //!       us-east: [10.0.0.1, "10.0.0.2:8001"]   # ip (target_port) or ip:port
+//!     exported_from: [us-east]  # default: every cluster listed under endpoints
+//! imports:                    # default: every pool, default policy
+//!   - pool: llama
+//!     policy:
+//!       balancing: kv-cache   # kv-cache (thresholds, soft) | in-flight (a hard cap)
+//!       kv_cache_threshold: 0.8
+//!       queue_threshold: 5
+//!       max_in_flight_per_endpoint: 64
+//!       capacity_scaler: 1    # 0 drains
+//!       dry_run: false
+//!       scopes:
+//!         - {match_labels: {tier: l4}, capacity_scaler: 0.5}
 //! scheduler:
-//!   weights: {kv_cache: 1, queue: 2, in_flight: 2, prefill: 3}
+//!   weights: {kv_cache: 1, queue: 2, in_flight: 2, prefill: 3, rtt: 1}
 //!   fallbacks: 0              # extra endpoints after the primary in the destination list
+//!   cluster_recovery_ms: 1000 # a failed cluster returns after this long healthy
 //! poller:
 //!   interval_ms: 50
 //!   timeout_ms: 1000
 //!   stale_after_ms: 500
 //!   backoff_max_ms: 1000
 //! ```
+//!
+//! A running picker re-reads the file every second and applies changed backend policies
+//! (`imports[].policy`) at once; other changes need a restart (see
+//! [`Fleet::reload_policies`](crate::fleet::Fleet::reload_policies)).
 //!
 //! Unknown fields are errors. Every error names the field (`pools[0].endpoints.us-west`) and,
 //! where it can be found, the line in the file.
@@ -45,6 +67,8 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     pub body_mode: BodyMode,
     pub max_body_bytes: usize,
+    /// fleetpick's own Prometheus `/metrics` listener (none by default).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerSettings {
@@ -54,6 +78,7 @@ impl Default for ServerSettings {
             body_mode: BodyMode::FullDuplex,
             // Far above any chat prompt, below Envoy's own buffer limits in BUFFERED mode.
             max_body_bytes: 8 * 1024 * 1024,
+            metrics_listen: None,
         }
     }
 }
@@ -65,7 +90,101 @@ pub struct ClusterSpec {
     #[serde(default = "default_region")]
     pub region: String,
     #[serde(default)]
+    pub zone: Option<String>,
+    #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Round trip from the picker's site to this cluster. When absent, the poller's measured
+    /// scrape round trip stands in.
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
+}
+
+/// Where this picker runs: its region is the one it prefers (`fleetpick serve --region`
+/// overrides it).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PickerSite {
+    pub region: Option<String>,
+    pub zone: Option<String>,
+}
+
+/// How a policy measures an endpoint's capacity, in the spirit of GKE's `GCPBackendPolicy`
+/// balancing modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BalancingMode {
+    /// The model server's own load (custom metrics): KV-cache use and queue, against thresholds.
+    /// A soft limit: when every endpoint is past it, the least loaded still serves.
+    #[default]
+    KvCache,
+    /// Requests in flight through this picker, against `max_in_flight_per_endpoint`: a hard cap,
+    /// never exceeded; when every endpoint is at it, requests get 429.
+    InFlight,
+}
+
+/// Settings a policy scope may override for the clusters it selects.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyOverrides {
+    pub capacity_scaler: Option<f64>,
+    pub max_in_flight_per_endpoint: Option<u32>,
+    pub kv_cache_threshold: Option<f64>,
+    pub queue_threshold: Option<u32>,
+}
+
+/// A scope: clusters chosen by their labels (all must match), and what changes for them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyScope {
+    pub match_labels: BTreeMap<String, String>,
+    #[serde(flatten)]
+    pub overrides: PolicyOverrides,
+}
+
+/// The backend policy of an imported pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendPolicy {
+    pub balancing: BalancingMode,
+    /// `kv-cache` mode: an endpoint at or above this KV-cache use is saturated.
+    pub kv_cache_threshold: f64,
+    /// `kv-cache` mode: ... or with this many requests waiting.
+    pub queue_threshold: u32,
+    /// `in-flight` mode: the cap per endpoint.
+    pub max_in_flight_per_endpoint: u32,
+    /// Scales an endpoint's capacity (its thresholds, or its in-flight cap): 0 drains, so no
+    /// new request goes there while those in flight finish.
+    pub capacity_scaler: f64,
+    /// Compute and report what the policy would do (fleetpick's `/metrics`), but pick as if it
+    /// were the default policy.
+    pub dry_run: bool,
+    /// Overrides for clusters chosen by label; the first matching scope applies.
+    pub scopes: Vec<PolicyScope>,
+}
+
+impl Default for BackendPolicy {
+    fn default() -> Self {
+        BackendPolicy {
+            balancing: BalancingMode::KvCache,
+            // The reference saturation detector's thresholds: KV use 0.8, five waiting.
+            kv_cache_threshold: 0.8,
+            queue_threshold: 5,
+            max_in_flight_per_endpoint: 64,
+            capacity_scaler: 1.0,
+            dry_run: false,
+            scopes: Vec::new(),
+        }
+    }
+}
+
+/// A pool this picker serves (in the spirit of `InferencePoolImport`: the pools of that name
+/// exported by the target clusters, as one), with its backend policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportSpec {
+    pub pool: String,
+    #[serde(default)]
+    pub policy: BackendPolicy,
 }
 
 fn default_region() -> String {
@@ -87,6 +206,10 @@ pub struct PoolSpec {
     /// Endpoints per cluster name: `ip` (at `target_port`) or `ip:port`.
     #[serde(default)]
     pub endpoints: BTreeMap<String, Vec<String>>,
+    /// The clusters that export this pool (`inference.networking.x-k8s.io/export`); absent:
+    /// every cluster listed under `endpoints`. Endpoints of other clusters are not served.
+    #[serde(default)]
+    pub exported_from: Option<Vec<String>>,
 }
 
 fn default_metrics_path() -> String {
@@ -108,6 +231,10 @@ pub struct Weights {
     /// token (queued or in prefill), scaled like the queue: a new request there would share its
     /// prefill steps with theirs.
     pub prefill: f64,
+    /// Prefers endpoints nearer the picker: `1 - rtt / 100 ms`, the cluster's round trip in
+    /// 5 ms steps (an absolute scale, so that sub-millisecond differences inside a region do
+    /// not count as much as a continent).
+    pub rtt: f64,
 }
 
 impl Default for Weights {
@@ -117,11 +244,12 @@ impl Default for Weights {
             queue: 2.0,
             in_flight: 2.0,
             prefill: 3.0,
+            rtt: 1.0,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SchedulerSettings {
     pub weights: Weights,
@@ -129,6 +257,20 @@ pub struct SchedulerSettings {
     /// that reads a list (`envoy-fallback.yaml`, override_host): an ORIGINAL_DST cluster
     /// (`envoy.yaml`) takes exactly one `ip:port` and answers 503 to a list.
     pub fallbacks: usize,
+    /// A cluster whose endpoints all failed or went stale comes back only after it has had
+    /// fresh endpoints for this long, so that a flapping cluster does not take traffic in
+    /// between failures.
+    pub cluster_recovery_ms: u64,
+}
+
+impl Default for SchedulerSettings {
+    fn default() -> Self {
+        SchedulerSettings {
+            weights: Weights::default(),
+            fallbacks: 0,
+            cluster_recovery_ms: 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,8 +301,13 @@ impl Default for PollerSettings {
 pub struct FleetFile {
     #[serde(default)]
     pub server: ServerSettings,
+    #[serde(default)]
+    pub picker: PickerSite,
     pub clusters: Vec<ClusterSpec>,
     pub pools: Vec<PoolSpec>,
+    /// The pools served, each with its backend policy; absent: every pool, default policy.
+    #[serde(default)]
+    pub imports: Option<Vec<ImportSpec>>,
     #[serde(default)]
     pub scheduler: SchedulerSettings,
     #[serde(default)]
@@ -178,11 +325,52 @@ pub struct EndpointSpec {
     pub pool: usize,
 }
 
+/// A pool's policy as it applies in one cluster (scopes resolved).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClusterPolicy {
+    pub balancing: BalancingMode,
+    pub kv_cache_threshold: f64,
+    pub queue_threshold: u32,
+    pub max_in_flight_per_endpoint: u32,
+    pub capacity_scaler: f64,
+}
+
+impl ClusterPolicy {
+    fn resolve(policy: &BackendPolicy, labels: &BTreeMap<String, String>) -> ClusterPolicy {
+        let scope = policy.scopes.iter().find(|s| {
+            s.match_labels
+                .iter()
+                .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
+        });
+        let o = scope.map(|s| s.overrides.clone()).unwrap_or_default();
+        ClusterPolicy {
+            balancing: policy.balancing,
+            kv_cache_threshold: o.kv_cache_threshold.unwrap_or(policy.kv_cache_threshold),
+            queue_threshold: o.queue_threshold.unwrap_or(policy.queue_threshold),
+            max_in_flight_per_endpoint: o
+                .max_in_flight_per_endpoint
+                .unwrap_or(policy.max_in_flight_per_endpoint),
+            capacity_scaler: o.capacity_scaler.unwrap_or(policy.capacity_scaler),
+        }
+    }
+}
+
 /// A validated fleet file.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
     pub file: FleetFile,
+    /// The endpoints served: those of imported pools, in clusters that export them.
     pub endpoints: Vec<EndpointSpec>,
+    /// Per pool: `None` if it is not imported, else its policy per cluster (by cluster index)
+    /// and whether it is a dry run.
+    pub policies: Vec<Option<PoolPolicy>>,
+}
+
+/// An imported pool's policy, resolved per cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolPolicy {
+    pub per_cluster: Vec<ClusterPolicy>,
+    pub dry_run: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -360,9 +548,20 @@ fn validate(file: &FleetFile, c: &Checker<'_>) -> Result<FleetConfig, ConfigErro
             return Err(c.err(&at, format!("cluster `{}` is defined twice", cl.name)));
         }
     }
+    for (i, cl) in file.clusters.iter().enumerate() {
+        if let Some(rtt) = cl.rtt_ms
+            && !(rtt.is_finite() && (0.0..=60_000.0).contains(&rtt))
+        {
+            return Err(c.err(
+                &[key("clusters"), Seg::Index(i), key("rtt_ms")],
+                "must be a number of milliseconds from 0 to 60000",
+            ));
+        }
+    }
     if file.pools.is_empty() {
         return Err(c.err(&[key("pools")], "at least one pool is needed"));
     }
+    let policies = validate_imports(file, c)?;
     let mut pool_names = HashSet::new();
     let mut model_pool: HashMap<&str, &str> = HashMap::new();
     let mut seen_addrs: HashMap<SocketAddr, String> = HashMap::new();
@@ -398,18 +597,42 @@ fn validate(file: &FleetFile, c: &Checker<'_>) -> Result<FleetConfig, ConfigErro
         if !pool.metrics_path.starts_with('/') {
             return Err(c.err(&at("metrics_path"), "must start with `/`"));
         }
-        for (cluster, addrs) in &pool.endpoints {
-            let field = [key("pools"), Seg::Index(p), key("endpoints"), key(cluster)];
-            let Some(&ci) = cluster_index.get(cluster.as_str()) else {
-                let known: Vec<&str> = file.clusters.iter().map(|c| c.name.as_str()).collect();
+        let known = || {
+            file.clusters
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for name in pool.exported_from.iter().flatten() {
+            if !cluster_index.contains_key(name.as_str()) {
                 return Err(c.err(
-                    &field,
-                    format!(
-                        "no cluster named `{cluster}` (clusters: {})",
-                        known.join(", ")
-                    ),
+                    &at("exported_from"),
+                    format!("no cluster named `{name}` (clusters: {})", known()),
                 ));
-            };
+            }
+        }
+        for cluster in pool.endpoints.keys() {
+            if !cluster_index.contains_key(cluster.as_str()) {
+                return Err(c.err(
+                    &[key("pools"), Seg::Index(p), key("endpoints"), key(cluster)],
+                    format!("no cluster named `{cluster}` (clusters: {})", known()),
+                ));
+            }
+        }
+        // Endpoints in the order the clusters are declared.
+        for (ci, cluster, addrs) in file
+            .clusters
+            .iter()
+            .enumerate()
+            .filter_map(|(ci, cl)| pool.endpoints.get(&cl.name).map(|a| (ci, &cl.name, a)))
+        {
+            let field = [key("pools"), Seg::Index(p), key("endpoints"), key(cluster)];
+            let served = policies[p].is_some()
+                && pool
+                    .exported_from
+                    .as_ref()
+                    .is_none_or(|e| e.iter().any(|n| n == cluster));
             for a in addrs {
                 let addr = parse_endpoint(a, pool.target_port).ok_or_else(|| {
                     c.err(&field, format!("`{a}` is not an IP address or ip:port"))
@@ -421,11 +644,13 @@ fn validate(file: &FleetFile, c: &Checker<'_>) -> Result<FleetConfig, ConfigErro
                         format!("endpoint {addr} is listed twice (also in {prev})"),
                     ));
                 }
-                endpoints.push(EndpointSpec {
-                    addr,
-                    cluster: ci,
-                    pool: p,
-                });
+                if served {
+                    endpoints.push(EndpointSpec {
+                        addr,
+                        cluster: ci,
+                        pool: p,
+                    });
+                }
             }
         }
     }
@@ -435,6 +660,7 @@ fn validate(file: &FleetFile, c: &Checker<'_>) -> Result<FleetConfig, ConfigErro
         ("queue", w.queue),
         ("in_flight", w.in_flight),
         ("prefill", w.prefill),
+        ("rtt", w.rtt),
     ] {
         if !(v.is_finite() && (0.0..=MAX_WEIGHT).contains(&v)) {
             return Err(c.err(
@@ -443,7 +669,7 @@ fn validate(file: &FleetFile, c: &Checker<'_>) -> Result<FleetConfig, ConfigErro
             ));
         }
     }
-    if w.kv_cache + w.queue + w.in_flight + w.prefill <= 0.0 {
+    if w.kv_cache + w.queue + w.in_flight + w.prefill + w.rtt <= 0.0 {
         return Err(c.err(
             &[key("scheduler"), key("weights")],
             "at least one weight must be above 0",
@@ -475,10 +701,130 @@ fn validate(file: &FleetFile, c: &Checker<'_>) -> Result<FleetConfig, ConfigErro
             "must be at least 1",
         ));
     }
+    if file.scheduler.cluster_recovery_ms > 600_000 {
+        return Err(c.err(
+            &[key("scheduler"), key("cluster_recovery_ms")],
+            "must be at most 600000 (ten minutes)",
+        ));
+    }
     Ok(FleetConfig {
         file: file.clone(),
         endpoints,
+        policies,
     })
+}
+
+/// Checks `imports` and resolves each imported pool's policy per cluster.
+fn validate_imports(
+    file: &FleetFile,
+    c: &Checker<'_>,
+) -> Result<Vec<Option<PoolPolicy>>, ConfigError> {
+    let resolve = |policy: &BackendPolicy| PoolPolicy {
+        per_cluster: file
+            .clusters
+            .iter()
+            .map(|cl| ClusterPolicy::resolve(policy, &cl.labels))
+            .collect(),
+        dry_run: policy.dry_run,
+    };
+    let Some(imports) = &file.imports else {
+        return Ok(vec![
+            Some(resolve(&BackendPolicy::default()));
+            file.pools.len()
+        ]);
+    };
+    let mut out = vec![None; file.pools.len()];
+    for (i, imp) in imports.iter().enumerate() {
+        let at = |f: &str| vec![key("imports"), Seg::Index(i), key(f)];
+        let Some(p) = file.pools.iter().position(|p| p.name == imp.pool) else {
+            let known: Vec<&str> = file.pools.iter().map(|p| p.name.as_str()).collect();
+            return Err(c.err(
+                &at("pool"),
+                format!("no pool named `{}` (pools: {})", imp.pool, known.join(", ")),
+            ));
+        };
+        if out[p].is_some() {
+            return Err(c.err(
+                &at("pool"),
+                format!("pool `{}` is imported twice", imp.pool),
+            ));
+        }
+        let pol = &imp.policy;
+        let field = |f: &str| {
+            let mut v = at("policy");
+            v.push(key(f));
+            v
+        };
+        check_policy_values(
+            c,
+            &field(""),
+            &PolicyOverrides {
+                capacity_scaler: Some(pol.capacity_scaler),
+                max_in_flight_per_endpoint: Some(pol.max_in_flight_per_endpoint),
+                kv_cache_threshold: Some(pol.kv_cache_threshold),
+                queue_threshold: Some(pol.queue_threshold),
+            },
+        )?;
+        for (s, scope) in pol.scopes.iter().enumerate() {
+            let mut sf = field("scopes");
+            sf.push(Seg::Index(s));
+            if scope.match_labels.is_empty() {
+                let mut f = sf.clone();
+                f.push(key("match_labels"));
+                return Err(c.err(
+                    &f,
+                    "name at least one label (a scope without labels would select every cluster)",
+                ));
+            }
+            check_policy_values(c, &sf, &scope.overrides)?;
+        }
+        out[p] = Some(resolve(pol));
+    }
+    Ok(out)
+}
+
+/// Range checks shared by a policy and its scopes; `at` ends in an empty key for the policy
+/// itself (replaced by the field's name).
+fn check_policy_values(
+    c: &Checker<'_>,
+    at: &[Seg],
+    o: &PolicyOverrides,
+) -> Result<(), ConfigError> {
+    let field = |name: &str| {
+        let mut v: Vec<Seg> = at
+            .iter()
+            .filter(|s| !matches!(s, Seg::Key(k) if k.is_empty()))
+            .cloned()
+            .collect();
+        v.push(key(name));
+        v
+    };
+    if let Some(v) = o.capacity_scaler
+        && !(v.is_finite() && (0.0..=1000.0).contains(&v))
+    {
+        return Err(c.err(
+            &field("capacity_scaler"),
+            "must be a number from 0 (drain) to 1000",
+        ));
+    }
+    if let Some(v) = o.kv_cache_threshold
+        && !(v.is_finite() && v > 0.0 && v <= 1.0)
+    {
+        return Err(c.err(
+            &field("kv_cache_threshold"),
+            "must be above 0 and at most 1 (a share of the KV cache)",
+        ));
+    }
+    if o.queue_threshold == Some(0) {
+        return Err(c.err(&field("queue_threshold"), "must be at least 1"));
+    }
+    if o.max_in_flight_per_endpoint == Some(0) {
+        return Err(c.err(
+            &field("max_in_flight_per_endpoint"),
+            "must be at least 1 (drain a cluster with capacity_scaler: 0)",
+        ));
+    }
+    Ok(())
 }
 
 /// `ip` or `ip:port` (IPv6 as `[ip]:port`).
@@ -585,7 +931,7 @@ scheduler:
         ));
         assert!(e.contains("fleet.yaml:23: poller.stale_after_ms"), "{e}");
         let e = err(&format!(
-            "{GOOD}  weights: {{kv_cache: 0, queue: 0, in_flight: 0, prefill: 0}}\n"
+            "{GOOD}  weights: {{kv_cache: 0, queue: 0, in_flight: 0, prefill: 0, rtt: 0}}\n"
         ));
         assert!(e.contains("scheduler.weights"), "{e}");
     }
@@ -623,5 +969,94 @@ scheduler:
             e.contains("scheduler.weights.kv_cache") && e.contains(":21:"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn imports_policies_and_scopes_resolve_per_cluster() {
+        let text = GOOD.replace(
+            "  - name: west\n",
+            "  - name: west\n    labels: {gpu: l4}\n    rtt_ms: 40\n",
+        ) + "imports:\n  - pool: llama\n    policy:\n      balancing: in-flight\n      max_in_flight_per_endpoint: 8\n      scopes:\n        - {match_labels: {gpu: l4}, capacity_scaler: 0.5}\n";
+        let cfg = FleetConfig::parse(&text, "fleet.yaml").unwrap();
+        // `other` is not imported: its endpoint is not served.
+        assert_eq!(cfg.endpoints.len(), 3);
+        assert!(cfg.policies[1].is_none());
+        let p = cfg.policies[0].as_ref().unwrap();
+        assert_eq!(p.per_cluster[0].capacity_scaler, 1.0);
+        assert_eq!(p.per_cluster[1].capacity_scaler, 0.5);
+        assert_eq!(p.per_cluster[1].max_in_flight_per_endpoint, 8);
+        assert_eq!(p.per_cluster[1].balancing, BalancingMode::InFlight);
+        assert_eq!(cfg.file.clusters[1].rtt_ms, Some(40.0));
+        // Without imports, every pool is served with the default policy.
+        let all = FleetConfig::parse(GOOD, "fleet.yaml").unwrap();
+        assert!(
+            all.policies
+                .iter()
+                .all(|p| p.as_ref().is_some_and(|p| !p.dry_run))
+        );
+    }
+
+    #[test]
+    fn exported_from_limits_the_clusters_served() {
+        let text = GOOD.replace(
+            "    models: [m1, lora-a]\n",
+            "    models: [m1, lora-a]\n    exported_from: [west]\n",
+        );
+        let cfg = FleetConfig::parse(&text, "fleet.yaml").unwrap();
+        let addrs: Vec<String> = cfg.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(addrs, vec!["10.1.0.1:8000", "10.1.0.9:30000"]);
+        let e = err(&text.replace("exported_from: [west]", "exported_from: [mars]"));
+        assert!(
+            e.contains("pools[0].exported_from") && e.contains("`mars`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_policies_name_their_field() {
+        let with = |policy: &str| format!("{GOOD}imports:\n  - pool: llama\n    policy:\n{policy}");
+        let e = err(&with("      capacity_scaler: -1\n"));
+        assert!(
+            e.contains("imports[0].policy.capacity_scaler: must be a number from 0"),
+            "{e}"
+        );
+        let e = err(&with("      kv_cache_threshold: 1.5\n"));
+        assert!(e.contains("imports[0].policy.kv_cache_threshold"), "{e}");
+        let e = err(&with("      max_in_flight_per_endpoint: 0\n"));
+        assert!(
+            e.contains("imports[0].policy.max_in_flight_per_endpoint")
+                && e.contains("capacity_scaler: 0"),
+            "{e}"
+        );
+        let e = err(&with(
+            "      scopes:\n        - {match_labels: {}, capacity_scaler: 0}\n",
+        ));
+        assert!(
+            e.contains("imports[0].policy.scopes[0].match_labels"),
+            "{e}"
+        );
+        let e = err(&with(
+            "      scopes:\n        - {match_labels: {a: b}, queue_threshold: 0}\n",
+        ));
+        assert!(
+            e.contains("imports[0].policy.scopes[0].queue_threshold"),
+            "{e}"
+        );
+        let e = err(&with("      balancing: round-robin\n"));
+        assert!(e.contains("round-robin") && e.contains("line"), "{e}");
+        let e = err(&format!("{GOOD}imports:\n  - pool: nope\n"));
+        assert!(
+            e.contains("imports[0].pool: no pool named `nope` (pools: llama, other)"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{GOOD}imports:\n  - pool: llama\n  - pool: llama\n"
+        ));
+        assert!(e.contains("imports[1].pool") && e.contains("twice"), "{e}");
+        let e = err(&GOOD.replace(
+            "    region: us-east1\n",
+            "    region: us-east1\n    rtt_ms: -3\n",
+        ));
+        assert!(e.contains("clusters[0].rtt_ms"), "{e}");
     }
 }

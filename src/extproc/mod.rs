@@ -48,6 +48,7 @@ use crate::config::{BodyMode, Weights};
 use crate::fleet::{Fleet, InFlight};
 use crate::openai::{Api, ApiError, InferenceRequest};
 use crate::schedule::{self, PickError, PickRequest};
+use crate::telemetry::Metrics;
 
 /// The header (and `envoy.lb` metadata key) naming the destination.
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
@@ -62,6 +63,9 @@ pub const SERVED_KEY: &str = "x-gateway-destination-endpoint-served";
 pub const REASON_HEADER: &str = "x-fleetpick-reason";
 /// Largest body piece sent back in FULL_DUPLEX mode (the proto asks for at most 64 KiB).
 pub const MAX_PIECE: usize = 62_000;
+/// Picks made for one request when concurrent picks keep filling the chosen endpoint to its
+/// in-flight cap first.
+const PICK_ATTEMPTS: usize = 4;
 
 /// What the service needs besides the fleet.
 #[derive(Debug, Clone)]
@@ -77,13 +81,15 @@ pub struct Settings {
 pub struct Picker {
     fleet: Arc<Fleet>,
     settings: Arc<Settings>,
+    metrics: Arc<Metrics>,
 }
 
 impl Picker {
-    pub fn new(fleet: Arc<Fleet>, settings: Settings) -> Picker {
+    pub fn new(fleet: Arc<Fleet>, settings: Settings, metrics: Arc<Metrics>) -> Picker {
         Picker {
             fleet,
             settings: Arc::new(settings),
+            metrics,
         }
     }
 
@@ -343,6 +349,34 @@ impl StreamState {
         }
     }
 
+    /// Picks for `model` and takes the in-flight count at the primary. Under an `in-flight`
+    /// policy the count is taken only below the cap, atomically; a pick that loses that race
+    /// to a concurrent one is made again (a few times), so the cap is never passed.
+    fn pick(&self, model: Option<&str>) -> Result<(schedule::Pick, InFlight), PickError> {
+        let settings = &self.picker.settings;
+        let fleet = &self.picker.fleet;
+        let req = PickRequest {
+            model,
+            subset: self.subset.as_deref(),
+            explain: tracing::enabled!(tracing::Level::DEBUG),
+        };
+        let mut rng = fastrand::Rng::new();
+        for _ in 0..PICK_ATTEMPTS {
+            let pick =
+                schedule::pick(fleet, &req, &settings.weights, settings.fallbacks, &mut rng)?;
+            let ep = &fleet.endpoints[pick.primary];
+            let policy = fleet.policies.load().enforced(ep.pool, ep.cluster);
+            let cap = match policy.balancing {
+                crate::config::BalancingMode::InFlight => schedule::in_flight_cap(&policy),
+                crate::config::BalancingMode::KvCache => u32::MAX,
+            };
+            if let Some(guard) = InFlight::try_new(ep.clone(), cap) {
+                return Ok((pick, guard));
+            }
+        }
+        Err(PickError::AtCapacity)
+    }
+
     /// Parses the body (if any), picks, and answers the request phase. `body_end` says the body
     /// ended with end-of-stream (so the last piece sent back must carry it).
     fn answer(&mut self, body_end: bool) -> Vec<ProcessingResponse> {
@@ -364,19 +398,7 @@ impl StreamState {
             // Not an inference request (GET /v1/models, /health): any endpoint by load.
             _ => None,
         };
-        let settings = &self.picker.settings;
-        let req = PickRequest {
-            model: model.as_deref(),
-            subset: self.subset.as_deref(),
-        };
-        let mut rng = fastrand::Rng::new();
-        let pick = match schedule::pick(
-            &self.picker.fleet,
-            &req,
-            &settings.weights,
-            settings.fallbacks,
-            &mut rng,
-        ) {
+        let (pick, guard) = match self.pick(model.as_deref()) {
             Ok(p) => p,
             Err(PickError::UnknownModel(m)) => {
                 return self.refuse(&ApiError::model_not_found(&m), "unknown-model");
@@ -387,15 +409,36 @@ impl StreamState {
                     "no-eligible-endpoint",
                 );
             }
+            Err(e @ PickError::AtCapacity) => {
+                return self.refuse(
+                    &ApiError::new(429, "rate_limit_exceeded", e.to_string()),
+                    "at-capacity",
+                );
+            }
         };
-        let endpoints = &self.picker.fleet.endpoints;
+        let fleet = &self.picker.fleet;
+        let endpoints = &fleet.endpoints;
         let mut destination = endpoints[pick.primary].addr_text.clone();
         for &f in &pick.fallbacks {
             destination.push(',');
             destination.push_str(&endpoints[f].addr_text);
         }
-        tracing::debug!(model = model.as_deref().unwrap_or(""), %destination, "picked");
-        self.in_flight = Some(InFlight::new(endpoints[pick.primary].clone()));
+        let primary = &endpoints[pick.primary];
+        self.picker
+            .metrics
+            .picked(primary.pool, primary.cluster, pick.tier, pick.dry_run);
+        match &pick.explain {
+            Some(why) => tracing::debug!(
+                model = model.as_deref().unwrap_or(""),
+                %destination,
+                tier = pick.tier.as_str(),
+                dry_run = pick.dry_run.map(|v| v.as_str()),
+                candidates = %why,
+                "picked"
+            ),
+            None => tracing::trace!(%destination, "picked"),
+        }
+        self.in_flight = Some(guard);
         self.model = model;
         let mutation = destination_mutation(&destination);
         let metadata = Some(lb_metadata(&destination));
@@ -439,11 +482,17 @@ impl StreamState {
         self.answered = true;
         self.closed = true;
         tracing::debug!(status = e.status, reason, message = %e.message, "refused");
+        self.picker.metrics.refused(reason);
+        let mut set_headers = vec![
+            set_header("content-type", "application/json"),
+            set_header(REASON_HEADER, reason),
+        ];
+        if matches!(e.status, 429 | 503) {
+            // Capacity comes back within a poll or two: a client that honours it retries soon.
+            set_headers.push(set_header("retry-after", "1"));
+        }
         let headers = HeaderMutation {
-            set_headers: vec![
-                set_header("content-type", "application/json"),
-                set_header(REASON_HEADER, reason),
-            ],
+            set_headers,
             ..HeaderMutation::default()
         };
         vec![ProcessingResponse {

@@ -8,14 +8,14 @@
 //! atomics too, raised at pick and lowered by an [`InFlight`] guard whose drop is the only
 //! release: exactly once, however the request ends.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::collect::profile::{EngineKind, LoadSample};
-use crate::config::{FleetConfig, PollerSettings};
+use crate::config::{ClusterPolicy, FleetConfig, PollerSettings, PoolPolicy};
 
 /// Milliseconds on a monotonic clock shared by the poller and the request path.
 #[derive(Debug, Clone, Copy)]
@@ -112,6 +112,10 @@ impl LoadCell {
     }
 }
 
+/// The resolution of round trips in scheduling: differences below it are noise next to the
+/// time a request spends in the engine.
+pub const RTT_QUANTUM_MS: f64 = 5.0;
+
 /// One model-server endpoint.
 #[derive(Debug)]
 pub struct Endpoint {
@@ -127,18 +131,146 @@ pub struct Endpoint {
     pub in_flight: AtomicU32,
     /// Of those, the ones still waiting for their first token (queued or in prefill).
     pub awaiting_first_token: AtomicU32,
+    /// Round trip of the last scrapes, in microseconds, smoothed (0: none measured yet).
+    pub scrape_rtt_us: AtomicU32,
+}
+
+impl Endpoint {
+    /// Folds one scrape's round trip into the smoothed value (weight 1/8 for the new one, as
+    /// TCP's SRTT does): one slow scrape does not make a near cluster look far.
+    pub fn observe_rtt(&self, rtt: std::time::Duration) {
+        let us = u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX).max(1);
+        let old = self.scrape_rtt_us.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            us
+        } else {
+            ((u64::from(old) * 7 + u64::from(us)) / 8) as u32
+        };
+        self.scrape_rtt_us.store(new.max(1), Ordering::Relaxed);
+    }
+}
+
+/// Whether a cluster takes new requests. A cluster whose endpoints all fail or go stale is
+/// `Down` at once; it is back `Up` only after `cluster_recovery_ms` of fresh data
+/// (`Recovering` in between), so a flapping cluster does not take traffic between failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ClusterHealth {
+    /// No endpoint has answered yet since start: endpoints count on their own freshness.
+    Starting = 0,
+    Up = 1,
+    Down = 2,
+    Recovering = 3,
+}
+
+impl ClusterHealth {
+    fn from_u8(v: u8) -> ClusterHealth {
+        match v {
+            1 => ClusterHealth::Up,
+            2 => ClusterHealth::Down,
+            3 => ClusterHealth::Recovering,
+            _ => ClusterHealth::Starting,
+        }
+    }
+
+    /// The next state, given whether any endpoint is fresh now and how long the current state
+    /// has lasted.
+    pub fn next(self, any_fresh: bool, held_ms: u64, recovery_ms: u64) -> ClusterHealth {
+        use ClusterHealth::*;
+        match (self, any_fresh) {
+            (Starting, true) => Up,
+            (Starting, false) => Starting,
+            (Up, true) => Up,
+            (Up | Recovering, false) => Down,
+            (Down, false) => Down,
+            (Down, true) => Recovering,
+            (Recovering, true) if held_ms >= recovery_ms => Up,
+            (Recovering, true) => Recovering,
+        }
+    }
+
+    /// New requests may go there.
+    pub fn serves(self) -> bool {
+        matches!(self, ClusterHealth::Starting | ClusterHealth::Up)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClusterHealth::Starting => "starting",
+            ClusterHealth::Up => "up",
+            ClusterHealth::Down => "down",
+            ClusterHealth::Recovering => "recovering",
+        }
+    }
 }
 
 #[derive(Debug)]
 pub struct Cluster {
     pub name: String,
     pub region: String,
+    pub zone: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Configured round trip from the picker, if any (else the endpoints' measured one).
+    pub rtt_ms: Option<f64>,
+    /// In this picker's region (every cluster is, when the picker has no region).
+    pub local: bool,
+    /// The smallest smoothed scrape round trip among its fresh endpoints, in microseconds
+    /// (0: none yet); refreshed with the cluster's health.
+    measured_rtt_us: AtomicU32,
+    health: AtomicU8,
+    health_since_ms: AtomicU64,
+}
+
+impl Cluster {
+    pub fn health(&self) -> ClusterHealth {
+        ClusterHealth::from_u8(self.health.load(Ordering::Acquire))
+    }
 }
 
 #[derive(Debug)]
 pub struct Pool {
     pub name: String,
     pub endpoints: Vec<usize>,
+}
+
+/// The backend policy of every pool, per cluster: replaced whole when the fleet file is
+/// reloaded, read once per pick.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policies {
+    /// By pool index; `None` when the pool is not imported (it serves nothing then).
+    pub pools: Vec<Option<PoolPolicy>>,
+}
+
+impl Policies {
+    /// The policy enforced for `pool` in `cluster`: the configured one, or the default during
+    /// a dry run.
+    pub fn enforced(&self, pool: usize, cluster: usize) -> ClusterPolicy {
+        match self.pools.get(pool) {
+            Some(Some(p)) if !p.dry_run => p.per_cluster[cluster],
+            _ => default_cluster_policy(),
+        }
+    }
+
+    /// The configured policy for `pool` in `cluster` when it is a dry run (reported, not
+    /// enforced).
+    pub fn dry_run(&self, pool: usize, cluster: usize) -> Option<ClusterPolicy> {
+        match self.pools.get(pool) {
+            Some(Some(p)) if p.dry_run => Some(p.per_cluster[cluster]),
+            _ => None,
+        }
+    }
+}
+
+/// The default backend policy, as it applies to any cluster.
+pub fn default_cluster_policy() -> ClusterPolicy {
+    let d = crate::config::BackendPolicy::default();
+    ClusterPolicy {
+        balancing: d.balancing,
+        kv_cache_threshold: d.kv_cache_threshold,
+        queue_threshold: d.queue_threshold,
+        max_in_flight_per_endpoint: d.max_in_flight_per_endpoint,
+        capacity_scaler: d.capacity_scaler,
+    }
 }
 
 /// The fleet: topology from the fleet file, live load per endpoint.
@@ -150,10 +282,17 @@ pub struct Fleet {
     model_pool: HashMap<String, usize>,
     pub clock: Clock,
     pub poller: PollerSettings,
+    /// The picker's region, if it has one.
+    pub region: Option<String>,
+    pub cluster_recovery_ms: u64,
+    pub policies: arc_swap::ArcSwap<Policies>,
 }
 
 impl Fleet {
+    /// The fleet of `cfg`, for a picker in the region the file names (none: every cluster is
+    /// local).
     pub fn new(cfg: &FleetConfig) -> Fleet {
+        let region = cfg.file.picker.region.clone();
         let file = &cfg.file;
         let endpoints: Vec<Arc<Endpoint>> = cfg
             .endpoints
@@ -170,6 +309,7 @@ impl Fleet {
                     load: LoadCell::default(),
                     in_flight: AtomicU32::new(0),
                     awaiting_first_token: AtomicU32::new(0),
+                    scrape_rtt_us: AtomicU32::new(0),
                 })
             })
             .collect();
@@ -186,6 +326,10 @@ impl Fleet {
             .collect();
         let mut model_pool = HashMap::new();
         for (p, spec) in file.pools.iter().enumerate() {
+            // A pool that is not imported serves none of its models.
+            if cfg.policies[p].is_none() {
+                continue;
+            }
             for m in &spec.models {
                 model_pool.insert(m.clone(), p);
             }
@@ -197,6 +341,13 @@ impl Fleet {
                 .map(|c| Cluster {
                     name: c.name.clone(),
                     region: c.region.clone(),
+                    zone: c.zone.clone(),
+                    labels: c.labels.clone(),
+                    rtt_ms: c.rtt_ms,
+                    local: region.as_ref().is_none_or(|r| *r == c.region),
+                    measured_rtt_us: AtomicU32::new(0),
+                    health: AtomicU8::new(ClusterHealth::Starting as u8),
+                    health_since_ms: AtomicU64::new(0),
                 })
                 .collect(),
             pools,
@@ -204,7 +355,106 @@ impl Fleet {
             model_pool,
             clock: Clock::new(),
             poller: file.poller.clone(),
+            region,
+            cluster_recovery_ms: file.scheduler.cluster_recovery_ms,
+            policies: arc_swap::ArcSwap::from_pointee(Policies {
+                pools: cfg.policies.clone(),
+            }),
         }
+    }
+
+    /// Takes the backend policies of a reloaded fleet file, if the file describes the same
+    /// fleet (clusters, pools, models, endpoints, imports); anything else needs a restart, and
+    /// the reason is returned.
+    pub fn reload_policies(&self, cfg: &FleetConfig) -> Result<(), String> {
+        let same_clusters = cfg.file.clusters.len() == self.clusters.len()
+            && cfg
+                .file
+                .clusters
+                .iter()
+                .zip(&self.clusters)
+                .all(|(a, b)| a.name == b.name && a.region == b.region);
+        if !same_clusters {
+            return Err("the clusters changed".into());
+        }
+        let same_pools = cfg.file.pools.len() == self.pools.len()
+            && cfg
+                .file
+                .pools
+                .iter()
+                .zip(&self.pools)
+                .all(|(a, b)| a.name == b.name)
+            && cfg.file.pools.iter().enumerate().all(|(p, spec)| {
+                spec.models
+                    .iter()
+                    .all(|m| self.pool_for(m) == cfg.policies[p].as_ref().map(|_| p))
+            });
+        if !same_pools {
+            return Err("the pools, their models or the imports changed".into());
+        }
+        let same_endpoints = cfg.endpoints.len() == self.endpoints.len()
+            && cfg
+                .endpoints
+                .iter()
+                .zip(&self.endpoints)
+                .all(|(a, b)| a.addr == b.addr && a.cluster == b.cluster && a.pool == b.pool);
+        if !same_endpoints {
+            return Err("the endpoints changed".into());
+        }
+        self.policies.store(Arc::new(Policies {
+            pools: cfg.policies.clone(),
+        }));
+        Ok(())
+    }
+
+    /// Moves each cluster's health on (see [`ClusterHealth`]); the poller calls it after every
+    /// round of scrapes. Returns the clusters whose state changed, with their new state.
+    pub fn update_cluster_health(&self) -> Vec<(usize, ClusterHealth)> {
+        let now = self.clock.now_ms();
+        let mut fresh = vec![false; self.clusters.len()];
+        let mut rtt = vec![u32::MAX; self.clusters.len()];
+        for e in &self.endpoints {
+            if e.load.fresh(now, self.poller.stale_after_ms).is_some() {
+                fresh[e.cluster] = true;
+                let r = e.scrape_rtt_us.load(Ordering::Relaxed);
+                if r > 0 {
+                    rtt[e.cluster] = rtt[e.cluster].min(r);
+                }
+            }
+        }
+        for (c, r) in self.clusters.iter().zip(&rtt) {
+            if *r != u32::MAX {
+                c.measured_rtt_us.store(*r, Ordering::Relaxed);
+            }
+        }
+        let mut changed = Vec::new();
+        for (i, c) in self.clusters.iter().enumerate() {
+            let was = c.health();
+            let since = c.health_since_ms.load(Ordering::Relaxed);
+            let next = was.next(
+                fresh[i],
+                now.saturating_sub(since),
+                self.cluster_recovery_ms,
+            );
+            if next != was {
+                c.health_since_ms.store(now, Ordering::Relaxed);
+                c.health.store(next as u8, Ordering::Release);
+                changed.push((i, next));
+            }
+        }
+        changed
+    }
+
+    /// The round trip to `cluster` in milliseconds, as scheduling sees it: the configured
+    /// one, else the measured one, rounded down to whole [`RTT_QUANTUM_MS`]. One number per
+    /// cluster, coarse on purpose: sub-millisecond jitter between hosts must not decide between
+    /// otherwise equal endpoints (that would send every tie to the same one).
+    pub fn cluster_rtt_ms(&self, cluster: usize) -> f64 {
+        let c = &self.clusters[cluster];
+        let ms = c
+            .rtt_ms
+            .unwrap_or_else(|| f64::from(c.measured_rtt_us.load(Ordering::Relaxed)) / 1000.0);
+        (ms / RTT_QUANTUM_MS).floor() * RTT_QUANTUM_MS
     }
 
     /// The pool serving `model`.
@@ -240,6 +490,24 @@ impl InFlight {
             endpoint,
             awaiting: true,
         }
+    }
+
+    /// Like [`InFlight::new`], unless the endpoint already has `cap` requests in flight: the
+    /// check and the increment are one atomic step, so concurrent picks never pass the cap.
+    pub fn try_new(endpoint: Arc<Endpoint>, cap: u32) -> Option<InFlight> {
+        endpoint
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()?;
+        endpoint
+            .awaiting_first_token
+            .fetch_add(1, Ordering::Relaxed);
+        Some(InFlight {
+            endpoint,
+            awaiting: true,
+        })
     }
 
     pub fn endpoint(&self) -> &Arc<Endpoint> {

@@ -1,8 +1,18 @@
 //! Scheduling: which endpoint serves a request. Plain functions over the fleet's current view;
 //! no I/O, no locks, nothing awaited.
 //!
-//! Filters first (the pool serving the model, the proxy's subset hint, fresh metrics), then
-//! weighted scorers, each giving 0..1 where 1 is best:
+//! Two tiers. First the cluster tier decides where a request may go:
+//! - filters: the pool serving the model, the proxy's subset hint, fresh metrics, a cluster
+//!   that is up (see [`ClusterHealth`](crate::fleet::ClusterHealth)), and the pool's backend
+//!   policy in the endpoint's cluster: a `capacity_scaler` of 0 drains (no new requests), and
+//!   in `in-flight` mode an endpoint at its cap is full;
+//! - locality: endpoints in the picker's region with headroom under the policy (below the KV
+//!   and queue thresholds, or below the in-flight cap) are preferred; when none has any, the
+//!   request spills to every endpoint with headroom, near or far; when none anywhere has any,
+//!   `kv-cache` mode (a soft limit) serves from all of them and `in-flight` mode (a hard one)
+//!   refuses.
+//!
+//! Then the endpoint tier scores the allowed endpoints, each scorer giving 0..1 where 1 is best:
 //! - `kv_cache`: `1 - kv_usage` (free KV cache, as reported);
 //! - `queue`: the waiting count, scaled between the candidates' minimum (1) and maximum (0);
 //! - `in_flight`: this picker's own requests in flight there, scaled the same way. It moves the
@@ -11,16 +21,24 @@
 //! - `prefill`: of those, the ones still waiting for their first token, scaled the same way. A
 //!   request sent where others are in prefill shares their prefill steps and waits longer for
 //!   its own first token; this is what round robin avoids by accident and a load score alone
-//!   does not see (two requests a few milliseconds apart look alike to a 50 ms scrape).
+//!   does not see (two requests a few milliseconds apart look alike to a 50 ms scrape);
+//! - `rtt`: `1 - rtt / 100 ms`, the cluster's configured or measured round trip in steps of
+//!   5 ms, on an absolute scale so that it separates regions, not hosts in one.
 //!
 //! The highest weighted sum wins; endpoints within a hair of it tie and one is drawn at random,
 //! so idle endpoints share the next requests instead of the first in list order taking them all.
-//! Fallbacks are the next best, in order.
+//! Fallbacks are the next best, and the last of them is in another cluster when any other
+//! cluster can serve, so that Envoy's retries survive the loss of a whole cluster.
+//!
+//! A pool whose policy is a dry run is scheduled under the default policy; the configured one is
+//! evaluated beside it and its verdict on the pick is returned for reporting.
 
+use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 
-use crate::config::Weights;
-use crate::fleet::Fleet;
+use crate::config::{BalancingMode, ClusterPolicy, Weights};
+use crate::fleet::{Fleet, Load};
 
 /// What the scheduler needs to know about a request.
 #[derive(Debug, Default)]
@@ -29,13 +47,71 @@ pub struct PickRequest<'a> {
     pub model: Option<&'a str>,
     /// The proxy's subset hint: only these endpoints may serve.
     pub subset: Option<&'a [SocketAddr]>,
+    /// Gather an [`Explain`] (for the debug log); off on the hot path.
+    pub explain: bool,
+}
+
+/// Where the primary came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// The picker's region, with headroom.
+    Local,
+    /// Another region: the local one had no headroom.
+    Spill,
+    /// Past the policy's thresholds everywhere (`kv-cache` mode serves anyway).
+    Saturated,
+    /// Only clusters that are down or recovering had fresh endpoints.
+    LastResort,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Local => "local",
+            Tier::Spill => "spill",
+            Tier::Saturated => "saturated",
+            Tier::LastResort => "last-resort",
+        }
+    }
+}
+
+/// What a dry-run policy would have done with the pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The same endpoint was allowed and preferred.
+    Allow,
+    /// Its cluster is drained (`capacity_scaler: 0`).
+    Drained,
+    /// It is at its in-flight cap.
+    AtCapacity,
+    /// Allowed, but the policy would have preferred others (local ones with headroom, or ones
+    /// with headroom anywhere).
+    NotPreferred,
+    /// The policy would have refused the request (every endpoint at its cap).
+    Reject,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Drained => "drained",
+            Verdict::AtCapacity => "at-capacity",
+            Verdict::NotPreferred => "not-preferred",
+            Verdict::Reject => "reject",
+        }
+    }
 }
 
 /// The chosen endpoints, as indices into [`Fleet::endpoints`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Pick {
     pub primary: usize,
     pub fallbacks: Vec<usize>,
+    pub tier: Tier,
+    /// The verdict of the primary's pool policy when it is a dry run.
+    pub dry_run: Option<Verdict>,
+    pub explain: Option<Explain>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,21 +120,167 @@ pub enum PickError {
     UnknownModel(String),
     #[error("no eligible endpoint: {0}")]
     NoEndpoint(&'static str),
+    #[error("every eligible endpoint is at its max_in_flight_per_endpoint")]
+    AtCapacity,
+}
+
+/// Why each cluster's endpoints were or were not candidates, and the top scores: one
+/// structured line per request at debug level.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Explain {
+    pub clusters: Vec<ClusterTally>,
+    /// The best candidates, best first: (endpoint, cluster, score).
+    pub top: Vec<(String, String, f64)>,
+}
+
+/// Per cluster: its endpoints in the pool, and what became of them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterTally {
+    pub cluster: String,
+    pub health: &'static str,
+    pub endpoints: u32,
+    pub outside_subset: u32,
+    pub stale: u32,
+    pub cluster_out: u32,
+    pub drained: u32,
+    pub at_capacity: u32,
+    pub saturated: u32,
+    /// Allowed, but not in the tier the request was served from.
+    pub other_tier: u32,
+    pub in_tier: u32,
+}
+
+impl fmt::Display for Explain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, c) in self.clusters.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(
+                f,
+                "{} ({}): {}/{} in tier",
+                c.cluster, c.health, c.in_tier, c.endpoints
+            )?;
+            for (n, why) in [
+                (c.outside_subset, "outside subset"),
+                (c.stale, "stale"),
+                (c.cluster_out, "cluster out"),
+                (c.drained, "drained"),
+                (c.at_capacity, "at capacity"),
+                (c.saturated, "saturated"),
+                (c.other_tier, "other tier"),
+            ] {
+                if n > 0 {
+                    write!(f, ", {n} {why}")?;
+                }
+            }
+        }
+        f.write_str(" | top:")?;
+        for (addr, cluster, score) in &self.top {
+            write!(f, " {addr}@{cluster}={score:.3}")?;
+        }
+        Ok(())
+    }
+}
+
+/// An endpoint under a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Drained,
+    AtCapacity,
+    Saturated,
+    Headroom,
+}
+
+impl Class {
+    fn allowed(self) -> bool {
+        matches!(self, Class::Saturated | Class::Headroom)
+    }
+}
+
+/// An endpoint's class under `p`. In `kv-cache` mode its queue is the larger of the scraped
+/// waiting count and this picker's requests there still waiting for their first token: a
+/// burst between two scrapes counts at once, not one poll later.
+fn classify(p: &ClusterPolicy, load: &Load, in_flight: u32, awaiting: u32) -> Class {
+    if p.capacity_scaler <= 0.0 {
+        return Class::Drained;
+    }
+    match p.balancing {
+        BalancingMode::InFlight => {
+            if in_flight >= in_flight_cap(p) {
+                Class::AtCapacity
+            } else {
+                Class::Headroom
+            }
+        }
+        BalancingMode::KvCache => {
+            let saturation = (load.kv_usage / p.kv_cache_threshold)
+                .max(f64::from(load.waiting.max(awaiting)) / f64::from(p.queue_threshold))
+                / p.capacity_scaler;
+            if saturation >= 1.0 {
+                Class::Saturated
+            } else {
+                Class::Headroom
+            }
+        }
+    }
+}
+
+/// The in-flight cap of an endpoint under `p`: the configured one scaled, at least 1 while the
+/// scaler is above 0.
+pub fn in_flight_cap(p: &ClusterPolicy) -> u32 {
+    let cap = (f64::from(p.max_in_flight_per_endpoint) * p.capacity_scaler).floor();
+    if cap >= f64::from(u32::MAX) {
+        u32::MAX
+    } else {
+        (cap as u32).max(1)
+    }
 }
 
 /// One candidate's inputs, gathered in one pass.
 #[derive(Debug, Clone, Copy)]
 struct Candidate {
     index: usize,
+    cluster: usize,
+    local: bool,
     kv: f64,
     waiting: u32,
     in_flight: u32,
     awaiting: u32,
+    rtt_ms: f64,
+    class: Class,
+    /// Under the dry-run policy, when the endpoint's pool has one.
+    dry: Option<Class>,
+    in_tier: bool,
     score: f64,
 }
 
 /// Scores differing by less than this are a tie.
 const TIE: f64 = 1e-9;
+
+/// The round trip at which the `rtt` scorer gives 0.
+const RTT_SCALE_MS: f64 = 100.0;
+
+/// The tier a set of allowed candidates is served from, given each one's class and locality.
+fn tier_of<'a>(mut it: impl Iterator<Item = (bool, Class)> + Clone + 'a) -> Option<Tier> {
+    if it.clone().any(|(local, c)| local && c == Class::Headroom) {
+        Some(Tier::Local)
+    } else if it.clone().any(|(_, c)| c == Class::Headroom) {
+        Some(Tier::Spill)
+    } else if it.any(|(_, c)| c.allowed()) {
+        Some(Tier::Saturated)
+    } else {
+        None
+    }
+}
+
+fn in_tier(tier: Tier, local: bool, class: Class) -> bool {
+    match tier {
+        Tier::Local => local && class == Class::Headroom,
+        Tier::Spill => class == Class::Headroom,
+        Tier::Saturated | Tier::LastResort => class.allowed(),
+    }
+}
 
 /// Picks the endpoint for `req`, with up to `fallbacks` more in order of preference.
 pub fn pick(
@@ -79,63 +301,191 @@ pub fn pick(
     };
     let now = fleet.clock.now_ms();
     let stale_after = fleet.poller.stale_after_ms;
+    let policies = fleet.policies.load();
+    let mut tally: Vec<ClusterTally> = if req.explain {
+        fleet
+            .clusters
+            .iter()
+            .map(|c| ClusterTally {
+                cluster: c.name.clone(),
+                health: c.health().as_str(),
+                ..ClusterTally::default()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut count = |cluster: usize, f: fn(&mut ClusterTally) -> &mut u32| {
+        if let Some(t) = tally.get_mut(cluster) {
+            *f(t) += 1;
+        }
+    };
     let mut in_subset = false;
     let mut cands: Vec<Candidate> = Vec::new();
+    // Fresh endpoints of clusters that are down or recovering: served only when nothing else is.
+    let mut held_back: Vec<Candidate> = Vec::new();
     for index in members {
         let ep = &fleet.endpoints[index];
+        count(ep.cluster, |t| &mut t.endpoints);
         if let Some(subset) = req.subset
             && !subset.contains(&ep.addr)
         {
+            count(ep.cluster, |t| &mut t.outside_subset);
             continue;
         }
         in_subset = true;
         let Some(load) = ep.load.fresh(now, stale_after) else {
+            count(ep.cluster, |t| &mut t.stale);
             continue;
         };
-        cands.push(Candidate {
+        let cluster = &fleet.clusters[ep.cluster];
+        let in_flight = ep.in_flight.load(Ordering::Relaxed);
+        let awaiting = ep.awaiting_first_token.load(Ordering::Relaxed);
+        let class = classify(
+            &policies.enforced(ep.pool, ep.cluster),
+            &load,
+            in_flight,
+            awaiting,
+        );
+        let c = Candidate {
             index,
+            cluster: ep.cluster,
+            local: cluster.local,
             kv: load.kv_usage,
             waiting: load.waiting,
-            in_flight: ep.in_flight.load(std::sync::atomic::Ordering::Relaxed),
-            awaiting: ep
-                .awaiting_first_token
-                .load(std::sync::atomic::Ordering::Relaxed),
+            in_flight,
+            awaiting,
+            rtt_ms: fleet.cluster_rtt_ms(ep.cluster),
+            class,
+            dry: policies
+                .dry_run(ep.pool, ep.cluster)
+                .map(|p| classify(&p, &load, in_flight, awaiting)),
+            in_tier: false,
             score: 0.0,
-        });
+        };
+        if !cluster.health().serves() {
+            count(ep.cluster, |t| &mut t.cluster_out);
+            held_back.push(c);
+            continue;
+        }
+        match class {
+            Class::Drained => count(ep.cluster, |t| &mut t.drained),
+            Class::AtCapacity => count(ep.cluster, |t| &mut t.at_capacity),
+            Class::Saturated => count(ep.cluster, |t| &mut t.saturated),
+            Class::Headroom => {}
+        }
+        cands.push(c);
     }
-    if cands.is_empty() {
-        return Err(PickError::NoEndpoint(if !in_subset {
-            "none of the pool's endpoints is in the proxy's subset hint"
-        } else {
-            "every endpoint is down or its metrics are stale"
-        }));
+    let tier = match tier_of(cands.iter().map(|c| (c.local, c.class))) {
+        Some(t) => t,
+        None => {
+            // Nothing allowed in a serving cluster: fall back on recovering or down clusters'
+            // fresh endpoints (better than an error), then say why nothing could serve.
+            held_back.retain(|c| c.class.allowed());
+            if held_back.is_empty() {
+                return Err(if !in_subset {
+                    PickError::NoEndpoint(
+                        "none of the pool's endpoints is in the proxy's subset hint",
+                    )
+                } else if cands.iter().any(|c| c.class == Class::AtCapacity) {
+                    PickError::AtCapacity
+                } else if cands.iter().any(|c| c.class == Class::Drained) {
+                    PickError::NoEndpoint("every fresh endpoint is drained (capacity_scaler 0)")
+                } else {
+                    PickError::NoEndpoint("every endpoint is down or its metrics are stale")
+                });
+            }
+            cands = held_back;
+            Tier::LastResort
+        }
+    };
+    cands.retain(|c| c.class.allowed());
+    for c in cands.iter_mut() {
+        c.in_tier = in_tier(tier, c.local, c.class);
     }
     score(&mut cands, weights);
     let best = cands
         .iter()
+        .filter(|c| c.in_tier)
         .map(|c| c.score)
         .fold(f64::NEG_INFINITY, f64::max);
-    let tied = cands.iter().filter(|c| c.score >= best - TIE).count();
+    let is_best = |c: &Candidate| c.in_tier && c.score >= best - TIE;
+    let tied = cands.iter().filter(|c| is_best(c)).count();
     // Draw the winner among the tied, then order the rest for fallbacks.
-    let nth = rng.usize(..tied);
+    let nth = rng.usize(..tied.max(1));
     let winner_pos = cands
         .iter()
         .enumerate()
-        .filter(|(_, c)| c.score >= best - TIE)
+        .filter(|(_, c)| is_best(c))
         .nth(nth)
         .map(|(i, _)| i)
         .unwrap_or(0);
     let winner = cands.swap_remove(winner_pos);
+    let dry_run = winner.dry.map(|class| {
+        let dry_tier = tier_of(
+            cands
+                .iter()
+                .chain(std::iter::once(&winner))
+                .filter_map(|c| c.dry.map(|d| (c.local, d))),
+        );
+        match (class, dry_tier) {
+            (Class::Drained, _) => Verdict::Drained,
+            (Class::AtCapacity, _) => Verdict::AtCapacity,
+            (_, None) => Verdict::Reject,
+            (class, Some(t)) if in_tier(t, winner.local, class) => Verdict::Allow,
+            _ => Verdict::NotPreferred,
+        }
+    });
     let mut fallback_list = Vec::new();
     if fallbacks > 0 && !cands.is_empty() {
-        // Shuffle before the stable sort so that ties among fallbacks are random too.
+        // Shuffle before the stable sort so that ties among fallbacks are random too; the
+        // request's own tier first, the others after.
         rng.shuffle(&mut cands);
-        cands.sort_by(|a, b| b.score.total_cmp(&a.score));
+        cands.sort_by(|a, b| b.in_tier.cmp(&a.in_tier).then(b.score.total_cmp(&a.score)));
         fallback_list = cands.iter().take(fallbacks).map(|c| c.index).collect();
+        let crosses = |i: &usize| fleet.endpoints[*i].cluster != winner.cluster;
+        if !fallback_list.iter().any(crosses)
+            && let Some(other) = cands.iter().find(|c| c.cluster != winner.cluster)
+        {
+            // The last fallback in another cluster: retries survive a whole cluster's loss.
+            if fallback_list.len() == fallbacks {
+                fallback_list.pop();
+            }
+            fallback_list.push(other.index);
+        }
     }
+    let explain = req.explain.then(|| {
+        for c in cands.iter().chain(std::iter::once(&winner)) {
+            if let Some(t) = tally.get_mut(c.cluster) {
+                if c.in_tier {
+                    t.in_tier += 1;
+                } else {
+                    t.other_tier += 1;
+                }
+            }
+        }
+        let mut ranked: Vec<&Candidate> = cands.iter().collect();
+        ranked.sort_by(|a, b| b.score.total_cmp(&a.score));
+        let name = |c: &Candidate| {
+            (
+                fleet.endpoints[c.index].addr_text.clone(),
+                fleet.clusters[c.cluster].name.clone(),
+                c.score,
+            )
+        };
+        let mut top = vec![name(&winner)];
+        top.extend(ranked.iter().take(2).map(|c| name(c)));
+        Explain {
+            clusters: tally,
+            top,
+        }
+    });
     Ok(Pick {
         primary: winner.index,
         fallbacks: fallback_list,
+        tier,
+        dry_run,
+        explain,
     })
 }
 
@@ -143,15 +493,19 @@ fn score(cands: &mut [Candidate], w: &Weights) {
     let (qmin, qmax) = min_max(cands.iter().map(|c| c.waiting));
     let (fmin, fmax) = min_max(cands.iter().map(|c| c.in_flight));
     let (amin, amax) = min_max(cands.iter().map(|c| c.awaiting));
-    let total = (w.kv_cache + w.queue + w.in_flight + w.prefill).max(f64::MIN_POSITIVE);
+    let total = (w.kv_cache + w.queue + w.in_flight + w.prefill + w.rtt).max(f64::MIN_POSITIVE);
     for c in cands.iter_mut() {
         let kv = 1.0 - c.kv.clamp(0.0, 1.0);
         let queue = scaled(c.waiting, qmin, qmax);
         let flight = scaled(c.in_flight, fmin, fmax);
         let prefill = scaled(c.awaiting, amin, amax);
-        let score =
-            (w.kv_cache * kv + w.queue * queue + w.in_flight * flight + w.prefill * prefill)
-                / total;
+        let rtt = 1.0 - (c.rtt_ms / RTT_SCALE_MS).clamp(0.0, 1.0);
+        let score = (w.kv_cache * kv
+            + w.queue * queue
+            + w.in_flight * flight
+            + w.prefill * prefill
+            + w.rtt * rtt)
+            / total;
         // Validated weights keep this finite; if it is not, rank the endpoint last rather than
         // let a NaN break the comparison.
         c.score = if score.is_finite() { score } else { 0.0 };
@@ -177,6 +531,7 @@ mod tests {
     use crate::collect::profile::LoadSample;
     use crate::config::FleetConfig;
     use crate::fleet::InFlight;
+    use std::time::Duration;
 
     fn fleet(n: usize) -> Fleet {
         let ips: Vec<String> = (0..n).map(|i| format!("10.0.0.{}", i + 1)).collect();
@@ -201,6 +556,7 @@ mod tests {
         PickRequest {
             model: Some(model),
             subset: None,
+            explain: false,
         }
     }
 
@@ -312,18 +668,23 @@ mod tests {
         let r = PickRequest {
             model: Some("m"),
             subset: Some(&subset),
+            explain: false,
         };
         assert_eq!(
             pick(&f, &r, &Weights::default(), 3, &mut rng).unwrap(),
             Pick {
                 primary: 1,
-                fallbacks: vec![]
+                fallbacks: vec![],
+                tier: Tier::Local,
+                dry_run: None,
+                explain: None,
             }
         );
         let outside = ["10.200.0.1:1".parse().unwrap()];
         let r = PickRequest {
             model: Some("m"),
             subset: Some(&outside),
+            explain: false,
         };
         assert!(matches!(
             pick(&f, &r, &Weights::default(), 0, &mut rng),
@@ -335,5 +696,211 @@ mod tests {
             pick(&f, &req("m"), &Weights::default(), 0, &mut rng),
             Err(PickError::NoEndpoint(_))
         ));
+    }
+
+    /// Three clusters (endpoints listed in that order): `near` (10.0.0.1-2) in the picker's
+    /// region r1, `far` (10.1.0.1-2) in r2
+    /// at 10 ms, `farther` (10.2.0.1-2) in r3 at 80 ms; `imports` appended as given.
+    fn regions(imports: &str) -> Fleet {
+        let text = format!(
+            "picker: {{region: r1}}\nclusters:\n  - {{name: near, region: r1, labels: {{tier: a}}}}\n  - {{name: far, region: r2, rtt_ms: 10, labels: {{tier: b}}}}\n  - {{name: farther, region: r3, rtt_ms: 80, labels: {{tier: b}}}}\npools:\n  - {{name: p, models: [m], target_port: 8000, endpoints: {{near: [10.0.0.1, 10.0.0.2], far: [10.1.0.1, 10.1.0.2], farther: [10.2.0.1, 10.2.0.2]}}}}\n{imports}"
+        );
+        let f = Fleet::new(&FleetConfig::parse(&text, "t").unwrap());
+        for i in 0..f.endpoints.len() {
+            set(&f, i, 0.1, 0);
+        }
+        f
+    }
+
+    fn cluster_of(f: &Fleet, p: &Pick) -> String {
+        f.clusters[f.endpoints[p.primary].cluster].name.clone()
+    }
+
+    #[test]
+    fn local_region_first_then_spill_to_the_nearest_then_saturated() {
+        let f = regions("");
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..50 {
+            let p = pick(&f, &req("m"), &Weights::default(), 0, &mut rng).unwrap();
+            assert_eq!((cluster_of(&f, &p).as_str(), p.tier), ("near", Tier::Local));
+        }
+        // Local queues at the threshold (5 waiting): spill, to the nearer remote region.
+        set(&f, 0, 0.1, 5);
+        set(&f, 1, 0.1, 9);
+        for _ in 0..50 {
+            let p = pick(&f, &req("m"), &Weights::default(), 0, &mut rng).unwrap();
+            assert_eq!((cluster_of(&f, &p).as_str(), p.tier), ("far", Tier::Spill));
+        }
+        // KV past 0.8 saturates too; with everything saturated, kv-cache mode still serves.
+        for i in 2..6 {
+            set(&f, i, 0.85, 0);
+        }
+        let p = pick(&f, &req("m"), &Weights::default(), 0, &mut rng).unwrap();
+        assert_eq!(p.tier, Tier::Saturated);
+        // One local endpoint with room again: back home at once.
+        set(&f, 1, 0.1, 0);
+        let p = pick(&f, &req("m"), &Weights::default(), 0, &mut rng).unwrap();
+        assert_eq!((p.primary, p.tier), (1, Tier::Local));
+    }
+
+    #[test]
+    fn host_jitter_in_measured_round_trips_does_not_break_ties() {
+        let f = regions("");
+        // Measured (not configured) round trips: 0.3 and 0.9 ms in `near`.
+        f.endpoints[0].observe_rtt(Duration::from_micros(300));
+        f.endpoints[1].observe_rtt(Duration::from_micros(900));
+        f.update_cluster_health();
+        assert_eq!(f.cluster_rtt_ms(0), 0.0);
+        assert_eq!(f.cluster_rtt_ms(2), 80.0);
+        let mut rng = fastrand::Rng::with_seed(14);
+        let ones = (0..200)
+            .filter(|_| {
+                pick(&f, &req("m"), &Weights::default(), 0, &mut rng)
+                    .unwrap()
+                    .primary
+                    == 1
+            })
+            .count();
+        assert!((50..150).contains(&ones), "{ones}");
+    }
+
+    #[test]
+    fn fallbacks_end_in_another_cluster() {
+        let f = regions("");
+        let mut rng = fastrand::Rng::with_seed(8);
+        for n in 1..4 {
+            let p = pick(&f, &req("m"), &Weights::default(), n, &mut rng).unwrap();
+            assert_eq!(cluster_of(&f, &p), "near");
+            assert_eq!(p.fallbacks.len(), n);
+            let last = *p.fallbacks.last().unwrap();
+            assert_ne!(f.endpoints[last].cluster, 0, "{p:?}");
+            if n >= 2 {
+                // The other local endpoint is the first fallback: same tier, best score.
+                assert_eq!(f.endpoints[p.fallbacks[0]].cluster, 0, "{p:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn capacity_scaler_zero_drains_a_cluster_by_label() {
+        let f = regions(
+            "imports:\n  - pool: p\n    policy:\n      scopes:\n        - {match_labels: {tier: a}, capacity_scaler: 0}\n",
+        );
+        let mut rng = fastrand::Rng::with_seed(9);
+        for _ in 0..50 {
+            let p = pick(&f, &req("m"), &Weights::default(), 2, &mut rng).unwrap();
+            // Drained: not even a fallback; the nearest remote region serves (spill).
+            assert_eq!((cluster_of(&f, &p).as_str(), p.tier), ("far", Tier::Spill));
+            assert!(
+                p.fallbacks.iter().all(|&i| f.endpoints[i].cluster != 0),
+                "{p:?}"
+            );
+        }
+        for i in 2..6 {
+            f.endpoints[i].load.fail();
+        }
+        assert_eq!(
+            pick(&f, &req("m"), &Weights::default(), 0, &mut rng),
+            Err(PickError::NoEndpoint(
+                "every fresh endpoint is drained (capacity_scaler 0)"
+            ))
+        );
+    }
+
+    #[test]
+    fn in_flight_mode_caps_each_endpoint_and_then_refuses() {
+        let f = regions(
+            "imports:\n  - pool: p\n    policy: {balancing: in-flight, max_in_flight_per_endpoint: 2}\n",
+        );
+        let mut rng = fastrand::Rng::with_seed(10);
+        let mut guards = Vec::new();
+        let mut tiers = Vec::new();
+        for _ in 0..12 {
+            let p = pick(&f, &req("m"), &Weights::default(), 0, &mut rng).unwrap();
+            tiers.push(p.tier);
+            guards.push(InFlight::try_new(f.endpoints[p.primary].clone(), 2).unwrap());
+        }
+        // Local first (four), then the rest spill; nobody past two.
+        assert_eq!(tiers[..4], [Tier::Local; 4]);
+        assert_eq!(tiers[4..], [Tier::Spill; 8]);
+        for e in &f.endpoints {
+            assert_eq!(e.in_flight.load(Ordering::Relaxed), 2);
+        }
+        assert_eq!(
+            pick(&f, &req("m"), &Weights::default(), 0, &mut rng),
+            Err(PickError::AtCapacity)
+        );
+        assert!(InFlight::try_new(f.endpoints[0].clone(), 2).is_none());
+        guards.pop();
+        assert!(pick(&f, &req("m"), &Weights::default(), 0, &mut rng).is_ok());
+    }
+
+    #[test]
+    fn dry_run_changes_nothing_but_reports() {
+        let f = regions(
+            "imports:\n  - pool: p\n    policy:\n      dry_run: true\n      scopes:\n        - {match_labels: {tier: a}, capacity_scaler: 0}\n",
+        );
+        let mut rng = fastrand::Rng::with_seed(11);
+        for _ in 0..50 {
+            let p = pick(&f, &req("m"), &Weights::default(), 0, &mut rng).unwrap();
+            assert_eq!(cluster_of(&f, &p), "near");
+            assert_eq!(p.dry_run, Some(Verdict::Drained));
+        }
+        // Not dry: the verdict is not reported at all.
+        let f = regions("");
+        let p = pick(&f, &req("m"), &Weights::default(), 0, &mut rng).unwrap();
+        assert_eq!(p.dry_run, None);
+    }
+
+    #[test]
+    fn a_cluster_that_failed_waits_out_its_recovery() {
+        use crate::fleet::ClusterHealth::*;
+        assert_eq!(Starting.next(false, 0, 1000), Starting);
+        assert_eq!(Starting.next(true, 0, 1000), Up);
+        assert_eq!(Up.next(false, 5, 1000), Down);
+        assert_eq!(Down.next(true, 5, 1000), Recovering);
+        assert_eq!(Recovering.next(true, 999, 1000), Recovering);
+        assert_eq!(Recovering.next(false, 999, 1000), Down);
+        assert_eq!(Recovering.next(true, 1000, 1000), Up);
+        assert!(Up.serves() && Starting.serves() && !Down.serves() && !Recovering.serves());
+
+        let f = regions("scheduler: {cluster_recovery_ms: 600000}\n");
+        assert!(f.update_cluster_health().len() == 3, "all three start up");
+        f.endpoints[0].load.fail();
+        f.endpoints[1].load.fail();
+        assert_eq!(f.update_cluster_health(), vec![(0, Down)]);
+        // Fresh again, but recovering for ten minutes: the far region serves meanwhile.
+        set(&f, 0, 0.0, 0);
+        assert_eq!(f.update_cluster_health(), vec![(0, Recovering)]);
+        let mut rng = fastrand::Rng::with_seed(12);
+        let p = pick(&f, &req("m"), &Weights::default(), 0, &mut rng).unwrap();
+        assert_eq!((cluster_of(&f, &p).as_str(), p.tier), ("far", Tier::Spill));
+        // With nothing else fresh, a recovering cluster serves rather than nobody.
+        for i in 2..6 {
+            f.endpoints[i].load.fail();
+        }
+        let p = pick(&f, &req("m"), &Weights::default(), 0, &mut rng).unwrap();
+        assert_eq!((p.primary, p.tier), (0, Tier::LastResort));
+    }
+
+    #[test]
+    fn explain_names_every_cluster_and_why() {
+        let f = regions(
+            "imports:\n  - pool: p\n    policy:\n      scopes:\n        - {match_labels: {tier: b}, capacity_scaler: 0}\n",
+        );
+        f.endpoints[1].load.fail();
+        let r = PickRequest {
+            model: Some("m"),
+            subset: None,
+            explain: true,
+        };
+        let mut rng = fastrand::Rng::with_seed(13);
+        let p = pick(&f, &r, &Weights::default(), 0, &mut rng).unwrap();
+        let text = p.explain.unwrap().to_string();
+        assert!(
+            text.starts_with("near (starting): 1/2 in tier, 1 stale; far (starting): 0/2 in tier, 2 drained; farther"),
+            "{text}"
+        );
+        assert!(text.contains("| top: 10.0.0.1:8000@near="), "{text}");
     }
 }

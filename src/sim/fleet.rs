@@ -105,8 +105,9 @@ pub struct Fleet {
 }
 
 /// A fleetpick fleet file for the simulated servers `entries`: one cluster per simulator
-/// cluster (with its region from `regions`, when listed), one pool `pool` serving `model`, and
-/// `extra` YAML (scheduler, poller, server sections) appended. Tests, the demo and the
+/// cluster (with its region from `regions`, when listed, and the label `site: <cluster>` so
+/// that a policy scope can select it), one pool `pool` serving `model`, and `extra` YAML
+/// (picker, imports, scheduler, poller, server sections) appended. Tests, the demo and the
 /// benchmarks put fleetpick in front of a simulated fleet with it.
 pub fn fleet_file(
     entries: &[ReadyEntry],
@@ -123,8 +124,10 @@ pub fn fleet_file(
     let mut y = String::from("clusters:\n");
     for c in &clusters {
         match regions.iter().find(|(name, _)| name == c) {
-            Some((_, region)) => y.push_str(&format!("  - {{name: {c}, region: {region}}}\n")),
-            None => y.push_str(&format!("  - name: {c}\n")),
+            Some((_, region)) => y.push_str(&format!(
+                "  - {{name: {c}, region: {region}, labels: {{site: {c}}}}}\n"
+            )),
+            None => y.push_str(&format!("  - {{name: {c}, labels: {{site: {c}}}}}\n")),
         }
     }
     y.push_str(&format!(

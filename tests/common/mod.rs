@@ -146,6 +146,10 @@ pub const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
 pub struct Picker {
     pub child: Child,
     pub grpc: std::net::SocketAddr,
+    /// fleetpick's own Prometheus `/metrics` listener.
+    pub metrics: std::net::SocketAddr,
+    /// The fleet file it serves (and re-reads when it changes).
+    pub config: PathBuf,
     pub dir: TempDir,
 }
 
@@ -164,7 +168,14 @@ impl Picker {
         std::fs::write(&config, yaml).unwrap();
         let ready = dir.0.join("ready.json");
         let mut child = Command::new(env!("CARGO_BIN_EXE_fleetpick"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
             .arg(&config)
             .arg("--ready-file")
             .arg(&ready)
@@ -172,18 +183,39 @@ impl Picker {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start fleetpick serve");
-        let grpc = wait_for("fleetpick's ready file", Duration::from_secs(30), || {
+        let (grpc, metrics) = wait_for("fleetpick's ready file", Duration::from_secs(30), || {
             let ready = ready.clone();
             let exited = child.try_wait().ok().flatten();
             async move {
                 assert!(exited.is_none(), "fleetpick serve exited early: {exited:?}");
                 let v: serde_json::Value =
                     serde_json::from_str(&std::fs::read_to_string(&ready).ok()?).ok()?;
-                v["grpc"].as_str()?.parse().ok()
+                Some((
+                    v["grpc"].as_str()?.parse().ok()?,
+                    v["metrics"].as_str()?.parse().ok()?,
+                ))
             }
         })
         .await;
-        Picker { child, grpc, dir }
+        Picker {
+            child,
+            grpc,
+            metrics,
+            config,
+            dir,
+        }
+    }
+
+    /// fleetpick's own metrics page, now.
+    pub async fn metrics_page(&self) -> String {
+        metrics_page(&format!("http://{}/metrics", self.metrics)).await
+    }
+
+    /// Replaces the fleet file (atomically, as a config map update does).
+    pub fn rewrite_config(&self, yaml: &str) {
+        let tmp = self.dir.0.join("fleet.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
     }
 
     /// Stops it the hard way, as a crash would.

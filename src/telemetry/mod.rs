@@ -1,0 +1,305 @@
+//! fleetpick's own Prometheus metrics: what it decided (picks per pool, cluster and tier; the
+//! verdicts of dry-run policies; refusals) and what it sees (each cluster's health, each
+//! endpoint's requests in flight), served as text on `/metrics` when a metrics listener is set.
+//!
+//! Counters on the request path are made once at start for every (pool, cluster, label) and
+//! found by index, so counting a pick is one atomic add: no label strings built, no lock.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::fleet::{ClusterHealth, Fleet};
+use crate::schedule::{Tier, Verdict};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PickLabels {
+    pool: String,
+    cluster: String,
+    tier: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    pool: String,
+    cluster: String,
+    verdict: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    cluster: String,
+    region: String,
+    health: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    pool: String,
+    cluster: String,
+    endpoint: String,
+}
+
+const TIERS: [Tier; 4] = [Tier::Local, Tier::Spill, Tier::Saturated, Tier::LastResort];
+const VERDICTS: [Verdict; 5] = [
+    Verdict::Allow,
+    Verdict::Drained,
+    Verdict::AtCapacity,
+    Verdict::NotPreferred,
+    Verdict::Reject,
+];
+const HEALTHS: [ClusterHealth; 4] = [
+    ClusterHealth::Starting,
+    ClusterHealth::Up,
+    ClusterHealth::Down,
+    ClusterHealth::Recovering,
+];
+
+/// The registry and the handles the request path counts with.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    clusters: usize,
+    /// By `(pool * clusters + cluster) * TIERS.len() + tier`.
+    picks: Vec<Counter>,
+    /// By `(pool * clusters + cluster) * VERDICTS.len() + verdict`.
+    verdicts: Vec<Counter>,
+    refusals: Family<ReasonLabels, Counter>,
+    reloads: Family<ResultLabels, Counter>,
+    health: Family<ClusterLabels, Gauge>,
+    in_flight: Family<EndpointLabels, Gauge>,
+}
+
+impl Metrics {
+    pub fn new(fleet: &Fleet) -> Metrics {
+        let mut registry = Registry::with_prefix("fleetpick");
+        let picks_family = Family::<PickLabels, Counter>::default();
+        let verdict_family = Family::<VerdictLabels, Counter>::default();
+        let refusals = Family::<ReasonLabels, Counter>::default();
+        let reloads = Family::<ResultLabels, Counter>::default();
+        let health = Family::<ClusterLabels, Gauge>::default();
+        let in_flight = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "picks",
+            "Requests sent to an endpoint, by pool, the endpoint's cluster, and the tier it was picked from (local, spill, saturated, last-resort)",
+            picks_family.clone(),
+        );
+        registry.register(
+            "dry_run_verdicts",
+            "What a dry-run backend policy would have done with each pick, by pool and the picked endpoint's cluster",
+            verdict_family.clone(),
+        );
+        registry.register(
+            "refusals",
+            "Requests answered by fleetpick itself, by reason",
+            refusals.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Changed fleet files read, by result (applied, or refused: unparsable, or another fleet)",
+            reloads.clone(),
+        );
+        registry.register(
+            "cluster_health",
+            "1 for each cluster's current health (starting, up, down, recovering)",
+            health.clone(),
+        );
+        registry.register(
+            "endpoint_in_flight",
+            "Requests this picker has in flight at each endpoint",
+            in_flight.clone(),
+        );
+        let mut picks = Vec::new();
+        let mut verdicts = Vec::new();
+        for pool in &fleet.pools {
+            for cluster in &fleet.clusters {
+                for t in TIERS {
+                    picks.push(picks_family.get_or_create_owned(&PickLabels {
+                        pool: pool.name.clone(),
+                        cluster: cluster.name.clone(),
+                        tier: t.as_str().into(),
+                    }));
+                }
+                for v in VERDICTS {
+                    verdicts.push(verdict_family.get_or_create_owned(&VerdictLabels {
+                        pool: pool.name.clone(),
+                        cluster: cluster.name.clone(),
+                        verdict: v.as_str().into(),
+                    }));
+                }
+            }
+        }
+        Metrics {
+            registry,
+            clusters: fleet.clusters.len(),
+            picks,
+            verdicts,
+            refusals,
+            reloads,
+            health,
+            in_flight,
+        }
+    }
+
+    /// Counts a pick of an endpoint of `pool` in `cluster`.
+    pub fn picked(&self, pool: usize, cluster: usize, tier: Tier, verdict: Option<Verdict>) {
+        let at = pool * self.clusters + cluster;
+        if let Some(t) = TIERS.iter().position(|&x| x == tier)
+            && let Some(c) = self.picks.get(at * TIERS.len() + t)
+        {
+            c.inc();
+        }
+        if let Some(v) = verdict
+            && let Some(i) = VERDICTS.iter().position(|&x| x == v)
+            && let Some(c) = self.verdicts.get(at * VERDICTS.len() + i)
+        {
+            c.inc();
+        }
+    }
+
+    /// Counts a request fleetpick answered itself.
+    pub fn refused(&self, reason: &str) {
+        self.refusals
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a changed fleet file, applied or refused.
+    pub fn reloaded(&self, applied: bool) {
+        let result = if applied { "applied" } else { "refused" };
+        self.reloads
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// The text exposition, with the gauges read from `fleet` now.
+    pub fn render(&self, fleet: &Fleet) -> Result<String, std::fmt::Error> {
+        for c in &fleet.clusters {
+            let now = c.health();
+            for h in HEALTHS {
+                self.health
+                    .get_or_create(&ClusterLabels {
+                        cluster: c.name.clone(),
+                        region: c.region.clone(),
+                        health: h.as_str().into(),
+                    })
+                    .set(i64::from(h == now));
+            }
+        }
+        for e in &fleet.endpoints {
+            self.in_flight
+                .get_or_create(&EndpointLabels {
+                    pool: fleet.pools[e.pool].name.clone(),
+                    cluster: fleet.clusters[e.cluster].name.clone(),
+                    endpoint: e.addr_text.clone(),
+                })
+                .set(i64::from(e.in_flight.load(Ordering::Relaxed)));
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Serves `GET /metrics` on `listener` (until the task running it is dropped or aborted).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    fleet: Arc<Fleet>,
+) -> std::io::Result<()> {
+    use axum::http::{StatusCode, header};
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let (metrics, fleet) = (metrics.clone(), fleet.clone());
+            async move {
+                match metrics.render(&fleet) {
+                    Ok(text) => (
+                        StatusCode::OK,
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    ),
+                    Err(_) => (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        [(header::CONTENT_TYPE, "text/plain")],
+                        "cannot encode the metrics\n".to_string(),
+                    ),
+                }
+            }
+        }),
+    );
+    axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FleetConfig;
+
+    #[test]
+    fn picks_and_verdicts_count_under_their_labels() {
+        let cfg = FleetConfig::parse(
+            "clusters: [{name: a, region: r1}, {name: b, region: r2}]\npools:\n  - {name: p, models: [m], target_port: 80, endpoints: {a: [10.0.0.1], b: [10.0.0.2]}}\n",
+            "t",
+        )
+        .unwrap();
+        let fleet = Fleet::new(&cfg);
+        let m = Metrics::new(&fleet);
+        m.picked(0, 1, Tier::Spill, Some(Verdict::Drained));
+        m.picked(0, 1, Tier::Spill, None);
+        m.refused("at-capacity");
+        let text = m.render(&fleet).unwrap();
+        assert!(
+            text.contains("fleetpick_picks_total{pool=\"p\",cluster=\"b\",tier=\"spill\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetpick_picks_total{pool=\"p\",cluster=\"a\",tier=\"local\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "fleetpick_dry_run_verdicts_total{pool=\"p\",cluster=\"b\",verdict=\"drained\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetpick_refusals_total{reason=\"at-capacity\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "fleetpick_cluster_health{cluster=\"a\",region=\"r1\",health=\"starting\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "fleetpick_endpoint_in_flight{pool=\"p\",cluster=\"a\",endpoint=\"10.0.0.1:80\"} 0"
+            ),
+            "{text}"
+        );
+    }
+}
