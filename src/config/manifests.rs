@@ -1,0 +1,287 @@
+//! Kubernetes manifests the fleet file can name, so that users keep one source of truth:
+//! `InferencePool` (`inference.networking.k8s.io/v1`, and the older
+//! `inference.networking.x-k8s.io/v1alpha2`) gives a pool its target ports and says whether it
+//! is exported to the cluster set; `InferenceObjective` (`inference.networking.x-k8s.io`) gives
+//! a named objective its priority and pool.
+//!
+//! A manifest file may hold many YAML documents (`---`); objects of other kinds (Deployments,
+//! Services, ...) are skipped, so a directory's worth of manifests can be named as it is.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// The annotation that exports an InferencePool to the cluster set.
+pub const EXPORT_ANNOTATION: &str = "inference.networking.x-k8s.io/export";
+
+/// An InferencePool, as fleetpick uses it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolManifest {
+    pub name: String,
+    pub namespace: Option<String>,
+    /// Every port of every pod is an endpoint.
+    pub target_ports: Vec<u16>,
+    /// Annotated for export (`ClusterSet`).
+    pub exported: bool,
+    /// `spec.endpointPickerRef.failureMode`: `FailOpen` or `FailClose` (the default).
+    pub fail_open: bool,
+    /// The file it came from, for messages.
+    pub source: String,
+}
+
+/// An InferenceObjective: requests naming it (the `x-gateway-inference-objective` header) get
+/// its priority.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectiveManifest {
+    pub name: String,
+    pub priority: i32,
+    pub pool: String,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Manifests {
+    pub pools: Vec<PoolManifest>,
+    pub objectives: Vec<ObjectiveManifest>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read manifest file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("manifest file {path}, document {doc}: {message}")]
+    Invalid {
+        path: String,
+        doc: usize,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+struct Object {
+    #[serde(rename = "apiVersion", default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    metadata: Metadata,
+    #[serde(default)]
+    spec: serde_norway::Value,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Metadata {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    annotations: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PoolSpecV1 {
+    #[serde(default)]
+    target_ports: Vec<PortRef>,
+    /// v1alpha2's single port.
+    #[serde(default)]
+    target_port_number: Option<u16>,
+    #[serde(default)]
+    endpoint_picker_ref: Option<PickerRef>,
+    /// v1alpha2's name for the picker reference.
+    #[serde(default)]
+    extension_ref: Option<PickerRef>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PortRef {
+    number: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PickerRef {
+    #[serde(default)]
+    failure_mode: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ObjectiveSpec {
+    #[serde(default)]
+    priority: Option<i32>,
+    pool_ref: NameRef,
+}
+
+#[derive(Debug, Deserialize)]
+struct NameRef {
+    name: String,
+}
+
+fn is_inference_group(api_version: &str) -> bool {
+    api_version.starts_with("inference.networking.k8s.io/")
+        || api_version.starts_with("inference.networking.x-k8s.io/")
+}
+
+/// Reads the InferencePools and InferenceObjectives of `text` (from `source`).
+pub fn parse(text: &str, source: &str) -> Result<Manifests, ManifestError> {
+    let mut out = Manifests::default();
+    for (doc, de) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let invalid = |message: String| ManifestError::Invalid {
+            path: source.to_string(),
+            doc: doc + 1,
+            message,
+        };
+        let value = serde_norway::Value::deserialize(de).map_err(|e| invalid(e.to_string()))?;
+        if value.is_null() {
+            continue;
+        }
+        let obj: Object = serde_norway::from_value(value).map_err(|e| invalid(e.to_string()))?;
+        if !is_inference_group(&obj.api_version) {
+            continue;
+        }
+        let name = obj.metadata.name.clone();
+        match obj.kind.as_str() {
+            "InferencePool" => {
+                if name.is_empty() {
+                    return Err(invalid("InferencePool without metadata.name".into()));
+                }
+                let spec: PoolSpecV1 = serde_norway::from_value(obj.spec)
+                    .map_err(|e| invalid(format!("InferencePool `{name}`: spec: {e}")))?;
+                let mut ports: Vec<u16> = spec.target_ports.iter().map(|p| p.number).collect();
+                ports.extend(spec.target_port_number);
+                if ports.is_empty() || ports.contains(&0) || ports.len() > 8 {
+                    return Err(invalid(format!(
+                        "InferencePool `{name}`: spec.targetPorts must list 1 to 8 ports, 1 to 65535"
+                    )));
+                }
+                let picker = spec.endpoint_picker_ref.or(spec.extension_ref);
+                out.pools.push(PoolManifest {
+                    name,
+                    namespace: obj.metadata.namespace,
+                    target_ports: ports,
+                    exported: obj
+                        .metadata
+                        .annotations
+                        .get(EXPORT_ANNOTATION)
+                        .is_some_and(|v| v == "ClusterSet"),
+                    fail_open: picker
+                        .and_then(|p| p.failure_mode)
+                        .is_some_and(|m| m == "FailOpen"),
+                    source: source.to_string(),
+                });
+            }
+            "InferenceObjective" => {
+                let spec: ObjectiveSpec = serde_norway::from_value(obj.spec)
+                    .map_err(|e| invalid(format!("InferenceObjective `{name}`: spec: {e}")))?;
+                out.objectives.push(ObjectiveManifest {
+                    name,
+                    priority: spec.priority.unwrap_or(0),
+                    pool: spec.pool_ref.name,
+                    source: source.to_string(),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Reads every file of `paths`, relative ones against `base`.
+pub fn load(paths: &[String], base: &Path) -> Result<Manifests, ManifestError> {
+    let mut all = Manifests::default();
+    for p in paths {
+        let path = base.join(p);
+        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let m = parse(&text, &path.display().to_string())?;
+        all.pools.extend(m.pools);
+        all.objectives.extend(m.objectives);
+    }
+    Ok(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POOLS: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: vllm}
+spec: {replicas: 3}
+---
+apiVersion: inference.networking.k8s.io/v1
+kind: InferencePool
+metadata:
+  name: llama
+  namespace: serving
+  annotations:
+    inference.networking.x-k8s.io/export: ClusterSet
+spec:
+  targetPorts: [{number: 8000}, {number: 8001}]
+  selector: {matchLabels: {app: vllm}}
+  endpointPickerRef: {name: fleetpick, port: {number: 9002}, failureMode: FailOpen}
+---
+apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferencePool
+metadata: {name: old}
+spec: {targetPortNumber: 9000, selector: {app: x}, extensionRef: {name: epp}}
+---
+apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferenceObjective
+metadata: {name: chat}
+spec: {priority: 10, poolRef: {name: llama}}
+"#;
+
+    #[test]
+    fn pools_and_objectives_are_read_and_other_kinds_skipped() {
+        let m = parse(POOLS, "k8s.yaml").unwrap();
+        assert_eq!(m.pools.len(), 2);
+        let p = &m.pools[0];
+        assert_eq!(
+            (p.name.as_str(), p.namespace.as_deref(), &p.target_ports[..]),
+            ("llama", Some("serving"), &[8000, 8001][..])
+        );
+        assert!(p.exported && p.fail_open);
+        let old = &m.pools[1];
+        assert_eq!(old.target_ports, vec![9000]);
+        assert!(!old.exported && !old.fail_open);
+        assert_eq!(
+            m.objectives,
+            vec![ObjectiveManifest {
+                name: "chat".into(),
+                priority: 10,
+                pool: "llama".into(),
+                source: "k8s.yaml".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn bad_manifests_name_the_document() {
+        let e = parse(
+            "kind: InferencePool\napiVersion: inference.networking.k8s.io/v1\nmetadata: {name: p}\nspec: {targetPorts: []}\n",
+            "m.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("m.yaml, document 1") && e.contains("targetPorts"),
+            "{e}"
+        );
+        let e = parse(
+            "---\n---\nkind: InferenceObjective\napiVersion: inference.networking.x-k8s.io/v1alpha2\nmetadata: {name: o}\nspec: {priority: 1}\n",
+            "m.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("document 2") && e.contains("poolRef"), "{e}");
+    }
+}
