@@ -136,6 +136,7 @@ pub async fn run(time_scale: f64) -> anyhow::Result<()> {
             extproc: picker_addr,
             endpoints: Vec::new(),
             body_mode: BodyMode::FullDuplex,
+            localities: Vec::new(),
         },
     ))
     .await

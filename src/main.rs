@@ -222,6 +222,7 @@ fn main() -> anyhow::Result<()> {
                         endpoints
                     },
                     body_mode,
+                    localities: Vec::new(),
                 };
                 print!("{}", fleetpick::envoy::render(flavor, &params));
                 Ok(())

@@ -23,6 +23,7 @@ async fn smoke_scenario_runs_every_strategy_and_writes_the_report() {
     for s in [
         "round-robin",
         "least-request",
+        "locality-round-robin",
         "fleetpick",
         "fleetpick-kv-only",
     ] {
@@ -37,6 +38,13 @@ async fn smoke_scenario_runs_every_strategy_and_writes_the_report() {
             "{} did not complete its requests",
             c.strategy
         );
+        if c.concurrency.is_none() {
+            assert_eq!(
+                c.windows[0].requests, c.requests,
+                "{}: one window, the whole cell",
+                c.strategy
+            );
+        }
         assert_eq!(
             c.per_server.values().sum::<usize>(),
             c.ok,
@@ -49,6 +57,10 @@ async fn smoke_scenario_runs_every_strategy_and_writes_the_report() {
     let md = std::fs::read_to_string(dir.0.join("report.md")).unwrap();
     assert!(md.contains("| fleetpick-kv-only |"), "{md}");
     assert!(
+        md.contains("| whole | 10.0 | fleetpick |"),
+        "the window is reported: {md}"
+    );
+    assert!(
         md.contains("| fleetpick | closed loop, 4 clients |")
             && md.contains("## Against round robin: added latency"),
         "{md}"
@@ -57,5 +69,5 @@ async fn smoke_scenario_runs_every_strategy_and_writes_the_report() {
     assert!(png.starts_with(b"\x89PNG"), "the plot is a PNG");
     let back: fleetpick::bench::Results =
         serde_json::from_slice(&std::fs::read(dir.0.join("results.json")).unwrap()).unwrap();
-    assert_eq!(back.cells.len(), 8);
+    assert_eq!(back.cells.len(), 10);
 }

@@ -30,6 +30,7 @@ async fn envoy_for(flavor: Flavor, picker: SocketAddr, sim: &Sim) -> Envoy {
             .map(|e| e.address.parse().unwrap())
             .collect(),
         body_mode: BodyMode::FullDuplex,
+        localities: Vec::new(),
     };
     envoy::start(&render(flavor, &params)).await
 }
@@ -345,6 +346,7 @@ async fn large_bodies_arrive_intact_in_both_body_modes() {
             extproc: picker.grpc,
             endpoints: Vec::new(),
             body_mode: mode,
+            localities: Vec::new(),
         };
         let envoy = envoy::start(&render(Flavor::OriginalDst, &params)).await;
         until_routing(&envoy).await;

@@ -26,6 +26,7 @@ fn test_params(extproc: SocketAddr, endpoints: Vec<SocketAddr>) -> EnvoyParams {
         extproc,
         endpoints,
         body_mode: BodyMode::FullDuplex,
+        localities: Vec::new(),
     }
 }
 
@@ -91,6 +92,7 @@ fn every_flavor_and_body_mode_validates() {
                 for body_mode in BodyMode::ALL {
                     let p = EnvoyParams {
                         body_mode,
+                        localities: Vec::new(),
                         ..p.clone()
                     };
                     validate(&render(flavor, &p));
@@ -199,4 +201,72 @@ async fn original_dst_fails_closed_while_fleetpick_is_down() {
         .unwrap();
     assert!(resp.status().is_server_error(), "status {}", resp.status());
     assert!(resp.headers().get("x-sim-server").is_none());
+}
+
+#[tokio::test]
+async fn locality_baseline_prefers_priority_zero_and_fails_over_on_its_own() {
+    let sim = Sim::start(&[
+        "--servers",
+        "4",
+        "--clusters",
+        "near,far",
+        "--time-scale",
+        "10",
+    ])
+    .await;
+    let group = |cluster: &str, priority: u32| fleetpick::envoy::Locality {
+        region: format!("region-of-{cluster}"),
+        zone: cluster.to_string(),
+        priority,
+        endpoints: sim
+            .entries
+            .iter()
+            .filter(|e| e.cluster == cluster)
+            .map(|e| e.address.parse().unwrap())
+            .collect(),
+    };
+    let mut p = test_params(dead_address(), Vec::new());
+    p.localities = vec![group("near", 0), group("far", 1)];
+    let config = render(Flavor::RoundRobin, &p);
+    validate(&config);
+    let envoy = envoy::start(&config).await;
+    // Active health checks must pass before Envoy routes: wait for a first success.
+    common::wait_for("Envoy to route", std::time::Duration::from_secs(30), || {
+        let envoy = &envoy;
+        async move { (servers_reached_or_none(envoy).await).then_some(()) }
+    })
+    .await;
+    let near: BTreeSet<String> = ["near-0", "near-1"].map(String::from).into();
+    assert_eq!(servers_reached(&envoy, 20, &[]).await, near);
+    client()
+        .post(sim.admin_url("/clusters/near/stop"))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+    // Health checks find it gone; priority 1 takes over.
+    let far: BTreeSet<String> = ["far-0", "far-1"].map(String::from).into();
+    common::wait_for(
+        "Envoy to fail over to priority 1",
+        std::time::Duration::from_secs(30),
+        || {
+            let (envoy, far) = (&envoy, &far);
+            async move {
+                let (status, server) =
+                    common::complete(&client(), &envoy.url("/v1/completions"), &[]).await;
+                (status == 200 && server.is_some_and(|s| far.contains(&s))).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(servers_reached(&envoy, 20, &[]).await, far);
+}
+
+/// One request through `envoy`: did it succeed?
+async fn servers_reached_or_none(envoy: &Envoy) -> bool {
+    common::complete(&client(), &envoy.url("/v1/completions"), &[])
+        .await
+        .0
+        == 200
 }

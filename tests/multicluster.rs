@@ -59,6 +59,7 @@ async fn envoy_for(flavor: Flavor, picker: &Picker, sim: &Sim) -> Envoy {
             .map(|e| e.address.parse().unwrap())
             .collect(),
         body_mode: BodyMode::FullDuplex,
+        localities: Vec::new(),
     };
     let envoy = envoy::start(&render(flavor, &params)).await;
     let url = envoy.url("/v1/completions");

@@ -47,6 +47,15 @@ pub struct FleetShape {
     /// Engine parameters of every server (see the simulator's config file).
     #[serde(default, skip_serializing)]
     pub engine: EngineOverrides,
+    /// Region of each cluster (default: all in one).
+    #[serde(default)]
+    pub regions: BTreeMap<String, String>,
+    /// Simulated network delay to each cluster's servers, in (simulated) milliseconds.
+    #[serde(default)]
+    pub network_delay_ms: BTreeMap<String, f64>,
+    /// The region fleetpick runs in, and the one Envoy's locality-aware baselines prefer.
+    #[serde(default)]
+    pub picker_region: Option<String>,
 }
 
 fn default_clusters() -> Vec<String> {
@@ -155,31 +164,33 @@ pub struct Strategy {
     pub name: String,
     pub flavor: Flavor,
     pub weights: Option<Weights>,
+    /// Envoy balances by locality: the picker's region at priority 0, the others at 1.
+    pub locality: bool,
 }
 
 impl StrategySpec {
     fn resolve(&self) -> Result<Strategy, BenchError> {
         match self {
-            StrategySpec::Named(n) => match n.as_str() {
-                "round-robin" => Ok(Strategy {
+            StrategySpec::Named(n) => {
+                let (flavor, weights, locality) = match n.as_str() {
+                    "round-robin" => (Flavor::RoundRobin, None, false),
+                    "least-request" => (Flavor::LeastRequest, None, false),
+                    "locality-round-robin" => (Flavor::RoundRobin, None, true),
+                    "locality-least-request" => (Flavor::LeastRequest, None, true),
+                    "fleetpick" => (Flavor::OriginalDst, Some(Weights::default()), false),
+                    other => {
+                        return Err(BenchError::Scenario(format!(
+                            "strategies: unknown strategy `{other}` (round-robin, least-request, locality-round-robin, locality-least-request, fleetpick, or {{name, weights}})"
+                        )));
+                    }
+                };
+                Ok(Strategy {
                     name: n.clone(),
-                    flavor: Flavor::RoundRobin,
-                    weights: None,
-                }),
-                "least-request" => Ok(Strategy {
-                    name: n.clone(),
-                    flavor: Flavor::LeastRequest,
-                    weights: None,
-                }),
-                "fleetpick" => Ok(Strategy {
-                    name: n.clone(),
-                    flavor: Flavor::OriginalDst,
-                    weights: Some(Weights::default()),
-                }),
-                other => Err(BenchError::Scenario(format!(
-                    "strategies: unknown strategy `{other}` (round-robin, least-request, fleetpick, or {{name, weights}})"
-                ))),
-            },
+                    flavor,
+                    weights,
+                    locality,
+                })
+            }
             StrategySpec::Variant { name, weights } => {
                 let d = Weights::default();
                 Ok(Strategy {
@@ -192,6 +203,7 @@ impl StrategySpec {
                         prefill: weights.prefill.unwrap_or(d.prefill),
                         rtt: weights.rtt.unwrap_or(d.rtt),
                     }),
+                    locality: false,
                 })
             }
         }
@@ -222,6 +234,35 @@ pub struct Scenario {
     /// sustains (the overhead scenario's second question).
     #[serde(default)]
     pub max_rate: Option<MaxRateSpec>,
+    /// Faults during each cell: a cluster stopped or started `at_s` seconds in.
+    #[serde(default)]
+    pub events: Vec<EventSpec>,
+    /// Parts of each cell reported on their own (requests by start time), such as "during the
+    /// burst" or "while a cluster is lost".
+    #[serde(default)]
+    pub windows: Vec<WindowSpec>,
+}
+
+/// A fault at a moment of each cell.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventSpec {
+    pub at_s: f64,
+    /// Stop every server of this cluster (connections refused, open ones dropped).
+    #[serde(default)]
+    pub stop: Option<String>,
+    /// Start them again.
+    #[serde(default)]
+    pub start: Option<String>,
+}
+
+/// A named part of each cell, by request start time.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowSpec {
+    pub name: String,
+    pub from_s: f64,
+    pub to_s: f64,
 }
 
 /// A closed-loop cell: `concurrency` clients, each sending its next request when the last ends.
@@ -308,6 +349,8 @@ pub enum BenchError {
     },
     #[error("fleetpick never saw every endpoint scraped")]
     NotReady,
+    #[error("no request got through Envoy in 15 s")]
+    NotRouting,
 }
 
 impl Scenario {
@@ -341,10 +384,10 @@ impl Scenario {
             return bad("bursts: factor and on_s must be positive, off_s at least 0");
         }
         if self.load_generator == LoadGenerator::InferencePerf
-            && (self.bursts.is_some() || self.workload.long_share > 0.0)
+            && (self.bursts.is_some() || self.workload.long_share > 0.0 || !self.events.is_empty())
         {
             return bad(
-                "load_generator: inference-perf cannot send bursts or mixed prompt lengths here; use rust",
+                "load_generator: inference-perf cannot send bursts or mixed prompt lengths, or run events, here; use rust",
             );
         }
         if let Some(m) = self.max_rate {
@@ -353,6 +396,44 @@ impl Scenario {
             }
             if self.load_generator == LoadGenerator::InferencePerf {
                 return bad("max_rate: the closed loop is sent by the rust load generator only");
+            }
+        }
+        let clusters = &self.fleet.clusters;
+        for (i, e) in self.events.iter().enumerate() {
+            let named = e.stop.iter().chain(&e.start).collect::<Vec<_>>();
+            if named.len() != 1 || !(e.at_s.is_finite() && e.at_s >= 0.0) {
+                return Err(BenchError::Scenario(format!(
+                    "events[{i}]: give at_s (seconds, at least 0) and one of stop or start"
+                )));
+            }
+            if !clusters.contains(named[0]) {
+                return Err(BenchError::Scenario(format!(
+                    "events[{i}]: no cluster `{}` in fleet.clusters ({})",
+                    named[0],
+                    clusters.join(", ")
+                )));
+            }
+        }
+        for (i, w) in self.windows.iter().enumerate() {
+            if !(w.from_s.is_finite() && w.to_s.is_finite() && 0.0 <= w.from_s && w.from_s < w.to_s)
+            {
+                return Err(BenchError::Scenario(format!(
+                    "windows[{i}] ({}): from_s must be at least 0 and below to_s",
+                    w.name
+                )));
+            }
+        }
+        for c in self
+            .fleet
+            .regions
+            .keys()
+            .chain(self.fleet.network_delay_ms.keys())
+        {
+            if !clusters.contains(c) {
+                return Err(BenchError::Scenario(format!(
+                    "fleet: regions and network_delay_ms name cluster `{c}`, which is not in fleet.clusters ({})",
+                    clusters.join(", ")
+                )));
             }
         }
         if !(0.0..=1.0).contains(&self.workload.long_share) {
@@ -393,6 +474,18 @@ pub struct CellResult {
     pub per_server: BTreeMap<String, usize>,
     /// The busiest server's share of requests over an even share (1.0 = perfectly even).
     pub max_share_over_even: f64,
+    /// The scenario's windows, in order.
+    #[serde(default)]
+    pub windows: Vec<WindowResult>,
+}
+
+/// What one window of a cell measured (requests that started in it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WindowResult {
+    pub name: String,
+    pub requests: usize,
+    pub errors: usize,
+    pub ttft_ms: Option<Percentiles>,
 }
 
 /// The results of a scenario run.
@@ -483,6 +576,20 @@ async fn run_cell(
         seed: scenario.seed,
         config: SimConfig {
             defaults: scenario.fleet.engine.clone(),
+            clusters: scenario
+                .fleet
+                .network_delay_ms
+                .iter()
+                .map(|(c, &ms)| {
+                    (
+                        c.clone(),
+                        crate::sim::params::ClusterSettings {
+                            network_delay_ms: ms,
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect(),
             ..SimConfig::default()
         },
         ..FleetOptions::default()
@@ -511,7 +618,31 @@ async fn drive_cell(
             .filter_map(|e| e.address.parse().ok())
             .collect(),
         body_mode: BodyMode::FullDuplex,
+        localities: Vec::new(),
     };
+    let shape = &scenario.fleet;
+    let region_of = |cluster: &str| shape.regions.get(cluster).map_or("default", |r| r.as_str());
+    if strategy.locality {
+        params.localities = shape
+            .clusters
+            .iter()
+            .map(|c| crate::envoy::Locality {
+                region: region_of(c).to_string(),
+                zone: c.clone(),
+                priority: u32::from(
+                    shape
+                        .picker_region
+                        .as_deref()
+                        .is_some_and(|r| r != region_of(c)),
+                ),
+                endpoints: entries
+                    .iter()
+                    .filter(|e| e.cluster == *c)
+                    .filter_map(|e| e.address.parse().ok())
+                    .collect(),
+            })
+            .collect();
+    }
     // fleetpick when the strategy uses it; stopped when `_picker` drops.
     let mut _picker = None;
     if let Some(weights) = &strategy.weights {
@@ -519,8 +650,22 @@ async fn drive_cell(
             "scheduler:\n  weights: {{kv_cache: {}, queue: {}, in_flight: {}, prefill: {}, rtt: {}}}\n",
             weights.kv_cache, weights.queue, weights.in_flight, weights.prefill, weights.rtt
         );
+        let regions: Vec<(&str, &str)> = shape
+            .regions
+            .iter()
+            .map(|(c, r)| (c.as_str(), r.as_str()))
+            .collect();
+        let picker = shape
+            .picker_region
+            .as_ref()
+            .map_or(String::new(), |r| format!("picker: {{region: {r}}}\n"));
         let cfg = FleetConfig::parse(
-            &crate::sim::fleet::fleet_file(&entries, model, &[], &scheduler),
+            &crate::sim::fleet::fleet_file(
+                &entries,
+                model,
+                &regions,
+                &format!("{picker}{scheduler}"),
+            ),
             "bench fleet",
         )?;
         let picker = PickerThread::start(cfg)?;
@@ -539,6 +684,29 @@ async fn drive_cell(
         _picker = Some(picker);
     }
     let envoy = EnvoyProcess::start(&render(strategy.flavor, &params)).await?;
+    // Envoy listens before it routes (its active health checks, when configured, pass first):
+    // the load starts once a request gets through.
+    let probe = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .map_err(|e| BenchError::Io {
+            what: "cannot build an HTTP client".into(),
+            source: std::io::Error::other(e),
+        })?;
+    let mut routed = false;
+    for _ in 0..300 {
+        if let Ok(r) = probe.get(envoy.url("/v1/models")).send().await
+            && r.status().is_success()
+        {
+            routed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !routed {
+        return Err(BenchError::NotRouting);
+    }
     let workload = scenario.workload.workload(model);
     if let (LoadGenerator::InferencePerf, Load::Rate(rate)) = (scenario.load_generator, load) {
         let mut records = inference_perf(scenario, rate, model, &envoy.url("")).await?;
@@ -560,6 +728,24 @@ async fn drive_cell(
             loadgen::Report { summary, records },
         ));
     }
+    // The scenario's faults, timed from the start of the load.
+    let servers: Vec<Arc<crate::sim::server::SimServer>> = sim.servers.clone();
+    let events = scenario.events.clone();
+    let faults = tokio::spawn(async move {
+        let started = tokio::time::Instant::now();
+        for e in events {
+            tokio::time::sleep_until(started + Duration::from_secs_f64(e.at_s)).await;
+            for s in &servers {
+                if e.stop.as_ref() == Some(&s.cluster.name) {
+                    s.stop().await;
+                } else if e.start.as_ref() == Some(&s.cluster.name)
+                    && let Err(err) = s.start().await
+                {
+                    tracing::warn!(server = %s.name, error = %err, "cannot restart");
+                }
+            }
+        }
+    });
     let report = loadgen::run(LoadSpec {
         targets: vec![envoy.url("")],
         arrivals: match (load, scenario.bursts) {
@@ -582,7 +768,9 @@ async fn drive_cell(
         seed: scenario.seed ^ load.seed_bits(),
         watch_pid: None,
     })
-    .await?;
+    .await;
+    faults.abort();
+    let report = report?;
     drop(envoy);
     Ok(cell_result(
         scenario, strategy, load, sim, &workload, report,
@@ -804,6 +992,33 @@ fn cell_result(
         },
         per_server: s.per_server.clone(),
         max_share_over_even: if even > 0.0 { busiest / even } else { 0.0 },
+        windows: scenario
+            .windows
+            .iter()
+            .map(|w| {
+                let (from, to) = ((w.from_s * 1e6) as u64, (w.to_s * 1e6) as u64);
+                let inside: Vec<&loadgen::RequestRecord> = report
+                    .records
+                    .iter()
+                    .filter(|r| (from..to).contains(&r.start_us))
+                    .collect();
+                let ok = |r: &loadgen::RequestRecord| r.status == 200 && r.error.is_none();
+                WindowResult {
+                    name: w.name.clone(),
+                    requests: inside.len(),
+                    errors: inside.iter().filter(|r| !ok(r)).count(),
+                    ttft_ms: loadgen::percentiles(
+                        inside
+                            .iter()
+                            .filter(|r| ok(r))
+                            .filter_map(|r| {
+                                r.first_token_us.map(|f| (f - r.start_us) as f64 / 1000.0)
+                            })
+                            .collect(),
+                    ),
+                }
+            })
+            .collect(),
     }
 }
 
@@ -829,5 +1044,27 @@ mod tests {
         )
         .unwrap();
         assert!(bad.validate().unwrap_err().to_string().contains("magic"));
+        let with = |extra: &str| {
+            let s: Scenario = serde_norway::from_str(&format!(
+                "name: t\nfleet: {{servers: 2, clusters: [a, b], regions: {{a: r1}}}}\nworkload: {{prompt_bytes: 1, max_tokens: 1}}\nrates: [1]\nduration_s: 1\nstrategies: [locality-round-robin]\n{extra}"
+            ))
+            .unwrap();
+            s.validate().map(|_| s)
+        };
+        let s = with("events: [{at_s: 1, stop: a}]\nwindows: [{name: w, from_s: 0, to_s: 1}]\n")
+            .unwrap();
+        assert!(s.strategies[0].resolve().unwrap().locality);
+        let e = with("events: [{at_s: 1, stop: c}]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("events[0]: no cluster `c`"), "{e}");
+        let e = with("events: [{at_s: 1, stop: a, start: b}]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("one of stop or start"), "{e}");
+        let e = with("windows: [{name: w, from_s: 2, to_s: 1}]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("windows[0] (w)"), "{e}");
     }
 }

@@ -154,6 +154,44 @@ pub fn overhead_comparison(r: &Results) -> Option<String> {
     Some(out)
 }
 
+/// Each window of each cell (requests that started in it): time-to-first-token p90 and
+/// errors, with the p90 as a ratio to the first strategy's in the same window and rate.
+pub fn window_comparison(r: &Results) -> Option<String> {
+    let first = r.cells.first()?;
+    if first.windows.is_empty() {
+        return None;
+    }
+    let base_name = &first.strategy;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| window | offered/s | strategy | requests | errors | TTFT p50 | p90 | p99 (ms) | p90 / {base_name} |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    for (wi, w) in first.windows.iter().enumerate() {
+        for c in r.cells.iter().filter(|c| c.concurrency.is_none()) {
+            let Some(cw) = c.windows.get(wi) else {
+                continue;
+            };
+            let base = cells(r, base_name)
+                .find(|b| b.rate == c.rate)
+                .and_then(|b| b.windows.get(wi))
+                .and_then(|b| b.ttft_ms.as_ref())
+                .map(|p| p.p90);
+            let [p50, p90, p99] = pct(&cw.ttft_ms);
+            let ratio = match (cw.ttft_ms.as_ref(), base) {
+                (Some(p), Some(b)) if b > 0.0 => format!("{:.2}", p.p90 / b),
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {:.1} | {} | {} | {} | {p50} | {p90} | {p99} | {ratio} |",
+                w.name, c.rate, c.strategy, cw.requests, cw.errors
+            );
+        }
+    }
+    Some(out)
+}
+
 fn pct(p: &Option<crate::loadgen::Percentiles>) -> [String; 3] {
     match p {
         Some(p) => [
@@ -212,6 +250,9 @@ pub fn markdown(r: &Results, command: &str) -> String {
                 c.strategy, c.rate
             );
         }
+    }
+    if let Some(w) = window_comparison(r) {
+        let _ = writeln!(out, "\n## Windows\n\n{w}");
     }
     if r.cells.iter().any(|c| c.concurrency.is_some())
         && let Some(o) = overhead_comparison(r)
@@ -312,6 +353,7 @@ mod tests {
             prefix_hit_rate: 0.5,
             per_server: Default::default(),
             max_share_over_even: 1.0,
+            windows: Vec::new(),
         }
     }
 
@@ -390,6 +432,43 @@ mod tests {
         );
         // The closed-loop cells are not a point on the rate axis.
         assert!(knee_comparison(&r).is_none());
+    }
+
+    #[test]
+    fn windows_compare_with_the_first_strategy() {
+        let with = |strategy: &str, p90: f64, errors: usize| {
+            let mut c = cell(strategy, 8.0, p90);
+            c.windows = vec![super::super::WindowResult {
+                name: "loss".into(),
+                requests: 40,
+                errors,
+                ttft_ms: Some(Percentiles {
+                    p50: p90 / 2.0,
+                    p90,
+                    p99: p90,
+                }),
+            }];
+            c
+        };
+        let r = Results {
+            scenario: "w".into(),
+            description: String::new(),
+            date: utc_now(),
+            machine: "m".into(),
+            servers: 2,
+            duration_s: 1.0,
+            prefix_upper_bound: 0.0,
+            cells: vec![
+                with("locality-round-robin", 400.0, 7),
+                with("fleetpick", 100.0, 1),
+            ],
+        };
+        let w = window_comparison(&r).unwrap();
+        assert!(
+            w.contains("| loss | 8.0 | fleetpick | 40 | 1 | 50 | 100 | 100 | 0.25 |"),
+            "{w}"
+        );
+        assert!(markdown(&r, "c").contains("## Windows"));
     }
 
     #[test]

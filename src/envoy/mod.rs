@@ -82,6 +82,22 @@ pub struct EnvoyParams {
     pub endpoints: Vec<SocketAddr>,
     /// How the request body reaches fleetpick.
     pub body_mode: BodyMode,
+    /// The model servers grouped by locality, with Envoy priorities (0 first): when not empty,
+    /// the static model cluster is made of these instead of `endpoints`, with active health
+    /// checks (`GET /health`), so that Envoy fails over between priorities on its own. This is
+    /// Envoy's own locality-aware balancing, the baseline for multi-cluster scenarios.
+    pub localities: Vec<Locality>,
+}
+
+/// A group of model servers in one place (a cluster), for Envoy's locality-aware balancing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Locality {
+    pub region: String,
+    /// The cluster's name stands in for the zone.
+    pub zone: String,
+    /// Envoy priority: 0 is used first; higher ones take traffic as the lower lose health.
+    pub priority: u32,
+    pub endpoints: Vec<SocketAddr>,
 }
 
 /// The parameters of the checked-in `envoy/envoy.yaml` and `envoy/envoy-fallback.yaml`: listener
@@ -96,6 +112,7 @@ pub fn user_defaults() -> EnvoyParams {
         extproc: local(9002),
         endpoints: vec![local(8000), local(8001)],
         body_mode: BodyMode::FullDuplex,
+        localities: Vec::new(),
     }
 }
 
@@ -569,8 +586,59 @@ fn model_cluster(y: &mut String, flavor: Flavor, p: &EnvoyParams) {
         Flavor::LeastRequest => put(y, "    type: STATIC\n    lb_policy: LEAST_REQUEST\n"),
     }
     circuit_breakers(y, "the model servers queue what they cannot run yet");
-    if flavor != Flavor::OriginalDst {
+    if flavor == Flavor::OriginalDst {
+        return;
+    }
+    if p.localities.is_empty() {
         load_assignment(y, MODEL_CLUSTER, &p.endpoints);
+        return;
+    }
+    put(
+        y,
+        r#"
+    # Envoy's own failover between localities: priority 0 (the local region) takes everything
+    # while enough of it is healthy (with the default overprovisioning factor of 1.4, until
+    # fewer than 72% of its hosts pass their health checks), then priority 1 takes the rest.
+    # Health comes from active checks, so a lost cluster leaves within about a second.
+    health_checks:
+    - timeout: 1s
+      interval: 0.5s
+      no_traffic_interval: 0.5s
+      unhealthy_threshold: 1
+      healthy_threshold: 1
+      http_health_check:
+        path: /health
+"#,
+    );
+    put(
+        y,
+        &format!(
+            "    load_assignment:
+      cluster_name: {MODEL_CLUSTER}
+      endpoints:
+"
+        ),
+    );
+    for l in &p.localities {
+        put(
+            y,
+            &format!(
+                "      - locality: {{region: \"{}\", zone: \"{}\"}}
+        priority: {}
+        lb_endpoints:
+",
+                l.region, l.zone, l.priority
+            ),
+        );
+        for &addr in &l.endpoints {
+            put(
+                y,
+                "        - endpoint:
+            address:
+",
+            );
+            socket_address(y, 14, addr);
+        }
     }
 }
 
