@@ -241,8 +241,10 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = FleetConfig::load(&args.config)?;
-    if args.region.is_some() {
-        cfg.file.picker.region = args.region;
+    let loaded = cfg.file.clone();
+    if let Some(region) = args.region {
+        cfg.check_region(&region)?;
+        cfg.file.picker.region = Some(region);
     }
     let addr = fleetpick::serve::listen_addr(&cfg, args.listen);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -275,7 +277,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let io = fleetpick::serve::Io {
         grpc: listener,
         metrics,
-        config_file: Some(args.config.clone()),
+        config_file: Some(fleetpick::serve::ConfigSource {
+            path: args.config.clone(),
+            loaded,
+        }),
     };
     fleetpick::serve::serve(cfg, io, shutdown_signal()).await?;
     tracing::info!("fleetpick stopped");

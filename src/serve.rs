@@ -16,7 +16,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::collect::poller;
-use crate::config::FleetConfig;
+use crate::config::{FleetConfig, FleetFile};
 use crate::extproc::{Picker, Settings};
 use crate::fleet::Fleet;
 use crate::telemetry::{self, Metrics};
@@ -51,9 +51,17 @@ pub async fn serve(
 pub struct Io {
     pub grpc: TcpListener,
     pub metrics: Option<TcpListener>,
-    /// Re-read every [`RELOAD_EVERY`]; a changed file's backend policies are applied when it
-    /// describes the same fleet (see [`Fleet::reload_policies`]).
-    pub config_file: Option<PathBuf>,
+    /// The fleet file to re-read every [`RELOAD_EVERY`]: a change confined to the imports'
+    /// backend policies is applied at once; any other change is refused (it needs a restart).
+    pub config_file: Option<ConfigSource>,
+}
+
+/// A fleet file and its contents as loaded (before command-line overrides): what a re-read is
+/// compared with.
+#[derive(Debug)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    pub loaded: FleetFile,
 }
 
 /// How often the fleet file is re-read.
@@ -97,9 +105,9 @@ pub async fn run(
             }
         }
     });
-    let watcher = io.config_file.map(|path| {
+    let watcher = io.config_file.map(|source| {
         AbortOnDrop(tokio::spawn(watch_config(
-            path,
+            source,
             fleet.clone(),
             metrics.clone(),
         )))
@@ -129,11 +137,13 @@ pub async fn run(
     Ok(result?)
 }
 
-/// Re-reads the fleet file every [`RELOAD_EVERY`] and applies a changed file's backend
-/// policies. A file that does not parse, or describes another fleet, is refused with a log
-/// line and changes nothing.
-async fn watch_config(path: PathBuf, fleet: Arc<Fleet>, metrics: Arc<Metrics>) {
-    let mut last = tokio::fs::read(&path).await.ok();
+/// Re-reads the fleet file every [`RELOAD_EVERY`] and applies a change confined to the
+/// imports' backend policies. A file that does not parse, or changes anything else, is refused
+/// with a log line and changes nothing. Contents are compared, not bytes or times, so a change
+/// made between the first load and the first re-read is not missed.
+async fn watch_config(source: ConfigSource, fleet: Arc<Fleet>, metrics: Arc<Metrics>) {
+    let ConfigSource { path, mut loaded } = source;
+    let mut last_text: Option<Vec<u8>> = None;
     let mut tick = tokio::time::interval(RELOAD_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -141,26 +151,60 @@ async fn watch_config(path: PathBuf, fleet: Arc<Fleet>, metrics: Arc<Metrics>) {
         let Ok(text) = tokio::fs::read(&path).await else {
             continue;
         };
-        if last.as_deref() == Some(&text[..]) {
+        if last_text.as_deref() == Some(&text[..]) {
             continue;
         }
-        last = Some(text.clone());
+        last_text = Some(text.clone());
         let parsed = std::str::from_utf8(&text)
             .map_err(|e| format!("{}: not UTF-8: {e}", path.display()))
             .and_then(|t| {
                 FleetConfig::parse(t, &path.display().to_string()).map_err(|e| e.to_string())
             });
-        let applied = parsed.and_then(|cfg| {
-            fleet
-                .reload_policies(&cfg)
-                .map_err(|why| format!("{why}: restart fleetpick to apply this file"))
-        });
+        let cfg = match parsed {
+            Ok(cfg) if cfg.file == loaded => continue,
+            Ok(cfg) => cfg,
+            Err(why) => {
+                metrics.reloaded(false);
+                tracing::error!(file = %path.display(), %why, "fleet file not reloaded");
+                continue;
+            }
+        };
+        let applied = only_policies_changed(&loaded, &cfg.file)
+            .and_then(|()| fleet.reload_policies(&cfg))
+            .map_err(|why| format!("{why}: restart fleetpick to apply this file"));
         metrics.reloaded(applied.is_ok());
         match applied {
-            Ok(()) => tracing::info!(file = %path.display(), "backend policies reloaded"),
+            Ok(()) => {
+                loaded = cfg.file;
+                tracing::info!(file = %path.display(), "backend policies reloaded");
+            }
             Err(why) => tracing::error!(file = %path.display(), %why, "fleet file not reloaded"),
         }
     }
+}
+
+/// Whether `new` differs from `old` only in the imports' policies (the pools imported stay).
+fn only_policies_changed(old: &FleetFile, new: &FleetFile) -> Result<(), String> {
+    // The pools imported (no `imports` section: every pool), in a stable order.
+    let pools = |f: &FleetFile| {
+        let mut names: Vec<String> = match &f.imports {
+            Some(i) => i.iter().map(|imp| imp.pool.clone()).collect(),
+            None => f.pools.iter().map(|p| p.name.clone()).collect(),
+        };
+        names.sort();
+        names
+    };
+    if pools(old) != pools(new) {
+        return Err("the pools imported changed".into());
+    }
+    let strip = |f: &FleetFile| FleetFile {
+        imports: None,
+        ..f.clone()
+    };
+    if strip(old) != strip(new) {
+        return Err("more than the backend policies changed".into());
+    }
+    Ok(())
 }
 
 /// Aborts the task when dropped.
@@ -180,4 +224,46 @@ pub fn listen_addr(cfg: &FleetConfig, flag: Option<SocketAddr>) -> SocketAddr {
 /// The address of fleetpick's `/metrics`, if any: the flag if given, else the fleet file's.
 pub fn metrics_addr(cfg: &FleetConfig, flag: Option<SocketAddr>) -> Option<SocketAddr> {
     flag.or(cfg.file.server.metrics_listen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(extra: &str) -> FleetFile {
+        FleetConfig::parse(
+            &format!("clusters: [{{name: a}}]\npools: [{{name: p, models: [m], target_port: 80, endpoints: {{a: [10.0.0.1]}}}}]\n{extra}"),
+            "t",
+        )
+        .unwrap()
+        .file
+    }
+
+    #[test]
+    fn only_a_policy_change_may_be_applied_while_running() {
+        let base = file("imports: [{pool: p}]\n");
+        let drained = file("imports: [{pool: p, policy: {capacity_scaler: 0}}]\n");
+        assert!(only_policies_changed(&base, &drained).is_ok());
+        let weights = file("imports: [{pool: p}]\nscheduler: {weights: {queue: 5}}\n");
+        assert!(
+            only_policies_changed(&base, &weights)
+                .unwrap_err()
+                .contains("more than the backend policies")
+        );
+        // No imports section imports every pool: the same set.
+        assert!(only_policies_changed(&file(""), &drained).is_ok());
+        let two = |imports: &str| {
+            FleetConfig::parse(
+                &format!("clusters: [{{name: a}}]\npools: [{{name: p, models: [m], target_port: 80, endpoints: {{a: [10.0.0.1]}}}}, {{name: q, models: [n], target_port: 80, endpoints: {{a: [10.0.0.2]}}}}]\n{imports}"),
+                "t",
+            )
+            .unwrap()
+            .file
+        };
+        assert!(
+            only_policies_changed(&two(""), &two("imports: [{pool: p}]\n"))
+                .unwrap_err()
+                .contains("pools imported")
+        );
+    }
 }

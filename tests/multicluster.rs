@@ -63,12 +63,18 @@ async fn envoy_for(flavor: Flavor, picker: &Picker, sim: &Sim) -> Envoy {
     };
     let envoy = envoy::start(&render(flavor, &params)).await;
     let url = envoy.url("/v1/completions");
+    // A request routed by fleetpick, not merely through Envoy: the fallback configuration
+    // fails open to round robin until its health check has seen fleetpick serving.
     wait_for(
-        "a first request routed through Envoy",
+        "a first request routed by fleetpick",
         Duration::from_secs(30),
         || {
             let url = url.clone();
-            async move { (complete(&client(), &url, &[]).await.0 == 200).then_some(()) }
+            async move {
+                let routed = complete(&client(), &url, &[]).await.0 == 200;
+                let picked = sum(&picker.metrics_page().await, "fleetpick_picks_total", &[]) > 0.0;
+                (routed && picked).then_some(())
+            }
         },
     )
     .await;
@@ -93,8 +99,10 @@ async fn at_low_load_every_request_stays_in_the_local_region() {
     let sim = two_clusters("4", "10", None).await;
     let picker = Picker::start(&fleet(&sim, "")).await;
     let envoy = envoy_for(Flavor::OriginalDst, &picker, &sim).await;
+    every_endpoint_fresh(&picker, &sim).await;
     let c = client();
     let url = envoy.url("/v1/completions");
+    let before = picker.metrics_page().await;
     let mut servers = std::collections::BTreeSet::new();
     for _ in 0..30 {
         let (status, server) = complete(&c, &url, &[]).await;
@@ -106,18 +114,37 @@ async fn at_low_load_every_request_stays_in_the_local_region() {
     // Both local servers share the load; the remote region gets nothing.
     assert_eq!(servers.len(), 2, "{servers:?}");
     let page = picker.metrics_page().await;
-    assert!(
-        sum(
-            &page,
-            "fleetpick_picks_total",
-            &["cluster=\"near\"", "tier=\"local\""]
-        ) >= 30.0,
+    let picks = |page: &str, labels: &[&str]| sum(page, "fleetpick_picks_total", labels);
+    let local = ["cluster=\"near\"", "tier=\"local\""];
+    assert_eq!(
+        picks(&page, &local) - picks(&before, &local),
+        30.0,
         "{page}"
     );
-    assert_eq!(
-        sum(&page, "fleetpick_picks_total", &["cluster=\"far\""]),
-        0.0
-    );
+    let far = ["cluster=\"far\""];
+    assert_eq!(picks(&page, &far) - picks(&before, &far), 0.0, "{page}");
+}
+
+/// Waits until fleetpick has fresh metrics from every server (no endpoint of either cluster
+/// starts the test unscraped).
+async fn every_endpoint_fresh(picker: &Picker, sim: &Sim) {
+    wait_for(
+        "every endpoint scraped",
+        Duration::from_secs(30),
+        || async {
+            let page = picker.metrics_page().await;
+            let health = |c: &str| {
+                sum(
+                    &page,
+                    "fleetpick_cluster_health",
+                    &[&format!("cluster=\"{c}\""), "health=\"up\""],
+                )
+            };
+            (health("near") == 1.0 && health("far") == 1.0).then_some(())
+        },
+    )
+    .await;
+    let _ = sim;
 }
 
 #[tokio::test]
@@ -130,24 +157,18 @@ async fn a_burst_past_local_capacity_spills_remote_and_never_passes_the_in_fligh
     let envoy = envoy_for(Flavor::OriginalDst, &picker, &sim).await;
     let url = envoy.url("/v1/completions");
     let picks_before = sum(&picker.metrics_page().await, "fleetpick_picks_total", &[]);
+    // Streams far longer than the test (4,000 tokens at time scale 1: over 100 s), held open
+    // until the checks are done, so no slot frees up by chance on a slow machine.
     let burst: Vec<_> = (0..12)
         .map(|i| {
             let url = url.clone();
             tokio::spawn(async move {
-                let resp = client()
+                client()
                     .post(url)
-                    .json(&json!({"model": MODEL, "prompt": format!("burst {i}"), "max_tokens": 200, "stream": true}))
+                    .json(&json!({"model": MODEL, "prompt": format!("burst {i}"), "max_tokens": 4000, "stream": true}))
                     .send()
                     .await
-                    .unwrap();
-                let status = resp.status().as_u16();
-                let server = resp
-                    .headers()
-                    .get("x-sim-server")
-                    .map(|v| v.to_str().unwrap().to_string());
-                let body = resp.text().await.unwrap();
-                assert!(body.contains("[DONE]"), "{body}");
-                (status, server)
+                    .unwrap()
             })
         })
         .collect();
@@ -188,10 +209,15 @@ async fn a_burst_past_local_capacity_spills_remote_and_never_passes_the_in_fligh
         "{err}"
     );
     let mut per_server = std::collections::BTreeMap::new();
+    let mut streams = Vec::new();
     for task in burst {
-        let (status, server) = task.await.unwrap();
-        assert_eq!(status, 200);
-        *per_server.entry(server.unwrap()).or_insert(0) += 1;
+        let mut resp = task.await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let server = resp.headers()["x-sim-server"].to_str().unwrap().to_string();
+        *per_server.entry(server).or_insert(0) += 1;
+        // Tokens are flowing.
+        assert!(resp.chunk().await.unwrap().is_some());
+        streams.push(resp);
     }
     // The local region filled first and the excess went remote; nobody took more than three.
     assert_eq!(per_server.len(), 4, "{per_server:?}");
@@ -206,22 +232,58 @@ async fn a_burst_past_local_capacity_spills_remote_and_never_passes_the_in_fligh
         6.0,
         "{page}"
     );
-    // Every count released with its response.
-    assert_eq!(sum(&page, "fleetpick_endpoint_in_flight", &[]), 0.0);
+    // Clients leave: every count is released with its stream.
+    drop(streams);
+    wait_for(
+        "every in-flight count released",
+        Duration::from_secs(30),
+        || async {
+            let page = picker.metrics_page().await;
+            (sum(&page, "fleetpick_endpoint_in_flight", &[]) == 0.0).then_some(())
+        },
+    )
+    .await;
 }
 
-/// Sends requests one after another through `envoy` while the `near` cluster is stopped (and,
-/// with `restart`, started again), and returns the errors seen, with when they came.
-async fn through_the_loss_of_near(sim: &Sim, envoy: &Envoy) -> Vec<(u16, Duration)> {
+/// Stops the `near` cluster while requests are in flight there, then sends requests one after
+/// another through `envoy` until 20 have been served by `far` past the first second. Returns the
+/// errors seen (status, when, Envoy's or fleetpick's words), those of the requests in flight at
+/// the stop first, at zero.
+async fn through_the_loss_of_near(
+    sim: &Sim,
+    picker: &Picker,
+    envoy: &Envoy,
+) -> Vec<(u16, Duration, String)> {
     let c = client();
     let url = envoy.url("/v1/completions");
-    // Requests in flight when the cluster goes.
+    let send = |c: reqwest::Client, url: String, max_tokens: u32| async move {
+        let resp = c
+            .post(&url)
+            .json(&json!({"model": MODEL, "prompt": "hello", "max_tokens": max_tokens}))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let server = resp
+            .headers()
+            .get("x-sim-server")
+            .map(|v| v.to_str().unwrap().to_string());
+        let text = resp.text().await.unwrap_or_default();
+        (status, server, text)
+    };
+    // Requests in flight at near when it goes (non-streamed, 1,000 tokens: seconds).
     let busy: Vec<_> = (0..4)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { complete(&client(), &url, &[]).await.0 })
-        })
+        .map(|_| tokio::spawn(send(client(), url.clone(), 1000)))
         .collect();
+    wait_for(
+        "requests in flight at near",
+        Duration::from_secs(20),
+        || async {
+            let page = picker.metrics_page().await;
+            (sum(&page, "fleetpick_endpoint_in_flight", &["cluster=\"near\""]) >= 4.0).then_some(())
+        },
+    )
+    .await;
     c.post(sim.admin_url("/clusters/near/stop"))
         .send()
         .await
@@ -230,6 +292,12 @@ async fn through_the_loss_of_near(sim: &Sim, envoy: &Envoy) -> Vec<(u16, Duratio
         .unwrap();
     let stopped = Instant::now();
     let mut errors = Vec::new();
+    for b in busy {
+        let (status, _, text) = b.await.unwrap();
+        if status != 200 {
+            errors.push((status, Duration::ZERO, text));
+        }
+    }
     let mut ok_far_after_window = 0;
     let deadline = stopped + Duration::from_secs(30);
     while ok_far_after_window < 20 {
@@ -237,24 +305,30 @@ async fn through_the_loss_of_near(sim: &Sim, envoy: &Envoy) -> Vec<(u16, Duratio
             Instant::now() < deadline,
             "too slow to get 20 requests through"
         );
-        let (status, server) = complete(&c, &url, &[]).await;
-        if status == 200 {
-            let server = server.unwrap();
-            if stopped.elapsed() > Duration::from_secs(1) {
-                assert_eq!(cluster_of(&server), "far");
-                ok_far_after_window += 1;
-            }
-        } else {
-            errors.push((status, stopped.elapsed()));
-        }
-    }
-    for b in busy {
-        let status = b.await.unwrap();
+        let (status, server, text) = send(c.clone(), url.clone(), 2).await;
         if status != 200 {
-            errors.push((status, Duration::ZERO));
+            errors.push((status, stopped.elapsed(), text));
+        } else if stopped.elapsed() > Duration::from_secs(1) {
+            assert_eq!(cluster_of(&server.unwrap()), "far");
+            ok_far_after_window += 1;
         }
     }
     errors
+}
+
+/// Envoy's count of retries to the model servers.
+async fn envoy_retries(envoy: &Envoy) -> f64 {
+    let text = client()
+        .get(envoy.admin_url("/stats?filter=cluster.model_servers.upstream_rq_retry$"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("cluster.model_servers.upstream_rq_retry: "))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
 #[tokio::test]
@@ -262,9 +336,13 @@ async fn losing_a_cluster_without_fallbacks_errors_stop_within_a_second_and_it_c
     let sim = two_clusters("4", "10", None).await;
     let picker = Picker::start(&fleet(&sim, "scheduler: {cluster_recovery_ms: 500}\n")).await;
     let envoy = envoy_for(Flavor::OriginalDst, &picker, &sim).await;
-    let errors = through_the_loss_of_near(&sim, &envoy).await;
+    let errors = through_the_loss_of_near(&sim, &picker, &envoy).await;
+    // Without retries, the requests running at near when it went are lost.
+    assert!(!errors.is_empty(), "the lost requests were not seen");
     assert!(
-        errors.iter().all(|(_, at)| *at <= Duration::from_secs(1)),
+        errors
+            .iter()
+            .all(|(_, at, _)| *at <= Duration::from_secs(1)),
         "errors past the first second: {errors:?}"
     );
     let page = picker.metrics_page().await;
@@ -315,8 +393,10 @@ async fn losing_a_cluster_with_fallbacks_no_client_sees_an_error() {
     let sim = two_clusters("4", "10", None).await;
     let picker = Picker::start(&fleet(&sim, "scheduler: {fallbacks: 1}\n")).await;
     let envoy = envoy_for(Flavor::Fallback, &picker, &sim).await;
-    let errors = through_the_loss_of_near(&sim, &envoy).await;
+    let errors = through_the_loss_of_near(&sim, &picker, &envoy).await;
     assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+    // They were saved by retries down fleetpick's list, into the other cluster.
+    assert!(envoy_retries(&envoy).await >= 4.0);
 }
 
 #[tokio::test]
@@ -332,7 +412,7 @@ async fn capacity_scaler_zero_drains_a_cluster_while_its_requests_finish() {
             tokio::spawn(async move {
                 let resp = client()
                     .post(url)
-                    .json(&json!({"model": MODEL, "prompt": format!("long {i}"), "max_tokens": 400, "stream": true}))
+                    .json(&json!({"model": MODEL, "prompt": format!("long {i}"), "max_tokens": 800, "stream": true}))
                     .send()
                     .await
                     .unwrap();

@@ -65,7 +65,7 @@ pub use manifests::{Manifests, ObjectiveManifest, PoolManifest};
 
 pub use crate::envoy::BodyMode;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSettings {
     pub listen: SocketAddr,
@@ -87,7 +87,7 @@ impl Default for ServerSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSpec {
     pub name: String,
@@ -105,7 +105,7 @@ pub struct ClusterSpec {
 
 /// Where this picker runs: its region is the one it prefers (`fleetpick serve --region`
 /// overrides it).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PickerSite {
     pub region: Option<String>,
@@ -127,7 +127,7 @@ pub enum BalancingMode {
 }
 
 /// Settings a policy scope may override for the clusters it selects.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyOverrides {
     pub capacity_scaler: Option<f64>,
@@ -137,7 +137,7 @@ pub struct PolicyOverrides {
 }
 
 /// A scope: clusters chosen by their labels (all must match), and what changes for them.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyScope {
     pub match_labels: BTreeMap<String, String>,
@@ -146,7 +146,7 @@ pub struct PolicyScope {
 }
 
 /// The backend policy of an imported pool.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackendPolicy {
     pub balancing: BalancingMode,
@@ -183,7 +183,7 @@ impl Default for BackendPolicy {
 
 /// A pool this picker serves (in the spirit of `InferencePoolImport`: the pools of that name
 /// exported by the target clusters, as one), with its backend policy.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImportSpec {
     pub pool: String,
@@ -195,7 +195,7 @@ fn default_region() -> String {
     "default".to_string()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolSpec {
     pub name: String,
@@ -256,7 +256,7 @@ impl Default for Weights {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SchedulerSettings {
     pub weights: Weights,
@@ -280,7 +280,7 @@ impl Default for SchedulerSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PollerSettings {
     pub interval_ms: u64,
@@ -303,7 +303,7 @@ impl Default for PollerSettings {
 }
 
 /// The fleet file as written.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetFile {
     #[serde(default)]
@@ -537,6 +537,23 @@ impl FleetConfig {
         FleetConfig::parse(&text, &path.display().to_string())
     }
 
+    /// Checks that `region` (the picker's, from the command line) is some cluster's region: a
+    /// mistyped one would make every cluster remote and silently lose the local preference.
+    pub fn check_region(&self, region: &str) -> Result<(), ConfigError> {
+        if self.file.clusters.iter().any(|c| c.region == region) {
+            return Ok(());
+        }
+        Err(ConfigError::Invalid {
+            path: "--region".into(),
+            line: None,
+            field: "picker.region".into(),
+            message: format!(
+                "`{region}` is not the region of any cluster ({})",
+                regions_of(&self.file)
+            ),
+        })
+    }
+
     /// Parses and validates fleet-file text; `path` names it in messages, and the manifests
     /// it lists are read relative to `path`'s directory.
     pub fn parse(text: &str, path: &str) -> Result<FleetConfig, ConfigError> {
@@ -730,6 +747,28 @@ fn validate(
             ));
         }
     }
+    if let Some(region) = &file.picker.region
+        && !file.clusters.iter().any(|cl| &cl.region == region)
+    {
+        return Err(c.err(
+            &[key("picker"), key("region")],
+            format!(
+                "`{region}` is not the region of any cluster ({}): every cluster would be remote",
+                regions_of(file)
+            ),
+        ));
+    }
+    for (p, pool) in file.pools.iter().enumerate() {
+        if policies[p].is_some() && !endpoints.iter().any(|e: &EndpointSpec| e.pool == p) {
+            return Err(c.err(
+                &[key("pools"), Seg::Index(p), key("endpoints")],
+                format!(
+                    "pool `{}` is imported but has no endpoints served (check endpoints and exported_from)",
+                    pool.name
+                ),
+            ));
+        }
+    }
     let w = &file.scheduler.weights;
     for (name, v) in [
         ("kv_cache", w.kv_cache),
@@ -791,6 +830,13 @@ fn validate(
     })
 }
 
+/// The distinct regions of the clusters, for messages.
+fn regions_of(file: &FleetFile) -> String {
+    let set: std::collections::BTreeSet<&str> =
+        file.clusters.iter().map(|c| c.region.as_str()).collect();
+    set.into_iter().collect::<Vec<_>>().join(", ")
+}
+
 /// Checks `imports` and resolves each imported pool's policy per cluster.
 fn validate_imports(
     file: &FleetFile,
@@ -810,6 +856,12 @@ fn validate_imports(
             file.pools.len()
         ]);
     };
+    if imports.is_empty() {
+        return Err(c.err(
+            &[key("imports")],
+            "list at least one pool, or leave imports out to serve every pool",
+        ));
+    }
     let mut out = vec![None; file.pools.len()];
     for (i, imp) in imports.iter().enumerate() {
         let at = |f: &str| vec![key("imports"), Seg::Index(i), key(f)];
@@ -1220,5 +1272,35 @@ scheduler:
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn regions_and_imports_that_cannot_serve_are_refused() {
+        let e = err(&format!("picker: {{region: us-eats1}}\n{GOOD}"));
+        assert!(
+            e.contains(
+                "picker.region: `us-eats1` is not the region of any cluster (default, us-east1)"
+            ),
+            "{e}"
+        );
+        let cfg =
+            FleetConfig::parse(&format!("picker: {{region: us-east1}}\n{GOOD}"), "f").unwrap();
+        assert!(cfg.check_region("us-east1").is_ok());
+        assert!(
+            cfg.check_region("mars")
+                .unwrap_err()
+                .to_string()
+                .contains("`mars`")
+        );
+        let e = err(&format!("{GOOD}imports: []\n"));
+        assert!(e.contains("imports: list at least one pool"), "{e}");
+        let e = err(&GOOD.replace(
+            "    models: [m2]\n",
+            "    models: [m2]\n    exported_from: [east]\n",
+        ));
+        assert!(
+            e.contains("pools[1].endpoints") && e.contains("no endpoints served"),
+            "{e}"
+        );
     }
 }

@@ -695,11 +695,15 @@ fn circuit_breakers(y: &mut String, what: &str) {
     # Envoy's default caps (1024 connections, pending and active requests per cluster) would
     # turn a large burst into 503s from Envoy itself:
     # {what}.
+    # Its default of 3 retries in progress per cluster would leave all but three of the requests
+    # caught by a lost endpoint or cluster without their retry (retries wait a backoff of 25 ms
+    # or more, so they overlap).
     circuit_breakers:
       thresholds:
       - max_connections: 100000
         max_pending_requests: 100000
         max_requests: 100000
+        max_retries: 100000
 "#
         ),
     );

@@ -64,8 +64,8 @@ pub const REASON_HEADER: &str = "x-fleetpick-reason";
 /// Largest body piece sent back in FULL_DUPLEX mode (the proto asks for at most 64 KiB).
 pub const MAX_PIECE: usize = 62_000;
 /// Picks made for one request when concurrent picks keep filling the chosen endpoint to its
-/// in-flight cap first.
-const PICK_ATTEMPTS: usize = 4;
+/// in-flight cap first (each lost race leaves that endpoint full, so the next pick avoids it).
+const PICK_ATTEMPTS: usize = 8;
 
 /// What the service needs besides the fleet.
 #[derive(Debug, Clone)]
@@ -227,7 +227,9 @@ impl StreamState {
     }
 
     /// When Envoy's retries served the request elsewhere than the primary (walking down the
-    /// fallback list), the in-flight count moves to the endpoint actually serving it.
+    /// fallback list), the in-flight count moves to the endpoint actually serving it. It moves
+    /// even past an `in-flight` cap: the request is there already, and the count must say so
+    /// (the cap bounds fleetpick's picks; a retry is Envoy's choice, made after the pick).
     fn follow_retry(&mut self) {
         let (Some(served), Some(guard)) = (self.served.as_deref(), self.in_flight.as_ref()) else {
             return;
@@ -365,12 +367,7 @@ impl StreamState {
             let pick =
                 schedule::pick(fleet, &req, &settings.weights, settings.fallbacks, &mut rng)?;
             let ep = &fleet.endpoints[pick.primary];
-            let policy = fleet.policies.load().enforced(ep.pool, ep.cluster);
-            let cap = match policy.balancing {
-                crate::config::BalancingMode::InFlight => schedule::in_flight_cap(&policy),
-                crate::config::BalancingMode::KvCache => u32::MAX,
-            };
-            if let Some(guard) = InFlight::try_new(ep.clone(), cap) {
+            if let Some(guard) = InFlight::try_new(ep.clone(), pick.cap) {
                 return Ok((pick, guard));
             }
         }

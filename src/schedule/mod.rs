@@ -111,6 +111,9 @@ pub struct Pick {
     pub tier: Tier,
     /// The verdict of the primary's pool policy when it is a dry run.
     pub dry_run: Option<Verdict>,
+    /// The primary's in-flight cap under the policy this pick was made with (`u32::MAX` when
+    /// the policy sets none): the caller takes the count only below it.
+    pub cap: u32,
     pub explain: Option<Explain>,
 }
 
@@ -428,14 +431,22 @@ pub fn pick(
                 .chain(std::iter::once(&winner))
                 .filter_map(|c| c.dry.map(|d| (c.local, d))),
         );
-        match (class, dry_tier) {
-            (Class::Drained, _) => Verdict::Drained,
-            (Class::AtCapacity, _) => Verdict::AtCapacity,
-            (_, None) => Verdict::Reject,
-            (class, Some(t)) if in_tier(t, winner.local, class) => Verdict::Allow,
+        match (dry_tier, class) {
+            (None, _) => Verdict::Reject,
+            (_, Class::Drained) => Verdict::Drained,
+            (_, Class::AtCapacity) => Verdict::AtCapacity,
+            (Some(t), class) if in_tier(t, winner.local, class) => Verdict::Allow,
             _ => Verdict::NotPreferred,
         }
     });
+    let enforced = policies.enforced(
+        fleet.endpoints[winner.index].pool,
+        fleet.endpoints[winner.index].cluster,
+    );
+    let cap = match enforced.balancing {
+        BalancingMode::InFlight => in_flight_cap(&enforced),
+        BalancingMode::KvCache => u32::MAX,
+    };
     let mut fallback_list = Vec::new();
     if fallbacks > 0 && !cands.is_empty() {
         // Shuffle before the stable sort so that ties among fallbacks are random too; the
@@ -485,6 +496,7 @@ pub fn pick(
         fallbacks: fallback_list,
         tier,
         dry_run,
+        cap,
         explain,
     })
 }
@@ -677,6 +689,7 @@ mod tests {
                 fallbacks: vec![],
                 tier: Tier::Local,
                 dry_run: None,
+                cap: u32::MAX,
                 explain: None,
             }
         );
@@ -846,6 +859,17 @@ mod tests {
             assert_eq!(cluster_of(&f, &p), "near");
             assert_eq!(p.dry_run, Some(Verdict::Drained));
         }
+        // Every endpoint at the dry-run policy's cap: it would have refused the request.
+        let f2 = regions(
+            "imports:\n  - pool: p\n    policy: {dry_run: true, balancing: in-flight, max_in_flight_per_endpoint: 1}\n",
+        );
+        let _held: Vec<InFlight> = f2
+            .endpoints
+            .iter()
+            .map(|e| InFlight::new(e.clone()))
+            .collect();
+        let p = pick(&f2, &req("m"), &Weights::default(), 0, &mut rng).unwrap();
+        assert_eq!((p.dry_run, p.cap), (Some(Verdict::Reject), u32::MAX));
         // Not dry: the verdict is not reported at all.
         let f = regions("");
         let p = pick(&f, &req("m"), &Weights::default(), 0, &mut rng).unwrap();
