@@ -57,6 +57,7 @@ fn pick_latency(c: &mut Criterion) {
             model: Some(MODEL),
             subset: None,
             explain: false,
+            prefix: &[],
         };
         let mut rng = fastrand::Rng::with_seed(1);
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
@@ -76,6 +77,7 @@ fn pick_tail(_c: &mut Criterion) {
             model: Some(MODEL),
             subset: None,
             explain: false,
+            prefix: &[],
         };
         let mut rng = fastrand::Rng::with_seed(2);
         let mut times: Vec<u64> = (0..100_000)

@@ -15,6 +15,8 @@
 //!   cluster health, in-flight counts).
 //! - [`envoy`]: the Envoy configurations fleetpick ships and tests with.
 //! - [`openai`]: OpenAI-style request bodies (one parse per request) and the error shape.
+//! - [`prefix`]: chained block hashes of prompts and the picker's approximate index of which
+//!   endpoint holds which prefix.
 //! - [`scratch`]: scratch directories removed on drop.
 //! - [`sim`]: the model-server simulator (engine model, OpenAI API, `/metrics`, faults) that
 //!   every test, demo and benchmark runs on.
@@ -33,6 +35,7 @@ pub mod extproc;
 pub mod fleet;
 pub mod loadgen;
 pub mod openai;
+pub mod prefix;
 pub mod schedule;
 pub mod scratch;
 pub mod serve;

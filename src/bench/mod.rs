@@ -156,6 +156,7 @@ pub struct WeightOverrides {
     pub in_flight: Option<f64>,
     pub prefill: Option<f64>,
     pub rtt: Option<f64>,
+    pub prefix: Option<f64>,
 }
 
 /// A strategy resolved: which Envoy, and fleetpick's weights if it is in the path.
@@ -202,6 +203,7 @@ impl StrategySpec {
                         in_flight: weights.in_flight.unwrap_or(d.in_flight),
                         prefill: weights.prefill.unwrap_or(d.prefill),
                         rtt: weights.rtt.unwrap_or(d.rtt),
+                        prefix: weights.prefix.unwrap_or(d.prefix),
                     }),
                     locality: false,
                 })
@@ -647,8 +649,13 @@ async fn drive_cell(
     let mut _picker = None;
     if let Some(weights) = &strategy.weights {
         let scheduler = format!(
-            "scheduler:\n  weights: {{kv_cache: {}, queue: {}, in_flight: {}, prefill: {}, rtt: {}}}\n",
-            weights.kv_cache, weights.queue, weights.in_flight, weights.prefill, weights.rtt
+            "scheduler:\n  weights: {{kv_cache: {}, queue: {}, in_flight: {}, prefill: {}, rtt: {}, prefix: {}}}\n",
+            weights.kv_cache,
+            weights.queue,
+            weights.in_flight,
+            weights.prefill,
+            weights.rtt,
+            weights.prefix
         );
         let regions: Vec<(&str, &str)> = shape
             .regions

@@ -55,6 +55,11 @@ async fn poll(fleet: Arc<Fleet>, ep: Arc<Endpoint>, client: reqwest::Client) {
         let wait = match scrape(&client, &ep).await {
             Ok((sample, rtt)) => {
                 ep.observe_rtt(rtt);
+                if let Some(c) = sample.cache {
+                    fleet
+                        .prefix
+                        .set_capacity(ep.index, c.block_size, c.num_blocks);
+                }
                 ep.load.store(&sample, fleet.clock.now_ms());
                 interval
             }

@@ -34,7 +34,7 @@
 //!       scopes:
 //!         - {match_labels: {tier: l4}, capacity_scaler: 0.5}
 //! scheduler:
-//!   weights: {kv_cache: 1, queue: 2, in_flight: 2, prefill: 3, rtt: 1}
+//!   weights: {kv_cache: 1, queue: 2, in_flight: 2, prefill: 3, rtt: 1, prefix: 6}
 //!   fallbacks: 0              # extra endpoints after the primary in the destination list
 //!   cluster_recovery_ms: 1000 # a failed cluster returns after this long healthy
 //! poller:
@@ -242,6 +242,12 @@ pub struct Weights {
     /// 5 ms steps (an absolute scale, so that sub-millisecond differences inside a region do
     /// not count as much as a continent).
     pub rtt: f64,
+    /// Prefers endpoints that hold the request's prompt prefix in their KV cache (as this
+    /// picker's index remembers its own picks): half the matched share of the prompt, half the
+    /// matched length up to 1,024 tokens, so a long shared prefix counts even in a long prompt.
+    /// An endpoint whose queue is well above the others' gets no prefix credit (the load guard),
+    /// so a hot prefix spreads to a second holder instead of piling up.
+    pub prefix: f64,
 }
 
 impl Default for Weights {
@@ -252,6 +258,7 @@ impl Default for Weights {
             in_flight: 2.0,
             prefill: 3.0,
             rtt: 1.0,
+            prefix: 6.0,
         }
     }
 }
@@ -776,6 +783,7 @@ fn validate(
         ("in_flight", w.in_flight),
         ("prefill", w.prefill),
         ("rtt", w.rtt),
+        ("prefix", w.prefix),
     ] {
         if !(v.is_finite() && (0.0..=MAX_WEIGHT).contains(&v)) {
             return Err(c.err(
@@ -784,7 +792,7 @@ fn validate(
             ));
         }
     }
-    if w.kv_cache + w.queue + w.in_flight + w.prefill + w.rtt <= 0.0 {
+    if w.kv_cache + w.queue + w.in_flight + w.prefill + w.rtt + w.prefix <= 0.0 {
         return Err(c.err(
             &[key("scheduler"), key("weights")],
             "at least one weight must be above 0",
@@ -1060,7 +1068,7 @@ scheduler:
         ));
         assert!(e.contains("fleet.yaml:23: poller.stale_after_ms"), "{e}");
         let e = err(&format!(
-            "{GOOD}  weights: {{kv_cache: 0, queue: 0, in_flight: 0, prefill: 0, rtt: 0}}\n"
+            "{GOOD}  weights: {{kv_cache: 0, queue: 0, in_flight: 0, prefill: 0, rtt: 0, prefix: 0}}\n"
         ));
         assert!(e.contains("scheduler.weights"), "{e}");
     }

@@ -354,13 +354,18 @@ impl StreamState {
     /// Picks for `model` and takes the in-flight count at the primary. Under an `in-flight`
     /// policy the count is taken only below the cap, atomically; a pick that loses that race
     /// to a concurrent one is made again (a few times), so the cap is never passed.
-    fn pick(&self, model: Option<&str>) -> Result<(schedule::Pick, InFlight), PickError> {
+    fn pick(
+        &self,
+        model: Option<&str>,
+        prefix: &[u64],
+    ) -> Result<(schedule::Pick, InFlight), PickError> {
         let settings = &self.picker.settings;
         let fleet = &self.picker.fleet;
         let req = PickRequest {
             model,
             subset: self.subset.as_deref(),
             explain: tracing::enabled!(tracing::Level::DEBUG),
+            prefix,
         };
         let mut rng = fastrand::Rng::new();
         for _ in 0..PICK_ATTEMPTS {
@@ -368,6 +373,8 @@ impl StreamState {
                 schedule::pick(fleet, &req, &settings.weights, settings.fallbacks, &mut rng)?;
             let ep = &fleet.endpoints[pick.primary];
             if let Some(guard) = InFlight::try_new(ep.clone(), pick.cap) {
+                // The picked endpoint will hold this prompt's prefix in its cache.
+                fleet.prefix.record(pick.primary, prefix);
                 return Ok((pick, guard));
             }
         }
@@ -379,9 +386,19 @@ impl StreamState {
     fn answer(&mut self, body_end: bool) -> Vec<ProcessingResponse> {
         self.answered = true;
         let has_body = !self.body.is_empty() || body_end;
+        let mut hashes = Vec::new();
         let model = match Api::from_path(&self.path) {
             Some(api) if has_body => match InferenceRequest::parse(api, &self.body) {
-                Ok(req) => Some(req.model),
+                Ok(req) => {
+                    if let Some(first) = req.prompts.first() {
+                        hashes = crate::prefix::prompt_hashes(
+                            &req.model,
+                            req.cache_salt.as_deref(),
+                            &first.hash_bytes(),
+                        );
+                    }
+                    Some(req.model)
+                }
                 Err(e) => return self.refuse(&e, "bad-request"),
             },
             Some(_) => {
@@ -395,7 +412,7 @@ impl StreamState {
             // Not an inference request (GET /v1/models, /health): any endpoint by load.
             _ => None,
         };
-        let (pick, guard) = match self.pick(model.as_deref()) {
+        let (pick, guard) = match self.pick(model.as_deref(), &hashes) {
             Ok(p) => p,
             Err(PickError::UnknownModel(m)) => {
                 return self.refuse(&ApiError::model_not_found(&m), "unknown-model");

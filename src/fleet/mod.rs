@@ -119,6 +119,8 @@ pub const RTT_QUANTUM_MS: f64 = 5.0;
 /// One model-server endpoint.
 #[derive(Debug)]
 pub struct Endpoint {
+    /// Its position in [`Fleet::endpoints`].
+    pub index: usize,
     pub addr: SocketAddr,
     /// `addr` as text, made once: it is written into every destination header.
     pub addr_text: String,
@@ -286,6 +288,8 @@ pub struct Fleet {
     pub region: Option<String>,
     pub cluster_recovery_ms: u64,
     pub policies: arc_swap::ArcSwap<Policies>,
+    /// Which endpoint holds which prompt prefix, as this picker's picks left them.
+    pub prefix: crate::prefix::PrefixIndex,
 }
 
 impl Fleet {
@@ -297,9 +301,11 @@ impl Fleet {
         let endpoints: Vec<Arc<Endpoint>> = cfg
             .endpoints
             .iter()
-            .map(|e| {
+            .enumerate()
+            .map(|(index, e)| {
                 let pool = &file.pools[e.pool];
                 Arc::new(Endpoint {
+                    index,
                     addr: e.addr,
                     addr_text: e.addr.to_string(),
                     cluster: e.cluster,
@@ -360,6 +366,7 @@ impl Fleet {
             policies: arc_swap::ArcSwap::from_pointee(Policies {
                 pools: cfg.policies.clone(),
             }),
+            prefix: crate::prefix::PrefixIndex::new(cfg.endpoints.len()),
         }
     }
 

@@ -23,7 +23,12 @@
 //!   its own first token; this is what round robin avoids by accident and a load score alone
 //!   does not see (two requests a few milliseconds apart look alike to a 50 ms scrape);
 //! - `rtt`: `1 - rtt / 100 ms`, the cluster's configured or measured round trip in steps of
-//!   5 ms, on an absolute scale so that it separates regions, not hosts in one.
+//!   5 ms, on an absolute scale so that it separates regions, not hosts in one;
+//! - `prefix`: the leading prompt blocks the endpoint holds by the picker's prefix index, half
+//!   as a share of the prompt and half as an absolute length (full at 1,024 tokens), so a long
+//!   shared system prompt counts in a long prompt too. A load guard gives no credit to an
+//!   endpoint queued well past the least queued one: a hot prefix gets a second holder instead
+//!   of a hot spot.
 //!
 //! The highest weighted sum wins; endpoints within a hair of it tie and one is drawn at random,
 //! so idle endpoints share the next requests instead of the first in list order taking them all.
@@ -49,6 +54,8 @@ pub struct PickRequest<'a> {
     pub subset: Option<&'a [SocketAddr]>,
     /// Gather an [`Explain`] (for the debug log); off on the hot path.
     pub explain: bool,
+    /// The prompt's block hashes (see [`crate::prefix`]), for the `prefix` scorer.
+    pub prefix: &'a [u64],
 }
 
 /// Where the primary came from.
@@ -255,6 +262,8 @@ struct Candidate {
     /// Under the dry-run policy, when the endpoint's pool has one.
     dry: Option<Class>,
     in_tier: bool,
+    /// Leading prompt blocks this endpoint holds, by the prefix index.
+    matched: u32,
     score: f64,
 }
 
@@ -364,6 +373,7 @@ pub fn pick(
                 .dry_run(ep.pool, ep.cluster)
                 .map(|p| classify(&p, &load, in_flight, awaiting)),
             in_tier: false,
+            matched: 0,
             score: 0.0,
         };
         if !cluster.health().serves() {
@@ -406,7 +416,16 @@ pub fn pick(
     for c in cands.iter_mut() {
         c.in_tier = in_tier(tier, c.local, c.class);
     }
-    score(&mut cands, weights);
+    if !req.prefix.is_empty() && weights.prefix > 0.0 {
+        let indices: Vec<usize> = cands.iter().map(|c| c.index).collect();
+        for (c, m) in cands
+            .iter_mut()
+            .zip(fleet.prefix.matched(req.prefix, &indices))
+        {
+            c.matched = m;
+        }
+    }
+    score(&mut cands, weights, req.prefix.len());
     let best = cands
         .iter()
         .filter(|c| c.in_tier)
@@ -501,12 +520,35 @@ pub fn pick(
     })
 }
 
-fn score(cands: &mut [Candidate], w: &Weights) {
+/// Matched prefix blocks at which the absolute half of the prefix score is full: 1,024 tokens.
+const PREFIX_FULL_BLOCKS: f64 = 64.0;
+
+/// How many more requests than the least loaded candidate an endpoint may have queued (scraped
+/// waiting, or this picker's requests awaiting a first token) and still get prefix credit: past
+/// it, the prefix is worth less than the wait, and the request goes elsewhere, making a second
+/// holder of the prefix.
+const PREFIX_GUARD_QUEUE: u32 = 3;
+
+fn score(cands: &mut [Candidate], w: &Weights, prompt_blocks: usize) {
     let (qmin, qmax) = min_max(cands.iter().map(|c| c.waiting));
     let (fmin, fmax) = min_max(cands.iter().map(|c| c.in_flight));
     let (amin, amax) = min_max(cands.iter().map(|c| c.awaiting));
-    let total = (w.kv_cache + w.queue + w.in_flight + w.prefill + w.rtt).max(f64::MIN_POSITIVE);
+    let least_queued = cands
+        .iter()
+        .map(|c| c.waiting.max(c.awaiting))
+        .min()
+        .unwrap_or(0);
+    let total =
+        (w.kv_cache + w.queue + w.in_flight + w.prefill + w.rtt + w.prefix).max(f64::MIN_POSITIVE);
     for c in cands.iter_mut() {
+        let guarded = c.class == Class::Saturated
+            || c.waiting.max(c.awaiting) > least_queued + PREFIX_GUARD_QUEUE;
+        let prefix = if prompt_blocks == 0 || guarded {
+            0.0
+        } else {
+            let m = f64::from(c.matched);
+            0.5 * (m / prompt_blocks as f64) + 0.5 * (m / PREFIX_FULL_BLOCKS).min(1.0)
+        };
         let kv = 1.0 - c.kv.clamp(0.0, 1.0);
         let queue = scaled(c.waiting, qmin, qmax);
         let flight = scaled(c.in_flight, fmin, fmax);
@@ -516,7 +558,8 @@ fn score(cands: &mut [Candidate], w: &Weights) {
             + w.queue * queue
             + w.in_flight * flight
             + w.prefill * prefill
-            + w.rtt * rtt)
+            + w.rtt * rtt
+            + w.prefix * prefix)
             / total;
         // Validated weights keep this finite; if it is not, rank the endpoint last rather than
         // let a NaN break the comparison.
@@ -569,6 +612,7 @@ mod tests {
             model: Some(model),
             subset: None,
             explain: false,
+            prefix: &[],
         }
     }
 
@@ -681,6 +725,7 @@ mod tests {
             model: Some("m"),
             subset: Some(&subset),
             explain: false,
+            prefix: &[],
         };
         assert_eq!(
             pick(&f, &r, &Weights::default(), 3, &mut rng).unwrap(),
@@ -698,6 +743,7 @@ mod tests {
             model: Some("m"),
             subset: Some(&outside),
             explain: false,
+            prefix: &[],
         };
         assert!(matches!(
             pick(&f, &r, &Weights::default(), 0, &mut rng),
@@ -754,6 +800,78 @@ mod tests {
         set(&f, 1, 0.1, 0);
         let p = pick(&f, &req("m"), &Weights::default(), 0, &mut rng).unwrap();
         assert_eq!((p.primary, p.tier), (1, Tier::Local));
+    }
+
+    #[test]
+    fn requests_follow_their_prefix_until_the_holder_is_loaded_then_a_second_holder_takes_them() {
+        let f = fleet(4);
+        for i in 0..4 {
+            set(&f, i, 0.1, 0);
+        }
+        let system = vec![b's'; 64 * 40];
+        let hashes = crate::prefix::prompt_hashes("m", None, &system);
+        f.prefix.record(2, &hashes);
+        let r = PickRequest {
+            model: Some("m"),
+            subset: None,
+            explain: false,
+            prefix: &hashes,
+        };
+        let mut rng = fastrand::Rng::with_seed(15);
+        for _ in 0..50 {
+            assert_eq!(
+                pick(&f, &r, &Weights::default(), 0, &mut rng)
+                    .unwrap()
+                    .primary,
+                2
+            );
+        }
+        // A prompt nobody holds spreads as before.
+        let other = crate::prefix::prompt_hashes("m", None, &[b'q'; 64 * 40]);
+        let r2 = PickRequest {
+            prefix: &other,
+            ..r
+        };
+        let spread: std::collections::BTreeSet<usize> = (0..100)
+            .map(|_| {
+                pick(&f, &r2, &Weights::default(), 0, &mut rng)
+                    .unwrap()
+                    .primary
+            })
+            .collect();
+        assert_eq!(spread.len(), 4);
+        // The holder's queue grows well past the others': the load guard sends the prefix
+        // elsewhere, and the new holder keeps it from then on.
+        let r = PickRequest {
+            model: Some("m"),
+            subset: None,
+            explain: false,
+            prefix: &hashes,
+        };
+        set(&f, 2, 0.1, 6);
+        let second = pick(&f, &r, &Weights::default(), 0, &mut rng)
+            .unwrap()
+            .primary;
+        assert_ne!(second, 2);
+        f.prefix.record(second, &hashes);
+        for _ in 0..50 {
+            assert_eq!(
+                pick(&f, &r, &Weights::default(), 0, &mut rng)
+                    .unwrap()
+                    .primary,
+                second
+            );
+        }
+        // With the scorer off, affinity is gone.
+        let off = Weights {
+            prefix: 0.0,
+            ..Weights::default()
+        };
+        set(&f, 2, 0.1, 0);
+        let spread: std::collections::BTreeSet<usize> = (0..100)
+            .map(|_| pick(&f, &r, &off, 0, &mut rng).unwrap().primary)
+            .collect();
+        assert_eq!(spread.len(), 4);
     }
 
     #[test]
@@ -917,6 +1035,7 @@ mod tests {
             model: Some("m"),
             subset: None,
             explain: true,
+            prefix: &[],
         };
         let mut rng = fastrand::Rng::with_seed(13);
         let p = pick(&f, &r, &Weights::default(), 0, &mut rng).unwrap();

@@ -10,30 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use xxhash_rust::xxh3::xxh3_64_with_seed;
-
-/// Chained block hashes of `bytes` cut into blocks of `block_bytes`; only full blocks get a
-/// hash, since only full blocks are cached. `seed` separates models, adapters and cache salts.
-pub fn block_hashes(seed: u64, bytes: &[u8], block_bytes: usize) -> Vec<u64> {
-    let mut prev = seed;
-    bytes
-        .chunks_exact(block_bytes.max(1))
-        .map(|chunk| {
-            prev = xxh3_64_with_seed(chunk, prev);
-            prev
-        })
-        .collect()
-}
-
-/// The seed of a prompt's hash chain: requests for a different model, adapter or cache salt must
-/// never share blocks.
-pub fn chain_seed(model: &str, salt: Option<&str>) -> u64 {
-    let seed = xxh3_64_with_seed(model.as_bytes(), 0);
-    match salt {
-        Some(s) => xxh3_64_with_seed(s.as_bytes(), seed ^ 0x9e37_79b9_7f4a_7c15),
-        None => seed,
-    }
-}
+pub use crate::prefix::{block_hashes, chain_seed};
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Block {
