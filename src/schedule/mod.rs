@@ -208,32 +208,58 @@ impl Class {
     }
 }
 
-/// An endpoint's class under `p`. In `kv-cache` mode its queue is the larger of the scraped
-/// waiting count and this picker's requests there still waiting for their first token: a
-/// burst between two scrapes counts at once, not one poll later.
-fn classify(p: &ClusterPolicy, load: &Load, in_flight: u32, awaiting: u32) -> Class {
-    if p.capacity_scaler <= 0.0 {
-        return Class::Drained;
-    }
-    match p.balancing {
-        BalancingMode::InFlight => {
-            if in_flight >= in_flight_cap(p) {
-                Class::AtCapacity
-            } else {
-                Class::Headroom
-            }
-        }
-        BalancingMode::KvCache => {
-            let saturation = (load.kv_usage / p.kv_cache_threshold)
-                .max(f64::from(load.waiting.max(awaiting)) / f64::from(p.queue_threshold))
-                / p.capacity_scaler;
-            if saturation >= 1.0 {
-                Class::Saturated
-            } else {
-                Class::Headroom
-            }
+/// A cluster policy made ready for classifying many endpoints: divisions done once.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    drained: bool,
+    /// `in-flight` mode's cap.
+    cap: Option<u32>,
+    /// `kv-cache` mode: saturation is `max(kv x inv_kv, queue x inv_queue)`.
+    inv_kv: f64,
+    inv_queue: f64,
+}
+
+impl Limits {
+    fn new(p: &ClusterPolicy) -> Limits {
+        let scaler = p.capacity_scaler;
+        Limits {
+            drained: scaler <= 0.0,
+            cap: (p.balancing == BalancingMode::InFlight).then(|| in_flight_cap(p)),
+            inv_kv: 1.0 / (p.kv_cache_threshold * scaler),
+            inv_queue: 1.0 / (f64::from(p.queue_threshold) * scaler),
         }
     }
+
+    /// An endpoint's class. In `kv-cache` mode its queue is the larger of the scraped waiting
+    /// count and this picker's requests there still waiting for their first token: a burst
+    /// between two scrapes counts at once, not one poll later.
+    fn classify(&self, load: &Load, in_flight: u32, awaiting: u32) -> Class {
+        if self.drained {
+            return Class::Drained;
+        }
+        match self.cap {
+            Some(cap) if in_flight >= cap => Class::AtCapacity,
+            Some(_) => Class::Headroom,
+            None => {
+                let saturation = (load.kv_usage * self.inv_kv)
+                    .max(f64::from(load.waiting.max(awaiting)) * self.inv_queue);
+                if saturation >= 1.0 {
+                    Class::Saturated
+                } else {
+                    Class::Headroom
+                }
+            }
+        }
+    }
+}
+
+/// What every endpoint of one (pool, cluster) shares in a pick, worked out once.
+#[derive(Debug, Clone, Copy)]
+struct ClusterView {
+    limits: Limits,
+    dry: Option<Limits>,
+    /// The `rtt` scorer's value for the cluster.
+    rtt_score: f64,
 }
 
 /// The in-flight cap of an endpoint under `p`: the configured one scaled, at least 1 while the
@@ -257,7 +283,7 @@ struct Candidate {
     waiting: u32,
     in_flight: u32,
     awaiting: u32,
-    rtt_ms: f64,
+    rtt_score: f64,
     class: Class,
     /// Under the dry-run policy, when the endpoint's pool has one.
     dry: Option<Class>,
@@ -332,8 +358,12 @@ pub fn pick(
             *f(t) += 1;
         }
     };
+    // Per (pool, cluster), filled on first use.
+    let n_clusters = fleet.clusters.len();
+    let mut views: Vec<Option<ClusterView>> = vec![None; fleet.pools.len() * n_clusters];
     let mut in_subset = false;
-    let mut cands: Vec<Candidate> = Vec::new();
+    let mut excluded = false;
+    let mut cands: Vec<Candidate> = Vec::with_capacity(fleet.endpoints.len().min(1024));
     // Fresh endpoints of clusters that are down or recovering: served only when nothing else is.
     let mut held_back: Vec<Candidate> = Vec::new();
     for index in members {
@@ -353,12 +383,15 @@ pub fn pick(
         let cluster = &fleet.clusters[ep.cluster];
         let in_flight = ep.in_flight.load(Ordering::Relaxed);
         let awaiting = ep.awaiting_first_token.load(Ordering::Relaxed);
-        let class = classify(
-            &policies.enforced(ep.pool, ep.cluster),
-            &load,
-            in_flight,
-            awaiting,
-        );
+        let view = &*views[ep.pool * n_clusters + ep.cluster].get_or_insert_with(|| ClusterView {
+            limits: Limits::new(&policies.enforced(ep.pool, ep.cluster)),
+            dry: policies
+                .dry_run(ep.pool, ep.cluster)
+                .map(|p| Limits::new(&p)),
+            rtt_score: 1.0
+                - (fleet.cluster_rtt_ms(ep.cluster) * (1.0 / RTT_SCALE_MS)).clamp(0.0, 1.0),
+        });
+        let class = view.limits.classify(&load, in_flight, awaiting);
         let c = Candidate {
             index,
             cluster: ep.cluster,
@@ -367,11 +400,9 @@ pub fn pick(
             waiting: load.waiting,
             in_flight,
             awaiting,
-            rtt_ms: fleet.cluster_rtt_ms(ep.cluster),
+            rtt_score: view.rtt_score,
             class,
-            dry: policies
-                .dry_run(ep.pool, ep.cluster)
-                .map(|p| classify(&p, &load, in_flight, awaiting)),
+            dry: view.dry.map(|d| d.classify(&load, in_flight, awaiting)),
             in_tier: false,
             matched: 0,
             score: 0.0,
@@ -381,12 +412,17 @@ pub fn pick(
             held_back.push(c);
             continue;
         }
-        match class {
-            Class::Drained => count(ep.cluster, |t| &mut t.drained),
-            Class::AtCapacity => count(ep.cluster, |t| &mut t.at_capacity),
-            Class::Saturated => count(ep.cluster, |t| &mut t.saturated),
-            Class::Headroom => {}
+        // Branches on the class only when explaining: with mixed loads they mispredict, and this
+        // loop runs for every endpoint of the pool.
+        if req.explain {
+            match class {
+                Class::Drained => count(ep.cluster, |t| &mut t.drained),
+                Class::AtCapacity => count(ep.cluster, |t| &mut t.at_capacity),
+                Class::Saturated => count(ep.cluster, |t| &mut t.saturated),
+                Class::Headroom => {}
+            }
         }
+        excluded |= !class.allowed();
         cands.push(c);
     }
     let tier = match tier_of(cands.iter().map(|c| (c.local, c.class))) {
@@ -412,7 +448,9 @@ pub fn pick(
             Tier::LastResort
         }
     };
-    cands.retain(|c| c.class.allowed());
+    if excluded || tier == Tier::LastResort {
+        cands.retain(|c| c.class.allowed());
+    }
     for c in cands.iter_mut() {
         c.in_tier = in_tier(tier, c.local, c.class);
     }
@@ -426,13 +464,20 @@ pub fn pick(
         }
     }
     score(&mut cands, weights, req.prefix.len());
+    // Selects rather than filters, so that these passes do not branch on each candidate.
+    let in_tier_score = |c: &Candidate| {
+        if c.in_tier {
+            c.score
+        } else {
+            f64::NEG_INFINITY
+        }
+    };
     let best = cands
         .iter()
-        .filter(|c| c.in_tier)
-        .map(|c| c.score)
+        .map(in_tier_score)
         .fold(f64::NEG_INFINITY, f64::max);
-    let is_best = |c: &Candidate| c.in_tier && c.score >= best - TIE;
-    let tied = cands.iter().filter(|c| is_best(c)).count();
+    let is_best = |c: &Candidate| in_tier_score(c) >= best - TIE;
+    let tied: usize = cands.iter().map(|c| usize::from(is_best(c))).sum();
     // Draw the winner among the tied, then order the rest for fallbacks.
     let nth = rng.usize(..tied.max(1));
     let winner_pos = cands
@@ -530,16 +575,22 @@ const PREFIX_FULL_BLOCKS: f64 = 64.0;
 const PREFIX_GUARD_QUEUE: u32 = 3;
 
 fn score(cands: &mut [Candidate], w: &Weights, prompt_blocks: usize) {
-    let (qmin, qmax) = min_max(cands.iter().map(|c| c.waiting));
-    let (fmin, fmax) = min_max(cands.iter().map(|c| c.in_flight));
-    let (amin, amax) = min_max(cands.iter().map(|c| c.awaiting));
+    let queue = Scale::of(cands.iter().map(|c| c.waiting));
+    let flight = Scale::of(cands.iter().map(|c| c.in_flight));
+    let prefill = Scale::of(cands.iter().map(|c| c.awaiting));
     let least_queued = cands
         .iter()
         .map(|c| c.waiting.max(c.awaiting))
         .min()
         .unwrap_or(0);
-    let total =
-        (w.kv_cache + w.queue + w.in_flight + w.prefill + w.rtt + w.prefix).max(f64::MIN_POSITIVE);
+    let inv_total = 1.0
+        / (w.kv_cache + w.queue + w.in_flight + w.prefill + w.rtt + w.prefix)
+            .max(f64::MIN_POSITIVE);
+    let inv_blocks = if prompt_blocks == 0 {
+        0.0
+    } else {
+        1.0 / prompt_blocks as f64
+    };
     for c in cands.iter_mut() {
         let guarded = c.class == Class::Saturated
             || c.waiting.max(c.awaiting) > least_queued + PREFIX_GUARD_QUEUE;
@@ -547,36 +598,49 @@ fn score(cands: &mut [Candidate], w: &Weights, prompt_blocks: usize) {
             0.0
         } else {
             let m = f64::from(c.matched);
-            0.5 * (m / prompt_blocks as f64) + 0.5 * (m / PREFIX_FULL_BLOCKS).min(1.0)
+            0.5 * m * inv_blocks + 0.5 * (m * (1.0 / PREFIX_FULL_BLOCKS)).min(1.0)
         };
         let kv = 1.0 - c.kv.clamp(0.0, 1.0);
-        let queue = scaled(c.waiting, qmin, qmax);
-        let flight = scaled(c.in_flight, fmin, fmax);
-        let prefill = scaled(c.awaiting, amin, amax);
-        let rtt = 1.0 - (c.rtt_ms / RTT_SCALE_MS).clamp(0.0, 1.0);
         let score = (w.kv_cache * kv
-            + w.queue * queue
-            + w.in_flight * flight
-            + w.prefill * prefill
-            + w.rtt * rtt
+            + w.queue * queue.at(c.waiting)
+            + w.in_flight * flight.at(c.in_flight)
+            + w.prefill * prefill.at(c.awaiting)
+            + w.rtt * c.rtt_score
             + w.prefix * prefix)
-            / total;
+            * inv_total;
         // Validated weights keep this finite; if it is not, rank the endpoint last rather than
         // let a NaN break the comparison.
         c.score = if score.is_finite() { score } else { 0.0 };
     }
 }
 
-fn min_max(it: impl Iterator<Item = u32>) -> (u32, u32) {
-    it.fold((u32::MAX, 0), |(lo, hi), v| (lo.min(v), hi.max(v)))
+/// A count scaled between the candidates' minimum (1) and maximum (0); 1 for everyone when
+/// all are equal. The division is done once per pick, not per candidate.
+#[derive(Debug, Clone, Copy)]
+struct Scale {
+    max: u32,
+    inv_range: f64,
 }
 
-/// 1 at the minimum, 0 at the maximum; 1 for everyone when all are equal.
-fn scaled(v: u32, min: u32, max: u32) -> f64 {
-    if max <= min {
-        1.0
-    } else {
-        f64::from(max - v) / f64::from(max - min)
+impl Scale {
+    fn of(it: impl Iterator<Item = u32>) -> Scale {
+        let (min, max) = it.fold((u32::MAX, 0), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        Scale {
+            max,
+            inv_range: if max > min {
+                1.0 / f64::from(max - min)
+            } else {
+                0.0
+            },
+        }
+    }
+
+    fn at(&self, v: u32) -> f64 {
+        if self.inv_range == 0.0 {
+            1.0
+        } else {
+            f64::from(self.max.saturating_sub(v)) * self.inv_range
+        }
     }
 }
 
