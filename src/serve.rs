@@ -207,6 +207,88 @@ fn only_policies_changed(old: &FleetFile, new: &FleetFile) -> Result<(), String>
     Ok(())
 }
 
+/// fleetpick inside this process, on its own Tokio runtime and threads as `fleetpick serve` runs
+/// it (so it shares no worker threads with the caller's load generator or simulator), for the
+/// demo, the benchmarks and tests that read its fleet directly. Dropping it stops the server:
+/// open streams get [`IN_PROCESS_GRACE`] to finish, then the threads are joined.
+#[derive(Debug)]
+pub struct InProcess {
+    /// The ext_proc listener's address.
+    pub addr: SocketAddr,
+    pub fleet: Arc<Fleet>,
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How long a stopping [`InProcess`] waits for open streams. Short: its users stop it when
+/// their clients are done (or, in tests, while the client's own connection waits on the very
+/// thread that is stopping it, so a longer grace would only be waited out).
+pub const IN_PROCESS_GRACE: Duration = Duration::from_millis(200);
+
+impl InProcess {
+    /// Starts fleetpick on `cfg`, listening on a free loopback port.
+    pub fn start(cfg: FleetConfig) -> std::io::Result<InProcess> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("fleetpick")
+            .enable_all()
+            .build()?;
+        let std_listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        std_listener.set_nonblocking(true)?;
+        let addr = std_listener.local_addr()?;
+        let listener = {
+            let _guard = rt.enter();
+            TcpListener::from_std(std_listener)?
+        };
+        let fleet = Arc::new(Fleet::new(&cfg));
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let mut grace = stopped.clone();
+        let run_fleet = fleet.clone();
+        let thread = std::thread::Builder::new()
+            .name("fleetpick".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let io = Io {
+                        grpc: listener,
+                        metrics: None,
+                        config_file: None,
+                    };
+                    let served = run(run_fleet, &cfg, io, async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    });
+                    // A client that keeps its connection open must not hold the stop forever.
+                    let bounded = async move {
+                        let _ = grace.wait_for(|s| *s).await;
+                        tokio::time::sleep(IN_PROCESS_GRACE).await;
+                    };
+                    tokio::select! {
+                        result = served => {
+                            if let Err(e) = result {
+                                tracing::warn!(error = %e, "fleetpick stopped with an error");
+                            }
+                        }
+                        () = bounded => {}
+                    }
+                });
+                rt.shutdown_timeout(IN_PROCESS_GRACE);
+            })?;
+        Ok(InProcess {
+            addr,
+            fleet,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Aborts the task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 

@@ -249,32 +249,13 @@ async fn fallback_config_keeps_serving_while_fleetpick_is_down() {
 #[tokio::test]
 async fn in_flight_lasts_as_long_as_the_response_through_envoy() {
     use futures_util::StreamExt;
-    use std::sync::Arc;
     use std::sync::atomic::Ordering;
     let sim = Sim::start(&["--servers", "1"]).await;
     // The picker in this process, so the test can read its in-flight count.
     let cfg =
         fleetpick::config::FleetConfig::parse(&fleet_yaml(&sim.entries, FAST_POLL), "t").unwrap();
-    let fleet = Arc::new(fleetpick::fleet::Fleet::new(&cfg));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let picker = listener.local_addr().unwrap();
-    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run_fleet = fleet.clone();
-    tokio::spawn(async move {
-        let _ = fleetpick::serve::run(
-            run_fleet,
-            &cfg,
-            fleetpick::serve::Io {
-                grpc: listener,
-                metrics: None,
-                config_file: None,
-            },
-            async {
-                let _ = stopped.await;
-            },
-        )
-        .await;
-    });
+    let running = fleetpick::serve::InProcess::start(cfg).unwrap();
+    let (picker, fleet) = (running.addr, running.fleet.clone());
     let envoy = envoy_for(Flavor::OriginalDst, picker, &sim).await;
     until_routing(&envoy).await;
     let in_flight = || fleet.endpoints[0].in_flight.load(Ordering::Relaxed);

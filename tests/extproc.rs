@@ -38,7 +38,8 @@ struct Harness {
     fleet: Arc<Fleet>,
     client: ExternalProcessorClient<Channel>,
     channel: Channel,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    /// Stops fleetpick when dropped (last: after the client).
+    _picker: fleetpick::serve::InProcess,
 }
 
 impl Harness {
@@ -57,27 +58,8 @@ impl Harness {
             &format!("poller: {{interval_ms: 20, stale_after_ms: 2000}}\n{extra_yaml}"),
         );
         let cfg = FleetConfig::parse(&yaml, "test.yaml").unwrap();
-        let fleet = Arc::new(Fleet::new(&cfg));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let run_fleet = fleet.clone();
-        tokio::spawn(async move {
-            fleetpick::serve::run(
-                run_fleet,
-                &cfg,
-                fleetpick::serve::Io {
-                    grpc: listener,
-                    metrics: None,
-                    config_file: None,
-                },
-                async {
-                    let _ = stopped.await;
-                },
-            )
-            .await
-            .unwrap();
-        });
+        let picker = fleetpick::serve::InProcess::start(cfg).unwrap();
+        let (addr, fleet) = (picker.addr, picker.fleet.clone());
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
@@ -97,7 +79,7 @@ impl Harness {
             fleet,
             client,
             channel,
-            _stop: stop,
+            _picker: picker,
         }
     }
 

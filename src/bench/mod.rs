@@ -30,7 +30,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{FleetConfig, Weights};
 use crate::envoy::{BodyMode, EnvoyParams, EnvoyProcess, Flavor, render};
-use crate::fleet::Fleet;
 use crate::loadgen::{self, Arrivals, LoadSpec, Percentiles, Workload};
 use crate::openai::Api;
 use crate::sim::FleetOptions;
@@ -675,7 +674,10 @@ async fn drive_cell(
             ),
             "bench fleet",
         )?;
-        let picker = PickerThread::start(cfg)?;
+        let picker = crate::serve::InProcess::start(cfg).map_err(|source| BenchError::Io {
+            what: "cannot start fleetpick".into(),
+            source,
+        })?;
         params.extproc = picker.addr;
         let mut ready = false;
         for _ in 0..400 {
@@ -782,81 +784,6 @@ async fn drive_cell(
     Ok(cell_result(
         scenario, strategy, load, sim, &workload, report,
     ))
-}
-
-/// fleetpick on its own threads and Tokio runtime, as `fleetpick serve` would run it, so that
-/// it does not share worker threads with the load generator and the simulator of this process
-/// (which would add their queueing to its latency). Stopped, and its threads joined, on drop.
-struct PickerThread {
-    addr: SocketAddr,
-    fleet: Arc<Fleet>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl PickerThread {
-    fn start(cfg: FleetConfig) -> Result<PickerThread, BenchError> {
-        let io = |what: &str| {
-            let what = what.to_string();
-            move |source| BenchError::Io { what, source }
-        };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .thread_name("fleetpick")
-            .enable_all()
-            .build()
-            .map_err(io("cannot build fleetpick's runtime"))?;
-        let listener = {
-            let _guard = rt.enter();
-            let std_listener = std::net::TcpListener::bind(("127.0.0.1", 0))
-                .map_err(io("cannot bind fleetpick's listener"))?;
-            std_listener
-                .set_nonblocking(true)
-                .map_err(io("fleetpick's listener"))?;
-            tokio::net::TcpListener::from_std(std_listener).map_err(io("fleetpick's listener"))?
-        };
-        let addr = listener.local_addr().map_err(io("fleetpick's listener"))?;
-        let fleet = Arc::new(Fleet::new(&cfg));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let run_fleet = fleet.clone();
-        let thread = std::thread::Builder::new()
-            .name("fleetpick".into())
-            .spawn(move || {
-                let served = rt.block_on(crate::serve::run(
-                    run_fleet,
-                    &cfg,
-                    crate::serve::Io {
-                        grpc: listener,
-                        metrics: None,
-                        config_file: None,
-                    },
-                    async {
-                        let _ = stopped.await;
-                    },
-                ));
-                if let Err(e) = served {
-                    tracing::warn!(error = %e, "fleetpick stopped with an error");
-                }
-                rt.shutdown_timeout(Duration::from_secs(2));
-            })
-            .map_err(io("cannot start fleetpick's thread"))?;
-        Ok(PickerThread {
-            addr,
-            fleet,
-            stop: Some(stop),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for PickerThread {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// Runs inference-perf at `rate` against `url` for the scenario's duration and returns its
