@@ -15,7 +15,9 @@ use std::path::Path;
 
 use common::envoy::{self, Envoy, validate};
 use common::{MODEL, Sim, client};
-use fleetpick::envoy::{BodyMode, DESTINATION_HEADER, EnvoyParams, Flavor, render, user_defaults};
+use fleetpick::envoy::{
+    BodyMode, DESTINATION_HEADER, EnvoyParams, Flavor, MODEL_CLUSTER, render, user_defaults,
+};
 use serde_json::json;
 
 /// Parameters for a test Envoy: loopback, kernel-chosen ports, the given model servers.
@@ -230,12 +232,10 @@ async fn locality_baseline_prefers_priority_zero_and_fails_over_on_its_own() {
     let config = render(Flavor::RoundRobin, &p);
     validate(&config);
     let envoy = envoy::start(&config).await;
-    // Active health checks must pass before Envoy routes: wait for a first success.
-    common::wait_for("Envoy to route", std::time::Duration::from_secs(30), || {
-        let envoy = &envoy;
-        async move { (servers_reached_or_none(envoy).await).then_some(()) }
-    })
-    .await;
+    // Active health checks must pass before Envoy routes: wait until it has checked every host
+    // (until then a partly checked priority 0 lets some traffic through to priority 1).
+    let all: Vec<SocketAddr> = sim_endpoints(&sim);
+    wait_for_health(&envoy, &all, "healthy").await;
     let near: BTreeSet<String> = ["near-0", "near-1"].map(String::from).into();
     assert_eq!(servers_reached(&envoy, 20, &[]).await, near);
     client()
@@ -245,28 +245,34 @@ async fn locality_baseline_prefers_priority_zero_and_fails_over_on_its_own() {
         .unwrap()
         .error_for_status()
         .unwrap();
-    // Health checks find it gone; priority 1 takes over.
+    // Health checks find it gone; priority 1 takes over once both near hosts have failed one
+    // (with one failed, priority 0 still takes 70% of the traffic, to the other dead host).
+    wait_for_health(&envoy, &p.localities[0].endpoints, "/failed_active_hc").await;
     let far: BTreeSet<String> = ["far-0", "far-1"].map(String::from).into();
+    assert_eq!(servers_reached(&envoy, 20, &[]).await, far);
+}
+
+/// Waits until Envoy's admin `/clusters` shows `flags` as the health of every host in `hosts`
+/// of the model cluster.
+async fn wait_for_health(envoy: &Envoy, hosts: &[SocketAddr], flags: &str) {
+    let url = format!("http://{}/clusters", envoy.admin);
+    let want: Vec<String> = hosts
+        .iter()
+        .map(|h| format!("{MODEL_CLUSTER}::{h}::health_flags::{flags}"))
+        .collect();
     common::wait_for(
-        "Envoy to fail over to priority 1",
+        &format!("Envoy to see {hosts:?} as {flags}"),
         std::time::Duration::from_secs(30),
         || {
-            let (envoy, far) = (&envoy, &far);
+            let (url, want) = (&url, &want);
             async move {
-                let (status, server) =
-                    common::complete(&client(), &envoy.url("/v1/completions"), &[]).await;
-                (status == 200 && server.is_some_and(|s| far.contains(&s))).then_some(())
+                let page = client().get(url).send().await.ok()?.text().await.ok()?;
+                let lines: BTreeSet<&str> = page.lines().collect();
+                want.iter()
+                    .all(|w| lines.contains(w.as_str()))
+                    .then_some(())
             }
         },
     )
     .await;
-    assert_eq!(servers_reached(&envoy, 20, &[]).await, far);
-}
-
-/// One request through `envoy`: did it succeed?
-async fn servers_reached_or_none(envoy: &Envoy) -> bool {
-    common::complete(&client(), &envoy.url("/v1/completions"), &[])
-        .await
-        .0
-        == 200
 }
