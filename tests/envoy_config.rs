@@ -70,7 +70,20 @@ async fn servers_reached(envoy: &Envoy, n: usize, headers: &[(&str, &str)]) -> B
             .get("x-sim-server")
             .map(|v| v.to_str().unwrap().to_string());
         let body = resp.text().await.unwrap();
-        assert_eq!(status, 200, "{body}\n--- envoy log ---\n{}", envoy.log());
+        if status != 200 {
+            let clusters = c
+                .get(format!("http://{}/clusters", envoy.admin))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            panic!(
+                "status {status}: {body}\n--- envoy /clusters ---\n{clusters}\n--- envoy log ---\n{}",
+                envoy.log()
+            );
+        }
         assert!(body.contains("text_completion"), "{body}");
         seen.insert(server.expect("x-sim-server on the response"));
     }
@@ -248,7 +261,25 @@ async fn locality_baseline_prefers_priority_zero_and_fails_over_on_its_own() {
     // Health checks find it gone; priority 1 takes over once both near hosts have failed one
     // (with one failed, priority 0 still takes 70% of the traffic, to the other dead host).
     wait_for_health(&envoy, &p.localities[0].endpoints, "/failed_active_hc").await;
+    // Each of Envoy's worker threads applies the verdict a moment after its main thread shows
+    // it: wait until a run of requests has gone to priority 1.
     let far: BTreeSet<String> = ["far-0", "far-1"].map(String::from).into();
+    let streak = std::cell::Cell::new(0);
+    common::wait_for(
+        "a run of 5 requests served by priority 1",
+        std::time::Duration::from_secs(30),
+        || {
+            let (envoy, far, streak) = (&envoy, &far, &streak);
+            async move {
+                let (status, server) =
+                    common::complete(&client(), &envoy.url("/v1/completions"), &[]).await;
+                let to_far = status == 200 && server.is_some_and(|s| far.contains(&s));
+                streak.set(if to_far { streak.get() + 1 } else { 0 });
+                (streak.get() >= 5).then_some(())
+            }
+        },
+    )
+    .await;
     assert_eq!(servers_reached(&envoy, 20, &[]).await, far);
 }
 

@@ -335,7 +335,7 @@ fn listener(y: &mut String, flavor: Flavor, p: &EnvoyParams) {
         ),
     );
     if flavor != Flavor::OriginalDst {
-        retry_policy(y, flavor);
+        retry_policy(y, flavor, !p.localities.is_empty());
     }
     let buffer_why = match flavor {
         Flavor::OriginalDst => {
@@ -401,7 +401,7 @@ fn listener(y: &mut String, flavor: Flavor, p: &EnvoyParams) {
     );
 }
 
-fn retry_policy(y: &mut String, flavor: Flavor) {
+fn retry_policy(y: &mut String, flavor: Flavor, priorities: bool) {
     let why = if flavor == Flavor::Fallback {
         r#"
                   # Retries walk down fleetpick's ordered list (ip:port,ip:port,...), then the
@@ -432,6 +432,21 @@ fn retry_policy(y: &mut String, flavor: Flavor) {
                     host_selection_retry_max_attempts: 5
 "#,
     );
+    if priorities {
+        put(
+            y,
+            r#"                    # A retry goes to another priority (locality) than the attempts before
+                    # it: while a lost cluster's hosts are still counted healthy (between health
+                    # checks, or on a worker thread that has not applied the verdict yet), its
+                    # requests are not retried inside it.
+                    retry_priority:
+                      name: envoy.retry_priorities.previous_priorities
+                      typed_config:
+                        "@type": type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig
+                        update_frequency: 1
+"#,
+        );
+    }
 }
 
 fn ext_proc_filter(y: &mut String, flavor: Flavor, body_mode: BodyMode) {
