@@ -58,6 +58,7 @@ fn pick_latency(c: &mut Criterion) {
             subset: None,
             explain: false,
             prefix: &[],
+            session: None,
         };
         let mut rng = fastrand::Rng::with_seed(1);
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
@@ -78,6 +79,7 @@ fn pick_tail(_c: &mut Criterion) {
             subset: None,
             explain: false,
             prefix: &[],
+            session: None,
         };
         let mut rng = fastrand::Rng::with_seed(2);
         let mut times: Vec<u64> = (0..100_000)
@@ -128,6 +130,7 @@ fn pick_prefix(c: &mut Criterion) {
             subset: None,
             explain: false,
             prefix: &hashes,
+            session: None,
         };
         pick(&f, &req, &weights, 0, rng).unwrap().primary
     };

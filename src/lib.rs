@@ -17,6 +17,9 @@
 //! - [`openai`]: OpenAI-style request bodies (one parse per request) and the error shape.
 //! - [`prefix`]: chained block hashes of prompts and the picker's approximate index of which
 //!   endpoint holds which prefix.
+//! - [`rewrite`]: model rewrites (client-facing names served as weighted targets) and the
+//!   restoring of the client's name in responses.
+//! - [`session`]: session affinity's bounded memory of which endpoint serves each session.
 //! - [`scratch`]: scratch directories removed on drop.
 //! - [`sim`]: the model-server simulator (engine model, OpenAI API, `/metrics`, faults) that
 //!   every test, demo and benchmark runs on.
@@ -36,8 +39,10 @@ pub mod fleet;
 pub mod loadgen;
 pub mod openai;
 pub mod prefix;
+pub mod rewrite;
 pub mod schedule;
 pub mod scratch;
 pub mod serve;
+pub mod session;
 pub mod sim;
 pub mod telemetry;

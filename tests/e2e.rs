@@ -20,19 +20,7 @@ fn loopback0() -> SocketAddr {
 }
 
 async fn envoy_for(flavor: Flavor, picker: SocketAddr, sim: &Sim) -> Envoy {
-    let params = EnvoyParams {
-        listen: loopback0(),
-        admin: loopback0(),
-        extproc: picker,
-        endpoints: sim
-            .entries
-            .iter()
-            .map(|e| e.address.parse().unwrap())
-            .collect(),
-        body_mode: BodyMode::FullDuplex,
-        localities: Vec::new(),
-    };
-    envoy::start(&render(flavor, &params)).await
+    envoy::in_front_of(flavor, BodyMode::FullDuplex, picker, sim).await
 }
 
 /// Waits until a request through Envoy succeeds (fleetpick has scraped and Envoy routes).

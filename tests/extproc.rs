@@ -779,3 +779,125 @@ async fn in_flight_moves_to_the_endpoint_a_retry_served() {
     })
     .await;
 }
+
+fn response_headers(content_type: &str) -> ProcessingRequest {
+    let hv = |k: &str, v: &str| HeaderValue {
+        key: k.to_string(),
+        raw_value: v.as_bytes().to_vec(),
+        ..HeaderValue::default()
+    };
+    ProcessingRequest {
+        request: Some(Req::ResponseHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![
+                    hv(":status", "200"),
+                    hv("content-type", content_type),
+                    hv("content-length", "123"),
+                ],
+            }),
+            ..HttpHeaders::default()
+        })),
+        ..ProcessingRequest::default()
+    }
+}
+
+fn response_body(bytes: &[u8], end_of_stream: bool) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(Req::ResponseBody(HttpBody {
+            body: bytes.to_vec(),
+            end_of_stream,
+            ..HttpBody::default()
+        })),
+        ..ProcessingRequest::default()
+    }
+}
+
+fn streamed_body(r: ProcessingResponse) -> (Vec<u8>, bool) {
+    let Some(Resp::ResponseBody(b)) = r.response else {
+        panic!("expected a response body piece, got {r:?}")
+    };
+    let Some(Mutation::StreamedResponse(s)) = b.response.unwrap().body_mutation.unwrap().mutation
+    else {
+        panic!("expected a streamed response")
+    };
+    (s.body, s.end_of_stream)
+}
+
+#[tokio::test]
+async fn a_rewrite_changes_the_body_model_and_the_response_gets_the_clients_name_back() {
+    let h = Harness::start(
+        1,
+        &format!("rewrites: [{{model: alias, targets: [{{model: \"{MODEL}\"}}]}}]\n"),
+    )
+    .await;
+    let (tx, mut rx) = h.open().await;
+    let mut first = headers(
+        "/v1/completions",
+        false,
+        BodySendMode::FullDuplexStreamed,
+        None,
+    );
+    if let Some(pc) = first.protocol_config.as_mut() {
+        pc.response_body_mode = BodySendMode::FullDuplexStreamed as i32;
+    }
+    tx.send(first).await.unwrap();
+    let request = br#"{"prompt": "hi", "model": "alias", "stream": true}"#;
+    tx.send(body(request, true)).await.unwrap();
+    let (_, sent, _) = read_full_duplex(&mut rx).await;
+    let want = format!(r#"{{"prompt": "hi", "model": "{MODEL}", "stream": true}}"#);
+    assert_eq!(
+        String::from_utf8(sent).unwrap(),
+        want,
+        "only the model changed"
+    );
+    // The response: its length changes, so content-length goes.
+    tx.send(response_headers("text/event-stream"))
+        .await
+        .unwrap();
+    let r = next(&mut rx).await;
+    let Some(Resp::ResponseHeaders(hr)) = r.response else {
+        panic!("{r:?}")
+    };
+    let m = hr.response.unwrap().header_mutation.unwrap();
+    assert_eq!(m.remove_headers, vec!["content-length".to_string()]);
+    // A whole event goes out restored; a partial line is held until its end.
+    let event = format!("data: {{\"model\":\"{MODEL}\",\"x\":1}}\n\n");
+    tx.send(response_body(
+        format!("{event}data: {{\"mod").as_bytes(),
+        false,
+    ))
+    .await
+    .unwrap();
+    let (piece, end) = streamed_body(next(&mut rx).await);
+    assert_eq!(
+        String::from_utf8(piece).unwrap(),
+        "data: {\"model\":\"alias\",\"x\":1}\n\n"
+    );
+    assert!(!end);
+    tx.send(response_body(
+        format!("el\":\"{MODEL}\"}}").as_bytes(),
+        false,
+    ))
+    .await
+    .unwrap();
+    // Trailers end the body: the held line is restored and sent before them.
+    tx.send(ProcessingRequest {
+        request: Some(Req::ResponseTrailers(
+            envoy_types::pb::envoy::service::ext_proc::v3::HttpTrailers::default(),
+        )),
+        ..ProcessingRequest::default()
+    })
+    .await
+    .unwrap();
+    let (piece, end) = streamed_body(next(&mut rx).await);
+    assert_eq!(
+        String::from_utf8(piece).unwrap(),
+        "data: {\"model\":\"alias\"}"
+    );
+    assert!(!end);
+    assert!(matches!(
+        next(&mut rx).await.response,
+        Some(Resp::ResponseTrailers(_))
+    ));
+    assert_eq!(h.in_flight(), 0, "the request ended with its trailers");
+}

@@ -9,12 +9,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::envoy::{self, Envoy};
 use common::{MODEL, Picker, Sim, client, complete, wait_for};
-use fleetpick::envoy::{BodyMode, EnvoyParams, Flavor, render};
+use fleetpick::envoy::{BodyMode, Flavor};
 use serde_json::json;
 
 const POLL: &str = "poller: {interval_ms: 50, stale_after_ms: 2000, backoff_max_ms: 200}\n";
@@ -48,20 +47,7 @@ async fn two_clusters(servers: &str, time_scale: &str, sim_config: Option<&str>)
 }
 
 async fn envoy_for(flavor: Flavor, picker: &Picker, sim: &Sim) -> Envoy {
-    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let params = EnvoyParams {
-        listen: loopback,
-        admin: loopback,
-        extproc: picker.grpc,
-        endpoints: sim
-            .entries
-            .iter()
-            .map(|e| e.address.parse().unwrap())
-            .collect(),
-        body_mode: BodyMode::FullDuplex,
-        localities: Vec::new(),
-    };
-    let envoy = envoy::start(&render(flavor, &params)).await;
+    let envoy = envoy::in_front_of(flavor, BodyMode::FullDuplex, picker.grpc, sim).await;
     let url = envoy.url("/v1/completions");
     // A request routed by fleetpick, not merely through Envoy: the fallback configuration
     // fails open to round robin until its health check has seen fleetpick serving.

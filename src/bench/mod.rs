@@ -143,19 +143,9 @@ pub enum StrategySpec {
     Variant {
         name: String,
         #[serde(default)]
-        weights: WeightOverrides,
+        /// Weights not named keep their defaults.
+        weights: Weights,
     },
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct WeightOverrides {
-    pub kv_cache: Option<f64>,
-    pub queue: Option<f64>,
-    pub in_flight: Option<f64>,
-    pub prefill: Option<f64>,
-    pub rtt: Option<f64>,
-    pub prefix: Option<f64>,
 }
 
 /// A strategy resolved: which Envoy, and fleetpick's weights if it is in the path.
@@ -191,22 +181,12 @@ impl StrategySpec {
                     locality,
                 })
             }
-            StrategySpec::Variant { name, weights } => {
-                let d = Weights::default();
-                Ok(Strategy {
-                    name: name.clone(),
-                    flavor: Flavor::OriginalDst,
-                    weights: Some(Weights {
-                        kv_cache: weights.kv_cache.unwrap_or(d.kv_cache),
-                        queue: weights.queue.unwrap_or(d.queue),
-                        in_flight: weights.in_flight.unwrap_or(d.in_flight),
-                        prefill: weights.prefill.unwrap_or(d.prefill),
-                        rtt: weights.rtt.unwrap_or(d.rtt),
-                        prefix: weights.prefix.unwrap_or(d.prefix),
-                    }),
-                    locality: false,
-                })
-            }
+            StrategySpec::Variant { name, weights } => Ok(Strategy {
+                name: name.clone(),
+                flavor: Flavor::OriginalDst,
+                weights: Some(*weights),
+                locality: false,
+            }),
         }
     }
 }

@@ -60,6 +60,7 @@ async fn poll(fleet: Arc<Fleet>, ep: Arc<Endpoint>, client: reqwest::Client) {
                         .prefix
                         .set_capacity(ep.index, c.block_size, c.num_blocks);
                 }
+                ep.store_lora(sample.lora.as_ref());
                 ep.load.store(&sample, fleet.clock.now_ms());
                 interval
             }

@@ -22,6 +22,9 @@
 //!     endpoints:
 //!       us-east: [10.0.0.1, "10.0.0.2:8001"]   # ip (target_port) or ip:port
 //!     exported_from: [us-east]  # default: every cluster listed under endpoints
+//!     lora_adapters: [tool-lora]  # served too; requests prefer endpoints running them
+//!     weights: {prefix: 8}    # this pool's scorer weights (default: scheduler.weights)
+//!     session_affinity: {header: x-session-id}   # or {cookie: NAME}; max_sessions: 65536
 //! imports:                    # default: every pool, default policy
 //!   - pool: llama
 //!     policy:
@@ -34,9 +37,12 @@
 //!       scopes:
 //!         - {match_labels: {tier: l4}, capacity_scaler: 0.5}
 //! scheduler:
-//!   weights: {kv_cache: 1, queue: 2, in_flight: 2, prefill: 3, rtt: 1, prefix: 6}
+//!   weights: {kv_cache: 1, queue: 2, in_flight: 2, prefill: 3, rtt: 1, prefix: 6, lora: 4}
 //!   fallbacks: 0              # extra endpoints after the primary in the destination list
 //!   cluster_recovery_ms: 1000 # a failed cluster returns after this long healthy
+//! rewrites:                   # client-facing names served as other models, by weight
+//!   - model: chat
+//!     targets: [{model: meta-llama/Llama-3.1-8B-Instruct, weight: 90}, {model: sql-lora, weight: 10}]
 //! poller:
 //!   interval_ms: 50
 //!   timeout_ms: 1000
@@ -217,6 +223,63 @@ pub struct PoolSpec {
     /// every cluster listed under `endpoints`. Endpoints of other clusters are not served.
     #[serde(default)]
     pub exported_from: Option<Vec<String>>,
+    /// LoRA adapters the pool's servers load on demand (vLLM `--lora-modules`): served like
+    /// `models`, and their requests prefer endpoints already running the adapter (the `lora`
+    /// scorer, from `vllm:lora_requests_info`).
+    #[serde(default)]
+    pub lora_adapters: Vec<String>,
+    /// Scorer weights for this pool's requests, in place of `scheduler.weights`.
+    #[serde(default)]
+    pub weights: Option<Weights>,
+    /// Keeps a conversation on one endpoint while it is healthy and not overloaded.
+    #[serde(default)]
+    pub session_affinity: Option<SessionAffinity>,
+}
+
+/// Session affinity: requests carrying the same key (a header, or a cookie that fleetpick sets
+/// when a request comes without one) go to the endpoint the first of them went to, while that
+/// endpoint is in the pick's tier and not overloaded (the prefix scorer's load guard); then
+/// the session moves to wherever the next request is picked.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionAffinity {
+    /// The request header carrying the session key (for example `x-session-id`).
+    #[serde(default)]
+    pub header: Option<String>,
+    /// The cookie carrying the session key; a request without it gets it set on the response.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// Sessions remembered; the least recently used are forgotten first (about 40 bytes each).
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+}
+
+fn default_max_sessions() -> usize {
+    65_536
+}
+
+/// A client-facing model name served as one or more target models, chosen by weight per
+/// request (canary and A/B rollouts), in the spirit of GIE's InferenceModelRewrite. The body's
+/// `model` is rewritten to the target on the way in, and the client's name restored in the
+/// response (plain JSON and streamed events).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewriteSpec {
+    pub model: String,
+    pub targets: Vec<RewriteTarget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewriteTarget {
+    pub model: String,
+    /// Relative weight (0 takes the target out of rotation).
+    #[serde(default = "default_target_weight")]
+    pub weight: u32,
+}
+
+fn default_target_weight() -> u32 {
+    1
 }
 
 fn default_metrics_path() -> String {
@@ -224,7 +287,7 @@ fn default_metrics_path() -> String {
 }
 
 /// Scorer weights. A weight of 0 switches a scorer off.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Weights {
     /// Prefers endpoints with free KV cache: score `1 - kv_usage`.
@@ -248,6 +311,28 @@ pub struct Weights {
     /// An endpoint whose queue is well above the others' gets no prefix credit (the load guard),
     /// so a hot prefix spreads to a second holder instead of piling up.
     pub prefix: f64,
+    /// For requests naming a LoRA adapter (a pool's `lora_adapters`): 1 where the adapter is
+    /// running, 0.6 with a free adapter slot, 0.3 where it is waiting for one, else 0.
+    pub lora: f64,
+}
+
+impl Weights {
+    /// Each weight by its name in the fleet file.
+    pub fn named(&self) -> [(&'static str, f64); 7] {
+        [
+            ("kv_cache", self.kv_cache),
+            ("queue", self.queue),
+            ("in_flight", self.in_flight),
+            ("prefill", self.prefill),
+            ("rtt", self.rtt),
+            ("prefix", self.prefix),
+            ("lora", self.lora),
+        ]
+    }
+
+    pub fn total(&self) -> f64 {
+        self.named().iter().map(|(_, w)| w).sum()
+    }
 }
 
 impl Default for Weights {
@@ -259,6 +344,7 @@ impl Default for Weights {
             prefill: 3.0,
             rtt: 1.0,
             prefix: 6.0,
+            lora: 4.0,
         }
     }
 }
@@ -330,6 +416,9 @@ pub struct FleetFile {
     pub scheduler: SchedulerSettings,
     #[serde(default)]
     pub poller: PollerSettings,
+    /// Client-facing model names rewritten to served ones.
+    #[serde(default)]
+    pub rewrites: Vec<RewriteSpec>,
 }
 
 /// Weights are relative; this bound keeps their weighted sums finite.
@@ -626,16 +715,27 @@ fn validate(
         if pool.models.is_empty() {
             return Err(c.err(&at("models"), "list at least one model"));
         }
-        for m in &pool.models {
+        for (field, m) in pool
+            .models
+            .iter()
+            .map(|m| ("models", m))
+            .chain(pool.lora_adapters.iter().map(|m| ("lora_adapters", m)))
+        {
             if m.is_empty() {
-                return Err(c.err(&at("models"), "model names must not be empty"));
+                return Err(c.err(&at(field), "model names must not be empty"));
             }
             if let Some(other) = model_pool.insert(m.as_str(), pool.name.as_str()) {
                 return Err(c.err(
-                    &at("models"),
+                    &at(field),
                     format!("model `{m}` is served by pool `{other}` already: a model belongs to one pool"),
                 ));
             }
+        }
+        if let Some(w) = &pool.weights {
+            check_weights(w, &at("weights"), c)?;
+        }
+        if let Some(sa) = &pool.session_affinity {
+            check_session_affinity(sa, &at("session_affinity"), c)?;
         }
         let manifest = manifests.pools.iter().find(|m| m.name == pool.name);
         let ports: Vec<u16> = match (pool.target_port, manifest) {
@@ -776,28 +876,12 @@ fn validate(
             ));
         }
     }
-    let w = &file.scheduler.weights;
-    for (name, v) in [
-        ("kv_cache", w.kv_cache),
-        ("queue", w.queue),
-        ("in_flight", w.in_flight),
-        ("prefill", w.prefill),
-        ("rtt", w.rtt),
-        ("prefix", w.prefix),
-    ] {
-        if !(v.is_finite() && (0.0..=MAX_WEIGHT).contains(&v)) {
-            return Err(c.err(
-                &[key("scheduler"), key("weights"), key(name)],
-                format!("must be a number from 0 to {MAX_WEIGHT}"),
-            ));
-        }
-    }
-    if w.kv_cache + w.queue + w.in_flight + w.prefill + w.rtt + w.prefix <= 0.0 {
-        return Err(c.err(
-            &[key("scheduler"), key("weights")],
-            "at least one weight must be above 0",
-        ));
-    }
+    check_weights(
+        &file.scheduler.weights,
+        &[key("scheduler"), key("weights")],
+        c,
+    )?;
+    check_rewrites(file, &model_pool, c)?;
     let p = &file.poller;
     for (name, v) in [
         ("interval_ms", p.interval_ms),
@@ -836,6 +920,94 @@ fn validate(
         policies,
         objectives: manifests.objectives.clone(),
     })
+}
+
+fn check_weights(w: &Weights, at: &[Seg], c: &Checker<'_>) -> Result<(), ConfigError> {
+    for (name, v) in w.named() {
+        if !(v.is_finite() && (0.0..=MAX_WEIGHT).contains(&v)) {
+            let mut field = at.to_vec();
+            field.push(key(name));
+            return Err(c.err(&field, format!("must be a number from 0 to {MAX_WEIGHT}")));
+        }
+    }
+    if w.total() <= 0.0 {
+        return Err(c.err(at, "at least one weight must be above 0"));
+    }
+    Ok(())
+}
+
+/// A header or cookie name: an HTTP token (RFC 9110), so that it can be matched and set.
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn check_session_affinity(
+    sa: &SessionAffinity,
+    at: &[Seg],
+    c: &Checker<'_>,
+) -> Result<(), ConfigError> {
+    let field = |k: &str| {
+        let mut f = at.to_vec();
+        f.push(key(k));
+        f
+    };
+    match (&sa.header, &sa.cookie) {
+        (Some(_), Some(_)) | (None, None) => {
+            return Err(c.err(at, "set exactly one of `header` and `cookie`"));
+        }
+        (Some(h), None) if !is_token(h) || h.starts_with(':') => {
+            return Err(c.err(
+                &field("header"),
+                format!("`{h}` is not an HTTP header name"),
+            ));
+        }
+        (None, Some(k)) if !is_token(k) => {
+            return Err(c.err(&field("cookie"), format!("`{k}` is not a cookie name")));
+        }
+        _ => {}
+    }
+    if !(1..=10_000_000).contains(&sa.max_sessions) {
+        return Err(c.err(&field("max_sessions"), "must be from 1 to 10000000"));
+    }
+    Ok(())
+}
+
+fn check_rewrites(
+    file: &FleetFile,
+    served: &HashMap<&str, &str>,
+    c: &Checker<'_>,
+) -> Result<(), ConfigError> {
+    let mut seen = HashSet::new();
+    for (i, r) in file.rewrites.iter().enumerate() {
+        let at = |f: &str| [key("rewrites"), Seg::Index(i), key(f)];
+        if r.model.is_empty() {
+            return Err(c.err(&at("model"), "must not be empty"));
+        }
+        if !seen.insert(r.model.as_str()) {
+            return Err(c.err(&at("model"), format!("`{}` is rewritten twice", r.model)));
+        }
+        if r.targets.is_empty() {
+            return Err(c.err(&at("targets"), "list at least one target"));
+        }
+        for t in &r.targets {
+            if !served.contains_key(t.model.as_str()) {
+                return Err(c.err(
+                    &at("targets"),
+                    format!("target `{}` is not a model or adapter of any pool", t.model),
+                ));
+            }
+            if t.weight > 1_000_000 {
+                return Err(c.err(&at("targets"), "weights must be at most 1000000"));
+            }
+        }
+        if r.targets.iter().all(|t| t.weight == 0) {
+            return Err(c.err(&at("targets"), "at least one weight must be above 0"));
+        }
+    }
+    Ok(())
 }
 
 /// The distinct regions of the clusters, for messages.
@@ -1058,6 +1230,70 @@ scheduler:
     }
 
     #[test]
+    fn adapters_rewrites_weights_and_sessions_are_checked() {
+        let ok = GOOD.replace(
+            "models: [m1, lora-a]",
+            "models: [m1]\n    lora_adapters: [lora-a]\n    weights: {prefix: 0}\n    session_affinity: {cookie: fp-session}",
+        );
+        let cfg = FleetConfig::parse(
+            &format!("{ok}rewrites:\n  - model: chat\n    targets: [{{model: m1, weight: 9}}, {{model: lora-a}}]\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(cfg.file.pools[0].lora_adapters, vec!["lora-a".to_string()]);
+        assert_eq!(cfg.file.pools[0].weights.unwrap().prefix, 0.0);
+        assert_eq!(cfg.file.pools[0].weights.unwrap().kv_cache, 1.0);
+        assert_eq!(cfg.file.rewrites[0].targets[1].weight, 1);
+        // An adapter is a model: one pool only.
+        let e = err(&ok.replace("models: [m2]", "models: [m2]\n    lora_adapters: [lora-a]"));
+        assert!(
+            e.contains("pools[1].lora_adapters") && e.contains("`lora-a`"),
+            "{e}"
+        );
+        let e = err(&ok.replace("weights: {prefix: 0}", "weights: {prefix: -1}"));
+        assert!(e.contains("pools[0].weights.prefix"), "{e}");
+        let e = err(&ok.replace("{cookie: fp-session}", "{cookie: a, header: b}"));
+        assert!(
+            e.contains("pools[0].session_affinity") && e.contains("exactly one"),
+            "{e}"
+        );
+        let e = err(&ok.replace("{cookie: fp-session}", "{header: \"x id\"}"));
+        assert!(e.contains("session_affinity.header"), "{e}");
+        for (rewrite, field, says) in [
+            (
+                "{model: chat, targets: [{model: nope}]}",
+                "rewrites[0].targets",
+                "`nope`",
+            ),
+            (
+                "{model: chat, targets: []}",
+                "rewrites[0].targets",
+                "at least one",
+            ),
+            (
+                "{model: chat, targets: [{model: m1, weight: 0}]}",
+                "rewrites[0].targets",
+                "above 0",
+            ),
+            (
+                "{model: \"\", targets: [{model: m1}]}",
+                "rewrites[0].model",
+                "empty",
+            ),
+        ] {
+            let e = err(&format!("{ok}rewrites:\n  - {rewrite}\n"));
+            assert!(e.contains(field) && e.contains(says), "{e}");
+        }
+        let e = err(&format!(
+            "{ok}rewrites:\n  - {{model: c, targets: [{{model: m1}}]}}\n  - {{model: c, targets: [{{model: m2}}]}}\n"
+        ));
+        assert!(
+            e.contains("rewrites[1].model") && e.contains("twice"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn type_errors_and_unknown_fields_have_positions() {
         let e = err(&GOOD.replace("target_port: 30000", "target_port: many"));
         assert!(e.contains("line 16"), "{e}");
@@ -1068,7 +1304,7 @@ scheduler:
         ));
         assert!(e.contains("fleet.yaml:23: poller.stale_after_ms"), "{e}");
         let e = err(&format!(
-            "{GOOD}  weights: {{kv_cache: 0, queue: 0, in_flight: 0, prefill: 0, rtt: 0, prefix: 0}}\n"
+            "{GOOD}  weights: {{kv_cache: 0, queue: 0, in_flight: 0, prefill: 0, rtt: 0, prefix: 0, lora: 0}}\n"
         ));
         assert!(e.contains("scheduler.weights"), "{e}");
     }

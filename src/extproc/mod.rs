@@ -47,7 +47,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::config::{BodyMode, Weights};
 use crate::fleet::{Fleet, InFlight};
 use crate::openai::{Api, ApiError, InferenceRequest};
+use crate::rewrite::Restorer;
 use crate::schedule::{self, PickError, PickRequest};
+use crate::session::{SessionKey, cookie_value, new_session_id};
 use crate::telemetry::Metrics;
 
 /// The header (and `envoy.lb` metadata key) naming the destination.
@@ -186,6 +188,13 @@ struct StreamState {
     in_flight: Option<InFlight>,
     status: Option<u16>,
     served: Option<String>,
+    /// The request's headers, kept for what the pool decides to read once the model is known
+    /// (the session key).
+    request_headers: Option<HttpHeaders>,
+    /// Restores the client's model name in the response of a rewritten request.
+    restore: Option<Restorer>,
+    /// A new session cookie, set on the response.
+    set_cookie: Option<String>,
 }
 
 impl Drop for StreamState {
@@ -209,6 +218,9 @@ impl StreamState {
             in_flight: None,
             status: None,
             served: None,
+            request_headers: None,
+            restore: None,
+            set_cookie: None,
         }
     }
 
@@ -263,7 +275,9 @@ impl StreamState {
             Some(Req::RequestHeaders(h)) => {
                 self.path = header(&h, ":path").unwrap_or_default();
                 self.subset = subset_hint(msg.metadata_context.as_ref());
-                if h.end_of_stream {
+                let end = h.end_of_stream;
+                self.request_headers = Some(h);
+                if end {
                     return self.answer(false);
                 }
                 match self.mode {
@@ -316,7 +330,28 @@ impl StreamState {
                 self.status = header(&h, ":status").and_then(|s| s.parse().ok());
                 self.served = served_endpoint(msg.metadata_context.as_ref());
                 self.follow_retry();
-                vec![headers_response(Resp::ResponseHeaders, None)]
+                let mut mutation = HeaderMutation::default();
+                if let Some(cookie) = self.set_cookie.take() {
+                    mutation.set_headers.push(HeaderValueOption {
+                        append_action: HeaderAppendAction::AppendIfExistsOrAdd as i32,
+                        ..set_header("set-cookie", &cookie)
+                    });
+                }
+                if !self.response_streamed {
+                    // Restoring needs the body streamed through here (the shipped configs do).
+                    self.restore = None;
+                }
+                if let Some(r) = self.restore.as_mut() {
+                    r.content_type(header(&h, "content-type").as_deref());
+                    // The restored name may differ in length from the target's.
+                    mutation.remove_headers.push("content-length".into());
+                }
+                let changed =
+                    !(mutation.set_headers.is_empty() && mutation.remove_headers.is_empty());
+                vec![headers_response(
+                    Resp::ResponseHeaders,
+                    changed.then_some(mutation),
+                )]
             }
             Some(Req::ResponseBody(b)) => {
                 if !b.body.is_empty()
@@ -327,11 +362,20 @@ impl StreamState {
                 if b.end_of_stream {
                     self.finish();
                 }
-                // Echo unchanged (streamed back piece for piece in FULL_DUPLEX mode).
-                let response = if self.response_streamed {
-                    streamed_piece(b.body, b.end_of_stream)
-                } else {
-                    CommonResponse::default()
+                let response = match self.restore.as_mut() {
+                    // Held until a whole line (events) or the whole body (JSON) is in; nothing
+                    // to send for this chunk yet. Full-duplex streaming allows that: the pieces
+                    // sent need not match the chunks received one for one.
+                    Some(r) => {
+                        let out = r.push(&b.body, b.end_of_stream);
+                        if out.is_empty() && !b.end_of_stream {
+                            return Vec::new();
+                        }
+                        streamed_piece(out, b.end_of_stream)
+                    }
+                    // Echo unchanged (streamed back piece for piece in FULL_DUPLEX mode).
+                    None if self.response_streamed => streamed_piece(b.body, b.end_of_stream),
+                    None => CommonResponse::default(),
                 };
                 vec![ProcessingResponse {
                     response: Some(Resp::ResponseBody(BodyResponse {
@@ -342,10 +386,24 @@ impl StreamState {
             }
             Some(Req::ResponseTrailers(_)) => {
                 self.finish();
-                vec![ProcessingResponse {
+                let mut out = Vec::with_capacity(2);
+                // Trailers end the body: what a restorer still holds goes out before them.
+                if let Some(r) = self.restore.as_mut() {
+                    let held = r.push(&[], true);
+                    if !held.is_empty() {
+                        out.push(ProcessingResponse {
+                            response: Some(Resp::ResponseBody(BodyResponse {
+                                response: Some(streamed_piece(held, false)),
+                            })),
+                            ..ProcessingResponse::default()
+                        });
+                    }
+                }
+                out.push(ProcessingResponse {
                     response: Some(Resp::ResponseTrailers(TrailersResponse::default())),
                     ..ProcessingResponse::default()
-                }]
+                });
+                out
             }
             None => Vec::new(),
         }
@@ -358,6 +416,8 @@ impl StreamState {
         &self,
         model: Option<&str>,
         prefix: &[u64],
+        session: Option<usize>,
+        rng: &mut fastrand::Rng,
     ) -> Result<(schedule::Pick, InFlight), PickError> {
         let settings = &self.picker.settings;
         let fleet = &self.picker.fleet;
@@ -366,11 +426,10 @@ impl StreamState {
             subset: self.subset.as_deref(),
             explain: tracing::enabled!(tracing::Level::DEBUG),
             prefix,
+            session,
         };
-        let mut rng = fastrand::Rng::new();
         for _ in 0..PICK_ATTEMPTS {
-            let pick =
-                schedule::pick(fleet, &req, &settings.weights, settings.fallbacks, &mut rng)?;
+            let pick = schedule::pick(fleet, &req, &settings.weights, settings.fallbacks, rng)?;
             let ep = &fleet.endpoints[pick.primary];
             if let Some(guard) = InFlight::try_new(ep.clone(), pick.cap) {
                 // The picked endpoint will hold this prompt's prefix in its cache.
@@ -386,18 +445,50 @@ impl StreamState {
     fn answer(&mut self, body_end: bool) -> Vec<ProcessingResponse> {
         self.answered = true;
         let has_body = !self.body.is_empty() || body_end;
+        let fleet = self.picker.fleet.clone();
+        let mut rng = fastrand::Rng::new();
         let mut hashes = Vec::new();
         let model = match Api::from_path(&self.path) {
             Some(api) if has_body => match InferenceRequest::parse(api, &self.body) {
                 Ok(req) => {
-                    if let Some(first) = req.prompts.first() {
+                    let model = match fleet.rewrites.target(&req.model, &mut rng) {
+                        Some(target) if target != req.model => {
+                            let Some(body) =
+                                crate::openai::replace_model(&self.body, &req.model, target)
+                            else {
+                                return self.refuse(
+                                    &ApiError::invalid(
+                                        "model",
+                                        "must appear once in the body to be rewritten",
+                                    ),
+                                    "bad-request",
+                                );
+                            };
+                            self.body = body;
+                            self.restore = Some(Restorer::new(&req.model, target));
+                            target.to_string()
+                        }
+                        _ => req.model,
+                    };
+                    // The prefix hashes are seeded by the model that serves the request: its
+                    // cache is the one that holds the prefix.
+                    if let Some(first) = req.prompts.first()
+                        && fleet.pool_for(&model).is_some_and(|p| {
+                            fleet.pools[p]
+                                .weights
+                                .as_ref()
+                                .unwrap_or(&self.picker.settings.weights)
+                                .prefix
+                                > 0.0
+                        })
+                    {
                         hashes = crate::prefix::prompt_hashes(
-                            &req.model,
+                            &model,
                             req.cache_salt.as_deref(),
                             &first.hash_bytes(),
                         );
                     }
-                    Some(req.model)
+                    Some(model)
                 }
                 Err(e) => return self.refuse(&e, "bad-request"),
             },
@@ -412,7 +503,15 @@ impl StreamState {
             // Not an inference request (GET /v1/models, /health): any endpoint by load.
             _ => None,
         };
-        let (pick, guard) = match self.pick(model.as_deref(), &hashes) {
+        let sessions = model
+            .as_deref()
+            .and_then(|m| fleet.pool_for(m))
+            .and_then(|p| fleet.pools[p].sessions.as_ref());
+        let session_key = sessions.and_then(|s| self.session_key(&s.key));
+        let bound = sessions
+            .zip(session_key.as_deref())
+            .and_then(|(s, k)| s.get(k));
+        let (pick, guard) = match self.pick(model.as_deref(), &hashes, bound, &mut rng) {
             Ok(p) => p,
             Err(PickError::UnknownModel(m)) => {
                 return self.refuse(&ApiError::model_not_found(&m), "unknown-model");
@@ -430,7 +529,22 @@ impl StreamState {
                 );
             }
         };
-        let fleet = &self.picker.fleet;
+        if let Some(s) = sessions {
+            let key = match (session_key, &s.key) {
+                (Some(k), _) => Some(k),
+                (None, SessionKey::Cookie(name)) => {
+                    let id = new_session_id(&mut rng);
+                    self.set_cookie = Some(format!("{name}={id}; Path=/; HttpOnly; SameSite=Lax"));
+                    Some(id)
+                }
+                (None, SessionKey::Header(_)) => None,
+            };
+            if let Some(k) = key
+                && bound != Some(pick.primary)
+            {
+                s.bind(&k, pick.primary);
+            }
+        }
         let endpoints = &fleet.endpoints;
         let mut destination = endpoints[pick.primary].addr_text.clone();
         for &f in &pick.fallbacks {
@@ -462,16 +576,30 @@ impl StreamState {
             return vec![r];
         }
         match self.mode {
-            BodyMode::Buffered => vec![ProcessingResponse {
-                response: Some(Resp::RequestBody(BodyResponse {
-                    response: Some(CommonResponse {
-                        header_mutation: Some(mutation),
-                        ..CommonResponse::default()
-                    }),
-                })),
-                dynamic_metadata: metadata,
-                ..ProcessingResponse::default()
-            }],
+            BodyMode::Buffered => {
+                let mut mutation = mutation;
+                let body_mutation = self.restore.is_some().then(|| {
+                    // The rewritten body replaces the buffered one, with its own length.
+                    let body = std::mem::take(&mut self.body);
+                    mutation
+                        .set_headers
+                        .push(set_header("content-length", &body.len().to_string()));
+                    BodyMutation {
+                        mutation: Some(Mutation::Body(body)),
+                    }
+                });
+                vec![ProcessingResponse {
+                    response: Some(Resp::RequestBody(BodyResponse {
+                        response: Some(CommonResponse {
+                            header_mutation: Some(mutation),
+                            body_mutation,
+                            ..CommonResponse::default()
+                        }),
+                    })),
+                    dynamic_metadata: metadata,
+                    ..ProcessingResponse::default()
+                }]
+            }
             BodyMode::FullDuplex => {
                 let mut out = Vec::with_capacity(2 + self.body.len() / MAX_PIECE);
                 let mut headers = headers_response(Resp::RequestHeaders, Some(mutation));
@@ -487,6 +615,20 @@ impl StreamState {
                     }
                 }
                 out
+            }
+        }
+    }
+
+    /// The request's session key, from the header or cookie the pool names.
+    fn session_key(&self, key: &SessionKey) -> Option<String> {
+        let h = self.request_headers.as_ref()?;
+        match key {
+            SessionKey::Header(name) => header(h, name).filter(|v| !v.is_empty()),
+            SessionKey::Cookie(name) => {
+                let cookies = header(h, "cookie")?;
+                cookie_value(&cookies, name)
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_string)
             }
         }
     }

@@ -14,8 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
-use crate::collect::profile::{EngineKind, LoadSample};
-use crate::config::{ClusterPolicy, FleetConfig, PollerSettings, PoolPolicy};
+use crate::collect::profile::{EngineKind, LoadSample, LoraInfo};
+use crate::config::{ClusterPolicy, FleetConfig, PollerSettings, PoolPolicy, Weights};
+use crate::rewrite::Rewrites;
+use crate::session::Sessions;
 
 /// Milliseconds on a monotonic clock shared by the poller and the request path.
 #[derive(Debug, Clone, Copy)]
@@ -135,11 +137,21 @@ pub struct Endpoint {
     pub awaiting_first_token: AtomicU32,
     /// Round trip of the last scrapes, in microseconds, smoothed (0: none measured yet).
     pub scrape_rtt_us: AtomicU32,
+    /// The LoRA adapters running and waiting at the last scrape (`None`: not reported).
+    pub lora: arc_swap::ArcSwapOption<LoraInfo>,
 }
 
 impl Endpoint {
     /// Folds one scrape's round trip into the smoothed value (weight 1/8 for the new one, as
     /// TCP's SRTT does): one slow scrape does not make a near cluster look far.
+    /// Keeps the LoRA state of a scrape; replaced only when it changed, so steady state costs
+    /// no allocation.
+    pub fn store_lora(&self, lora: Option<&LoraInfo>) {
+        if self.lora.load().as_deref() != lora {
+            self.lora.store(lora.cloned().map(Arc::new));
+        }
+    }
+
     pub fn observe_rtt(&self, rtt: std::time::Duration) {
         let us = u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX).max(1);
         let old = self.scrape_rtt_us.load(Ordering::Relaxed);
@@ -233,6 +245,10 @@ impl Cluster {
 pub struct Pool {
     pub name: String,
     pub endpoints: Vec<usize>,
+    /// The pool's own scorer weights (`None`: the scheduler's).
+    pub weights: Option<Weights>,
+    /// Session affinity, when the pool has it.
+    pub sessions: Option<Sessions>,
 }
 
 /// The backend policy of every pool, per cluster: replaced whole when the fleet file is
@@ -281,7 +297,10 @@ pub struct Fleet {
     pub clusters: Vec<Cluster>,
     pub pools: Vec<Pool>,
     pub endpoints: Vec<Arc<Endpoint>>,
-    model_pool: HashMap<String, usize>,
+    /// Served model name: (pool, is a LoRA adapter).
+    model_pool: HashMap<String, (usize, bool)>,
+    /// Client-facing names served as other models.
+    pub rewrites: Rewrites,
     pub clock: Clock,
     pub poller: PollerSettings,
     /// The picker's region, if it has one.
@@ -316,6 +335,7 @@ impl Fleet {
                     in_flight: AtomicU32::new(0),
                     awaiting_first_token: AtomicU32::new(0),
                     scrape_rtt_us: AtomicU32::new(0),
+                    lora: arc_swap::ArcSwapOption::empty(),
                 })
             })
             .collect();
@@ -328,6 +348,8 @@ impl Fleet {
                 endpoints: (0..endpoints.len())
                     .filter(|&i| endpoints[i].pool == p)
                     .collect(),
+                weights: spec.weights,
+                sessions: spec.session_affinity.as_ref().map(Sessions::new),
             })
             .collect();
         let mut model_pool = HashMap::new();
@@ -337,7 +359,10 @@ impl Fleet {
                 continue;
             }
             for m in &spec.models {
-                model_pool.insert(m.clone(), p);
+                model_pool.insert(m.clone(), (p, false));
+            }
+            for m in &spec.lora_adapters {
+                model_pool.insert(m.clone(), (p, true));
             }
         }
         Fleet {
@@ -359,6 +384,7 @@ impl Fleet {
             pools,
             endpoints,
             model_pool,
+            rewrites: Rewrites::new(&file.rewrites),
             clock: Clock::new(),
             poller: file.poller.clone(),
             region,
@@ -394,6 +420,7 @@ impl Fleet {
             && cfg.file.pools.iter().enumerate().all(|(p, spec)| {
                 spec.models
                     .iter()
+                    .chain(&spec.lora_adapters)
                     .all(|m| self.pool_for(m) == cfg.policies[p].as_ref().map(|_| p))
             });
         if !same_pools {
@@ -466,7 +493,12 @@ impl Fleet {
 
     /// The pool serving `model`.
     pub fn pool_for(&self, model: &str) -> Option<usize> {
-        self.model_pool.get(model).copied()
+        self.model_pool.get(model).map(|&(p, _)| p)
+    }
+
+    /// Whether `model` is one of its pool's LoRA adapters.
+    pub fn is_adapter(&self, model: &str) -> bool {
+        self.model_pool.get(model).is_some_and(|&(_, a)| a)
     }
 
     /// Endpoints with fresh load data now.

@@ -151,6 +151,37 @@ impl InferenceRequest {
     }
 }
 
+/// Writes `to` as the top-level `model` of a JSON object, in place of `from`: the rest of the
+/// bytes are kept as they are (one scan that builds nothing, no re-serialization), so a large
+/// prompt costs a pass, not a second parse. `None` when the text is not a JSON object whose
+/// `model` is the string `from`.
+pub fn replace_model(json: &[u8], from: &str, to: &str) -> Option<Vec<u8>> {
+    #[derive(serde::Deserialize)]
+    struct Probe<'a> {
+        #[serde(borrow)]
+        model: Option<&'a serde_json::value::RawValue>,
+    }
+    let probe: Probe<'_> = serde_json::from_slice(json).ok()?;
+    let raw = probe.model?.get();
+    if serde_json::from_str::<&str>(raw).ok() != Some(from)
+        && serde_json::from_str::<String>(raw).ok().as_deref() != Some(from)
+    {
+        return None;
+    }
+    // The raw value borrows from `json`: its offset there is where the old name starts.
+    let start = (raw.as_ptr() as usize).checked_sub(json.as_ptr() as usize)?;
+    let end = start + raw.len();
+    if json.get(start..end) != Some(raw.as_bytes()) {
+        return None;
+    }
+    let to = serde_json::to_string(to).ok()?;
+    let mut out = Vec::with_capacity(json.len() + to.len());
+    out.extend_from_slice(&json[..start]);
+    out.extend_from_slice(to.as_bytes());
+    out.extend_from_slice(&json[end..]);
+    Some(out)
+}
+
 fn take(obj: &mut Map<String, Value>, field: &'static str) -> Result<Value, ApiError> {
     match obj.remove(field) {
         None | Some(Value::Null) => Err(ApiError::missing(field)),
@@ -394,6 +425,29 @@ mod tests {
 
     fn parse(api: Api, body: &str) -> Result<InferenceRequest, ApiError> {
         InferenceRequest::parse(api, body.as_bytes())
+    }
+
+    #[test]
+    fn replace_model_splices_only_the_top_level_model() {
+        let body = br#"{"messages":[{"role":"user","content":"model \"a\""}], "model" : "a", "n":{"model":"a"}}"#;
+        let out = replace_model(body, "a", "b/c\"d").unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "b/c\"d");
+        assert_eq!(v["n"]["model"], "a", "nested fields are left alone");
+        assert_eq!(v["messages"][0]["content"], "model \"a\"");
+        // The bytes around the value are kept as they were.
+        assert!(
+            out.starts_with(
+                br#"{"messages":[{"role":"user","content":"model \"a\""}], "model" : "#
+            )
+        );
+        assert!(out.ends_with(br#", "n":{"model":"a"}}"#));
+        // An escaped name still matches.
+        assert!(replace_model(br#"{"model":"\u0061"}"#, "a", "b").is_some());
+        assert_eq!(replace_model(br#"{"model":"x"}"#, "a", "b"), None);
+        assert_eq!(replace_model(br#"{"model":1}"#, "a", "b"), None);
+        assert_eq!(replace_model(b"[1]", "a", "b"), None);
+        assert_eq!(replace_model(b"not json", "a", "b"), None);
     }
 
     #[test]

@@ -42,6 +42,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
+use crate::collect::profile::LoraInfo;
 use crate::config::{BalancingMode, ClusterPolicy, Weights};
 use crate::fleet::{Fleet, Load};
 
@@ -56,6 +57,9 @@ pub struct PickRequest<'a> {
     pub explain: bool,
     /// The prompt's block hashes (see [`crate::prefix`]), for the `prefix` scorer.
     pub prefix: &'a [u64],
+    /// The endpoint the request's session was last sent to (session affinity): it is picked
+    /// again while it is in the tier and passes the load guard.
+    pub session: Option<usize>,
 }
 
 /// Where the primary came from.
@@ -290,6 +294,10 @@ struct Candidate {
     in_tier: bool,
     /// Leading prompt blocks this endpoint holds, by the prefix index.
     matched: u32,
+    /// The `lora` scorer's value (0 for requests that name no adapter).
+    lora: f64,
+    /// The request's session is bound here.
+    bound: bool,
     score: f64,
 }
 
@@ -328,15 +336,21 @@ pub fn pick(
     fallbacks: usize,
     rng: &mut fastrand::Rng,
 ) -> Result<Pick, PickError> {
-    let members: Box<dyn Iterator<Item = usize>> = match req.model {
+    let (members, weights): (Box<dyn Iterator<Item = usize>>, &Weights) = match req.model {
         Some(model) => {
-            let pool = fleet
+            let pool = &fleet.pools[fleet
                 .pool_for(model)
-                .ok_or_else(|| PickError::UnknownModel(model.to_string()))?;
-            Box::new(fleet.pools[pool].endpoints.iter().copied())
+                .ok_or_else(|| PickError::UnknownModel(model.to_string()))?];
+            (
+                Box::new(pool.endpoints.iter().copied()),
+                pool.weights.as_ref().unwrap_or(weights),
+            )
         }
-        None => Box::new(0..fleet.endpoints.len()),
+        None => (Box::new(0..fleet.endpoints.len()), weights),
     };
+    let adapter = req
+        .model
+        .filter(|m| weights.lora > 0.0 && fleet.is_adapter(m));
     let now = fleet.clock.now_ms();
     let stale_after = fleet.poller.stale_after_ms;
     let policies = fleet.policies.load();
@@ -405,6 +419,8 @@ pub fn pick(
             dry: view.dry.map(|d| d.classify(&load, in_flight, awaiting)),
             in_tier: false,
             matched: 0,
+            lora: adapter.map_or(0.0, |a| lora_score(ep.lora.load().as_deref(), a)),
+            bound: req.session == Some(index),
             score: 0.0,
         };
         if !cluster.health().serves() {
@@ -565,6 +581,28 @@ pub fn pick(
     })
 }
 
+/// The `lora` scorer: the adapter running there (no load, no wait) beats a free slot (a load,
+/// tens of milliseconds), which beats waiting for a slot behind other adapters' requests.
+fn lora_score(info: Option<&LoraInfo>, adapter: &str) -> f64 {
+    let Some(info) = info else {
+        // Not reported (an engine without the metric): between a free slot and a wait.
+        return 0.45;
+    };
+    if info.running.iter().any(|a| a == adapter) {
+        1.0
+    } else if info.max_lora == 0 || info.running.len() < info.max_lora as usize {
+        0.6
+    } else if info.waiting.iter().any(|a| a == adapter) {
+        0.3
+    } else {
+        0.0
+    }
+}
+
+/// A session's endpoint, while it passes the load guard, scores above any weighted sum (which
+/// is at most 1).
+const SESSION_SCORE: f64 = 2.0;
+
 /// Matched prefix blocks at which the absolute half of the prefix score is full: 1,024 tokens.
 const PREFIX_FULL_BLOCKS: f64 = 64.0;
 
@@ -583,9 +621,7 @@ fn score(cands: &mut [Candidate], w: &Weights, prompt_blocks: usize) {
         .map(|c| c.waiting.max(c.awaiting))
         .min()
         .unwrap_or(0);
-    let inv_total = 1.0
-        / (w.kv_cache + w.queue + w.in_flight + w.prefill + w.rtt + w.prefix)
-            .max(f64::MIN_POSITIVE);
+    let inv_total = 1.0 / w.total().max(f64::MIN_POSITIVE);
     let inv_blocks = if prompt_blocks == 0 {
         0.0
     } else {
@@ -606,11 +642,18 @@ fn score(cands: &mut [Candidate], w: &Weights, prompt_blocks: usize) {
             + w.in_flight * flight.at(c.in_flight)
             + w.prefill * prefill.at(c.awaiting)
             + w.rtt * c.rtt_score
-            + w.prefix * prefix)
+            + w.prefix * prefix
+            + w.lora * c.lora)
             * inv_total;
         // Validated weights keep this finite; if it is not, rank the endpoint last rather than
         // let a NaN break the comparison.
-        c.score = if score.is_finite() { score } else { 0.0 };
+        c.score = if c.bound && !guarded {
+            SESSION_SCORE
+        } else if score.is_finite() {
+            score
+        } else {
+            0.0
+        };
     }
 }
 
@@ -677,6 +720,7 @@ mod tests {
             subset: None,
             explain: false,
             prefix: &[],
+            session: None,
         }
     }
 
@@ -790,6 +834,7 @@ mod tests {
             subset: Some(&subset),
             explain: false,
             prefix: &[],
+            session: None,
         };
         assert_eq!(
             pick(&f, &r, &Weights::default(), 3, &mut rng).unwrap(),
@@ -808,6 +853,7 @@ mod tests {
             subset: Some(&outside),
             explain: false,
             prefix: &[],
+            session: None,
         };
         assert!(matches!(
             pick(&f, &r, &Weights::default(), 0, &mut rng),
@@ -866,6 +912,109 @@ mod tests {
         assert_eq!((p.primary, p.tier), (1, Tier::Local));
     }
 
+    fn lora_fleet(pool_extra: &str) -> Fleet {
+        let text = format!(
+            "clusters: [{{name: a}}]\npools:\n  - {{name: p, models: [base], lora_adapters: [ad], target_port: 8000, endpoints: {{a: [10.0.0.1, 10.0.0.2, 10.0.0.3, 10.0.0.4]}}{pool_extra}}}\n"
+        );
+        let f = Fleet::new(&FleetConfig::parse(&text, "t").unwrap());
+        for i in 0..4 {
+            set(&f, i, 0.2, 0);
+        }
+        f
+    }
+
+    fn lora(f: &Fleet, i: usize, running: &[&str], waiting: &[&str], max_lora: u32) {
+        f.endpoints[i].store_lora(Some(&LoraInfo {
+            running: running.iter().map(|a| a.to_string()).collect(),
+            waiting: waiting.iter().map(|a| a.to_string()).collect(),
+            max_lora,
+        }));
+    }
+
+    #[test]
+    fn adapters_go_where_they_run_then_to_a_free_slot_then_where_they_wait() {
+        let f = lora_fleet("");
+        let mut rng = fastrand::Rng::with_seed(3);
+        let mut picks = |model: &str| -> std::collections::BTreeSet<usize> {
+            (0..60)
+                .map(|_| {
+                    pick(&f, &req(model), &Weights::default(), 0, &mut rng)
+                        .unwrap()
+                        .primary
+                })
+                .collect()
+        };
+        // 0: full of other adapters, `ad` waiting; 1: full, `ad` not even waiting;
+        // 2: a free slot; 3: running `ad`.
+        lora(&f, 0, &["x", "y"], &["ad"], 2);
+        lora(&f, 1, &["x", "y"], &[], 2);
+        lora(&f, 2, &["x"], &[], 2);
+        lora(&f, 3, &["ad", "x"], &[], 2);
+        assert_eq!(picks("ad"), [3].into());
+        // The base model has no adapter to follow: every endpoint is alike to it.
+        assert_eq!(picks("base").len(), 4);
+        lora(&f, 3, &["x", "y"], &[], 2);
+        assert_eq!(picks("ad"), [2].into());
+        lora(&f, 2, &["x", "y"], &[], 2);
+        assert_eq!(picks("ad"), [0].into());
+        // Load still counts: the adapter's endpoint with a long queue loses to a free slot.
+        lora(&f, 2, &["x"], &[], 2);
+        lora(&f, 3, &["ad"], &[], 2);
+        set(&f, 3, 0.95, 12);
+        assert_eq!(picks("ad"), [2].into());
+    }
+
+    #[test]
+    fn per_pool_weights_switch_a_scorer_off_for_that_pool_only() {
+        let f = lora_fleet(", weights: {lora: 0}");
+        lora(&f, 3, &["ad"], &[], 4);
+        let mut rng = fastrand::Rng::with_seed(4);
+        let spread: std::collections::BTreeSet<usize> = (0..100)
+            .map(|_| {
+                pick(&f, &req("ad"), &Weights::default(), 0, &mut rng)
+                    .unwrap()
+                    .primary
+            })
+            .collect();
+        assert_eq!(spread.len(), 4, "no adapter affinity with lora: 0");
+    }
+
+    #[test]
+    fn a_session_stays_on_its_endpoint_until_it_is_overloaded() {
+        let f = fleet(4);
+        for i in 0..4 {
+            set(&f, i, 0.1, 0);
+        }
+        let mut rng = fastrand::Rng::with_seed(5);
+        let r = PickRequest {
+            session: Some(2),
+            ..req("m")
+        };
+        // Even with another endpoint clearly less loaded.
+        set(&f, 2, 0.5, 2);
+        for _ in 0..50 {
+            let p = pick(&f, &r, &Weights::default(), 1, &mut rng).unwrap();
+            assert_eq!(p.primary, 2);
+            assert_ne!(p.fallbacks, vec![2]);
+        }
+        // Overloaded (queue past the guard): the session moves.
+        set(&f, 2, 0.5, 8);
+        assert_ne!(
+            pick(&f, &r, &Weights::default(), 0, &mut rng)
+                .unwrap()
+                .primary,
+            2
+        );
+        // Stale (down): the session moves, and nothing fails.
+        f.endpoints[2].load.fail();
+        assert_ne!(
+            pick(&f, &r, &Weights::default(), 0, &mut rng)
+                .unwrap()
+                .primary,
+            2
+        );
+    }
+
     #[test]
     fn requests_follow_their_prefix_until_the_holder_is_loaded_then_a_second_holder_takes_them() {
         let f = fleet(4);
@@ -880,6 +1029,7 @@ mod tests {
             subset: None,
             explain: false,
             prefix: &hashes,
+            session: None,
         };
         let mut rng = fastrand::Rng::with_seed(15);
         for _ in 0..50 {
@@ -894,6 +1044,7 @@ mod tests {
         let other = crate::prefix::prompt_hashes("m", None, &[b'q'; 64 * 40]);
         let r2 = PickRequest {
             prefix: &other,
+            session: None,
             ..r
         };
         let spread: std::collections::BTreeSet<usize> = (0..100)
@@ -911,6 +1062,7 @@ mod tests {
             subset: None,
             explain: false,
             prefix: &hashes,
+            session: None,
         };
         set(&f, 2, 0.1, 6);
         let second = pick(&f, &r, &Weights::default(), 0, &mut rng)
@@ -1100,6 +1252,7 @@ mod tests {
             subset: None,
             explain: true,
             prefix: &[],
+            session: None,
         };
         let mut rng = fastrand::Rng::with_seed(13);
         let p = pick(&f, &r, &Weights::default(), 0, &mut rng).unwrap();

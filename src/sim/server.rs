@@ -2,7 +2,8 @@
 //! in (scaled) real time, its faults, and its stop/start lifecycle.
 //!
 //! Every response carries `x-sim-server` (and `x-sim-cluster`) naming who served it, so tests
-//! and benchmarks can see where a request went without asking the picker.
+//! and benchmarks can see where a request went without asking the picker; a generation's
+//! response carries `x-sim-model`, the model it was asked for (what a rewrite made of it).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -32,6 +33,8 @@ use crate::openai::{Api, ApiError, InferenceRequest};
 
 /// The header naming the simulated server that answered.
 pub const SERVER_HEADER: &str = "x-sim-server";
+/// The model a generation was asked for, as the server received it (after any rewrite).
+pub const MODEL_HEADER: &str = "x-sim-model";
 /// The header naming that server's cluster.
 pub const CLUSTER_HEADER: &str = "x-sim-cluster";
 
@@ -668,6 +671,7 @@ async fn generate(server: Arc<SimServer>, api: Api, request: Request) -> Respons
     } else {
         "cmpl"
     };
+    let model_header = HeaderValue::from_str(&req.model).ok();
     let gen_state = Generation {
         id: format!("{prefix}-{}-{n}", server.name),
         created: unix_now() as u64,
@@ -677,11 +681,15 @@ async fn generate(server: Arc<SimServer>, api: Api, request: Request) -> Respons
         include_usage: req.include_usage,
         rng,
     };
-    if req.stream {
+    let mut response = if req.stream {
         stream_response(gen_state, rx)
     } else {
         whole_response(gen_state, rx).await
+    };
+    if let Some(v) = model_header {
+        response.headers_mut().insert(MODEL_HEADER, v);
     }
+    response
 }
 
 async fn whole_response(mut g: Generation, mut rx: mpsc::UnboundedReceiver<SeqEvent>) -> Response {

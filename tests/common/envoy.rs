@@ -18,3 +18,27 @@ pub fn validate(config_yaml: &str) {
         panic!("{e}\n--- configuration ---\n{config_yaml}");
     }
 }
+
+/// Starts Envoy (configuration `flavor`, full-duplex bodies) in front of fleetpick at
+/// `picker` and the simulated servers of `sim`, on kernel-chosen loopback ports.
+pub async fn in_front_of(
+    flavor: fleetpick::envoy::Flavor,
+    body_mode: fleetpick::envoy::BodyMode,
+    picker: std::net::SocketAddr,
+    sim: &super::Sim,
+) -> Envoy {
+    let loopback: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let params = fleetpick::envoy::EnvoyParams {
+        listen: loopback,
+        admin: loopback,
+        extproc: picker,
+        endpoints: sim
+            .entries
+            .iter()
+            .map(|e| e.address.parse().unwrap())
+            .collect(),
+        body_mode,
+        localities: Vec::new(),
+    };
+    start(&fleetpick::envoy::render(flavor, &params)).await
+}
