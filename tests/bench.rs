@@ -56,6 +56,7 @@ async fn smoke_scenario_runs_every_strategy_and_writes_the_report() {
     fleetpick::bench::report::write(&results, &dir.0, "test").unwrap();
     let md = std::fs::read_to_string(dir.0.join("report.md")).unwrap();
     assert!(md.contains("| fleetpick-kv-only |"), "{md}");
+    assert!(md.contains("measured after 0.5 s of warm-up load"), "{md}");
     assert!(
         md.contains("| whole | 10.0 | fleetpick |"),
         "the window is reported: {md}"

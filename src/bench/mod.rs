@@ -14,6 +14,7 @@
 //! workload: {api: completions, prompt_bytes: 1024, max_tokens: 64, stream: true}
 //! rates: [2, 4, 8]        # offered requests per second, Poisson arrivals
 //! duration_s: 20          # per cell
+//! warmup_s: 0             # load before each cell's measured time (not counted)
 //! strategies: [round-robin, least-request, fleetpick, {name: no-queue, weights: {queue: 0}}]
 //! ```
 
@@ -222,6 +223,12 @@ pub struct Scenario {
     /// burst" or "while a cluster is lost".
     #[serde(default)]
     pub windows: Vec<WindowSpec>,
+    /// Seconds of load before each cell's measured `duration_s`: requests started then are not
+    /// counted, nor the prefix-cache hits and queries of that time. Caches that start cold
+    /// (each prefix group's first request must miss) are measured warm, as a fleet that has
+    /// been serving for hours is. Times of events and windows still count from the start.
+    #[serde(default)]
+    pub warmup_s: f64,
 }
 
 /// A fault at a moment of each cell.
@@ -356,6 +363,12 @@ impl Scenario {
         if !(self.duration_s.is_finite() && self.duration_s > 0.0) {
             return bad("duration_s: must be a positive number of seconds");
         }
+        if !(self.warmup_s.is_finite() && self.warmup_s >= 0.0) {
+            return bad("warmup_s: must be 0 or more seconds");
+        }
+        if self.load_generator == LoadGenerator::InferencePerf && self.warmup_s > 0.0 {
+            return bad("warmup_s: not with inference-perf (it reports every request it sent)");
+        }
         if self.strategies.is_empty() {
             return bad("strategies: list at least one");
         }
@@ -478,6 +491,9 @@ pub struct Results {
     pub machine: String,
     pub servers: usize,
     pub duration_s: f64,
+    /// Load before each cell's measured time (see [`Scenario::warmup_s`]).
+    #[serde(default)]
+    pub warmup_s: f64,
     pub prefix_upper_bound: f64,
     pub cells: Vec<CellResult>,
 }
@@ -539,6 +555,7 @@ pub async fn run(
         machine: machine(),
         servers: scenario.fleet.servers,
         duration_s: scenario.duration_s,
+        warmup_s: scenario.warmup_s,
         prefix_upper_bound: scenario.workload.prefix_upper_bound(block_bytes),
         cells,
     })
@@ -627,14 +644,10 @@ async fn drive_cell(
     // fleetpick when the strategy uses it; stopped when `_picker` drops.
     let mut _picker = None;
     if let Some(weights) = &strategy.weights {
+        // JSON is YAML's flow style.
         let scheduler = format!(
-            "scheduler:\n  weights: {{kv_cache: {}, queue: {}, in_flight: {}, prefill: {}, rtt: {}, prefix: {}}}\n",
-            weights.kv_cache,
-            weights.queue,
-            weights.in_flight,
-            weights.prefill,
-            weights.rtt,
-            weights.prefix
+            "scheduler:\n  weights: {}\n",
+            serde_json::to_string(weights).map_err(|e| BenchError::Scenario(e.to_string()))?
         );
         let regions: Vec<(&str, &str)> = shape
             .regions
@@ -713,6 +726,7 @@ async fn drive_cell(
             strategy,
             load,
             sim,
+            (0, 0),
             &workload,
             loadgen::Report { summary, records },
         ));
@@ -735,6 +749,15 @@ async fn drive_cell(
             }
         }
     });
+    // The prefix-cache counters as the warm-up ends, to count only what follows.
+    let warmup = Duration::from_secs_f64(scenario.warmup_s);
+    let counters_at_warm = {
+        let servers: Vec<Arc<crate::sim::server::SimServer>> = sim.servers.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(warmup).await;
+            prefix_counters(&servers)
+        })
+    };
     let report = loadgen::run(LoadSpec {
         targets: vec![envoy.url("")],
         arrivals: match (load, scenario.bursts) {
@@ -752,18 +775,36 @@ async fn drive_cell(
             },
         },
         workload: workload.clone(),
-        duration: Duration::from_secs_f64(load.duration_s(scenario)),
+        duration: warmup + Duration::from_secs_f64(load.duration_s(scenario)),
         max_requests: None,
         seed: scenario.seed ^ load.seed_bits(),
         watch_pid: None,
     })
     .await;
     faults.abort();
-    let report = report?;
+    let mut report = report?;
     drop(envoy);
+    let baseline = if warmup.is_zero() {
+        (0, 0)
+    } else {
+        let warm_us = warmup.as_micros() as u64;
+        report.records.retain(|r| r.start_us >= warm_us);
+        report.summary = loadgen::summarize(&mut report.records, load.duration_s(scenario));
+        counters_at_warm.await.unwrap_or((0, 0))
+    };
     Ok(cell_result(
-        scenario, strategy, load, sim, &workload, report,
+        scenario, strategy, load, sim, baseline, &workload, report,
     ))
+}
+
+/// The simulated servers' prefix-cache (hits, queries), in tokens, summed.
+fn prefix_counters(servers: &[Arc<crate::sim::server::SimServer>]) -> (u64, u64) {
+    servers
+        .iter()
+        .map(|s| s.status())
+        .fold((0, 0), |(h, q), st| {
+            (h + st.prefix_hits, q + st.prefix_queries)
+        })
 }
 
 /// Runs inference-perf at `rate` against `url` for the scenario's duration and returns its
@@ -847,16 +888,15 @@ fn cell_result(
     strategy: &Strategy,
     load: Load,
     sim: &crate::sim::Fleet,
+    (hits_before, queries_before): (u64, u64),
     workload: &Workload,
     report: loadgen::Report,
 ) -> CellResult {
-    let (hits, queries) = sim
-        .servers
-        .iter()
-        .map(|s| s.status())
-        .fold((0u64, 0u64), |(h, q), st| {
-            (h + st.prefix_hits, q + st.prefix_queries)
-        });
+    let (hits, queries) = prefix_counters(&sim.servers);
+    let (hits, queries) = (
+        hits.saturating_sub(hits_before),
+        queries.saturating_sub(queries_before),
+    );
     let s = &report.summary;
     let itl: Vec<f64> = report
         .records

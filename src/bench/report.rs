@@ -212,8 +212,16 @@ pub fn markdown(r: &Results, command: &str) -> String {
     }
     let _ = writeln!(
         out,
-        "Command: `{command}`. Machine: {}. Date: {}. {} simulated servers; {} s per cell; every cell on a fresh fleet, through the real Envoy.\n",
-        r.machine, r.date, r.servers, r.duration_s
+        "Command: `{command}`. Machine: {}. Date: {}. {} simulated servers; {} s per cell{}; every cell on a fresh fleet, through the real Envoy.\n",
+        r.machine,
+        r.date,
+        r.servers,
+        r.duration_s,
+        if r.warmup_s > 0.0 {
+            format!(", measured after {} s of warm-up load", r.warmup_s)
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(
         out,
@@ -366,6 +374,7 @@ mod tests {
             machine: "m".into(),
             servers: 2,
             duration_s: 1.0,
+            warmup_s: 0.0,
             prefix_upper_bound: 0.6,
             cells: vec![
                 cell("round-robin", 1.0, 100.0),
@@ -410,6 +419,7 @@ mod tests {
             machine: "m".into(),
             servers: 2,
             duration_s: 1.0,
+            warmup_s: 0.0,
             prefix_upper_bound: 0.0,
             cells: vec![
                 with("round-robin", 500.0, 1.0, None),
@@ -457,6 +467,7 @@ mod tests {
             machine: "m".into(),
             servers: 2,
             duration_s: 1.0,
+            warmup_s: 0.0,
             prefix_upper_bound: 0.0,
             cells: vec![
                 with("locality-round-robin", 400.0, 7),
