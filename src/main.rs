@@ -326,13 +326,19 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     let imported = cfg.policies.iter().filter(|p| p.is_some()).count();
     let dry = cfg.policies.iter().flatten().filter(|p| p.dry_run).count();
     println!(
-        "{}: ok: {} clusters in {} regions, {} pools ({imported} imported, {dry} in dry run), {} endpoints served, {} models, {} objectives; picker region: {}",
+        "{}: ok: {} clusters in {} regions, {} pools ({imported} imported, {dry} in dry run), {} endpoints served, {} models and {} LoRA adapters, {} rewrites, {} pools with session affinity, {} objectives; picker region: {}",
         file.display(),
         f.clusters.len(),
         regions.len(),
         f.pools.len(),
         cfg.endpoints.len(),
         f.pools.iter().map(|p| p.models.len()).sum::<usize>(),
+        f.pools.iter().map(|p| p.lora_adapters.len()).sum::<usize>(),
+        f.rewrites.len(),
+        f.pools
+            .iter()
+            .filter(|p| p.session_affinity.is_some())
+            .count(),
         cfg.objectives.len(),
         f.picker
             .region
