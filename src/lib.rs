@@ -10,6 +10,7 @@
 //! - [`schedule`]: the cluster tier (health, policy, locality, spill) then the endpoint tier
 //!   (scorers): which endpoint serves a request.
 //! - [`extproc`]: the Envoy `ExternalProcessor` service (the Endpoint Picker Protocol).
+//! - [`flow`]: flow control's queues (priority bands, fair flows, bounds, time to live).
 //! - [`serve`]: `fleetpick serve`, wiring the above with gRPC health.
 //! - [`telemetry`]: fleetpick's own Prometheus metrics (picks, dry-run verdicts, refusals,
 //!   cluster health, in-flight counts).
@@ -36,6 +37,7 @@ pub mod demo;
 pub mod envoy;
 pub mod extproc;
 pub mod fleet;
+pub mod flow;
 pub mod loadgen;
 pub mod openai;
 pub mod prefix;

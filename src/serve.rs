@@ -75,6 +75,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let _pollers = poller::spawn(&fleet)?;
+    let _dispatchers = crate::flow::spawn_dispatchers(&fleet);
     let metrics = Arc::new(Metrics::new(&fleet));
     // Stopped (aborted) when this function returns: a scrape has nothing to finish.
     let metrics_task = io.metrics.map(|l| {

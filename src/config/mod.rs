@@ -43,6 +43,14 @@
 //! rewrites:                   # client-facing names served as other models, by weight
 //!   - model: chat
 //!     targets: [{model: meta-llama/Llama-3.1-8B-Instruct, weight: 90}, {model: sql-lora, weight: 10}]
+//! objectives:                 # InferenceObjectives (also read from the manifests)
+//!   - {name: chat, pool: llama, priority: 10, models: [meta-llama/Llama-3.1-8B-Instruct]}
+//!   - {name: batch, pool: llama, priority: -1}   # negative: sheddable while saturated
+//! flow_control:               # hold requests while their pool is saturated
+//!   enabled: false
+//!   max_requests_per_band: 1000
+//!   max_bytes_per_band: 268435456
+//!   ttl_ms: 30000             # longer waits get 503
 //! poller:
 //!   interval_ms: 50
 //!   timeout_ms: 1000
@@ -419,6 +427,55 @@ pub struct FleetFile {
     /// Client-facing model names rewritten to served ones.
     #[serde(default)]
     pub rewrites: Vec<RewriteSpec>,
+    /// InferenceObjectives written here (beside those of the manifests).
+    #[serde(default)]
+    pub objectives: Vec<ObjectiveSpec>,
+    /// Holding requests in fleetpick while their pool is saturated (off by default).
+    #[serde(default)]
+    pub flow_control: FlowControlSettings,
+}
+
+/// An InferenceObjective: a workload's priority on a pool. Requests name it with the
+/// `x-gateway-inference-objective` header, or take it by their model (`models`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectiveSpec {
+    pub name: String,
+    pub pool: String,
+    /// Higher is more urgent; unset is 0; negative is sheddable (refused with 429 while the
+    /// pool is saturated).
+    #[serde(default)]
+    pub priority: i32,
+    /// Models whose requests take this objective when they name none.
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+/// Flow control: while a pool is saturated (no endpoint with headroom under its policy, see
+/// [`crate::schedule::free_slots`]), requests wait in fleetpick's queues instead of piling
+/// onto model servers, and are released, highest priority first and fairly between flows, as
+/// capacity frees.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlowControlSettings {
+    pub enabled: bool,
+    /// Requests waiting per priority band and pool; past it, 429.
+    pub max_requests_per_band: usize,
+    /// Request body bytes waiting per priority band and pool; past it, 429.
+    pub max_bytes_per_band: usize,
+    /// Longest wait; past it, 503.
+    pub ttl_ms: u64,
+}
+
+impl Default for FlowControlSettings {
+    fn default() -> Self {
+        FlowControlSettings {
+            enabled: false,
+            max_requests_per_band: 1000,
+            max_bytes_per_band: 256 * 1024 * 1024,
+            ttl_ms: 30_000,
+        }
+    }
 }
 
 /// Weights are relative; this bound keeps their weighted sums finite.
@@ -471,7 +528,7 @@ pub struct FleetConfig {
     /// Per pool: `None` if it is not imported, else its policy per cluster (by cluster index)
     /// and whether it is a dry run.
     pub policies: Vec<Option<PoolPolicy>>,
-    /// The InferenceObjectives of the manifests (their pools checked).
+    /// The InferenceObjectives of the manifests and of the fleet file (their pools checked).
     pub objectives: Vec<ObjectiveManifest>,
 }
 
@@ -840,6 +897,60 @@ fn validate(
             }
         }
     }
+    let mut objectives = manifests.objectives.clone();
+    for (i, o) in file.objectives.iter().enumerate() {
+        let at = |f: &str| [key("objectives"), Seg::Index(i), key(f)];
+        if o.name.is_empty() {
+            return Err(c.err(&at("name"), "must not be empty"));
+        }
+        if objectives.iter().any(|m| m.name == o.name) {
+            return Err(c.err(
+                &at("name"),
+                format!("objective `{}` is defined twice", o.name),
+            ));
+        }
+        let Some(pool) = file.pools.iter().find(|p| p.name == o.pool) else {
+            return Err(c.err(&at("pool"), format!("no pool named `{}`", o.pool)));
+        };
+        for m in &o.models {
+            if !pool.models.contains(m) && !pool.lora_adapters.contains(m) {
+                return Err(c.err(
+                    &at("models"),
+                    format!("pool `{}` does not serve `{m}`", o.pool),
+                ));
+            }
+            if let Some(other) = file
+                .objectives
+                .iter()
+                .take(i)
+                .find(|x| x.models.contains(m))
+            {
+                return Err(c.err(
+                    &at("models"),
+                    format!("`{m}` takes objective `{}` already", other.name),
+                ));
+            }
+        }
+        objectives.push(ObjectiveManifest {
+            name: o.name.clone(),
+            priority: o.priority,
+            pool: o.pool.clone(),
+            source: "the fleet file".into(),
+        });
+    }
+    let fc = &file.flow_control;
+    if fc.max_requests_per_band == 0 || fc.max_bytes_per_band == 0 {
+        return Err(c.err(
+            &[key("flow_control")],
+            "max_requests_per_band and max_bytes_per_band must be at least 1",
+        ));
+    }
+    if !(1..=3_600_000).contains(&fc.ttl_ms) {
+        return Err(c.err(
+            &[key("flow_control"), key("ttl_ms")],
+            "must be from 1 to 3600000 (an hour)",
+        ));
+    }
     for (i, o) in manifests.objectives.iter().enumerate() {
         if !file.pools.iter().any(|p| p.name == o.pool) {
             return Err(c.err(
@@ -918,7 +1029,7 @@ fn validate(
         file: file.clone(),
         endpoints,
         policies,
-        objectives: manifests.objectives.clone(),
+        objectives,
     })
 }
 

@@ -46,10 +46,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::{BodyMode, Weights};
 use crate::fleet::{Fleet, InFlight};
+use crate::flow::{FlowQueue, Outcome, Ticket};
 use crate::openai::{Api, ApiError, InferenceRequest};
 use crate::rewrite::Restorer;
+use crate::schedule::Tier;
 use crate::schedule::{self, PickError, PickRequest};
 use crate::session::{SessionKey, cookie_value, new_session_id};
+use crate::telemetry::FlowOutcome;
 use crate::telemetry::Metrics;
 
 /// The header (and `envoy.lb` metadata key) naming the destination.
@@ -61,6 +64,10 @@ pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
 pub const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
 /// The key under `envoy.lb` where the proxy reports the endpoint it actually used.
 pub const SERVED_KEY: &str = "x-gateway-destination-endpoint-served";
+/// Names the request's InferenceObjective.
+pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
+/// The flow a request belongs to, for fairness inside its priority band.
+pub const FAIRNESS_HEADER: &str = "x-gateway-inference-fairness-id";
 /// The header an immediate response carries to say why fleetpick refused a request.
 pub const REASON_HEADER: &str = "x-fleetpick-reason";
 /// Largest body piece sent back in FULL_DUPLEX mode (the proto asks for at most 64 KiB).
@@ -142,23 +149,46 @@ impl ExternalProcessor for Picker {
                         break;
                     }
                 };
-                // A bug must fail this request, not close the stream with OK (which Envoy reads
-                // as "go on without a pick") or take the service down.
-                let handled =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| stream.handle(msg)));
-                let out = match handled {
-                    Ok(out) => out,
-                    Err(_) => {
-                        tracing::error!("ext_proc stream handler panicked; failing the request");
-                        let _ = tx
-                            .send(Err(Status::internal("fleetpick failed on this request")))
-                            .await;
+                let mut msgs = std::collections::VecDeque::from([msg]);
+                while let Some(msg) = msgs.pop_front() {
+                    // A bug must fail this request, not close the stream with OK (which Envoy
+                    // reads as "go on without a pick") or take the service down.
+                    let Some(out) = guarded(|| stream.handle(msg)) else {
+                        let _ = tx.send(Err(internal())).await;
                         return;
+                    };
+                    for out in out {
+                        if tx.send(Ok(out)).await.is_err() {
+                            return;
+                        }
                     }
-                };
-                for out in out {
-                    if tx.send(Ok(out)).await.is_err() {
+                    let Some(mut queued) = stream.queued.take() else {
+                        continue;
+                    };
+                    // Held by flow control: wait for the release, and keep reading the stream,
+                    // whose end means the client (or Envoy) left; the ticket then leaves the
+                    // queue as it drops. Messages meanwhile are handled after the release.
+                    let outcome = loop {
+                        tokio::select! {
+                            outcome = queued.ticket.wait() => break Some(outcome),
+                            next = inbound.message() => match next {
+                                Ok(Some(m)) => msgs.push_back(m),
+                                Ok(None) | Err(_) => break None,
+                            },
+                        }
+                    };
+                    let Some(outcome) = outcome else {
+                        stream.cancelled(queued);
                         return;
+                    };
+                    let Some(out) = guarded(|| stream.resume(queued, outcome)) else {
+                        let _ = tx.send(Err(internal())).await;
+                        return;
+                    };
+                    for out in out {
+                        if tx.send(Ok(out)).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 if stream.closed {
@@ -169,6 +199,21 @@ impl ExternalProcessor for Picker {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// Runs `f`, turning a panic into `None` (logged): the request fails, the service stays up.
+fn guarded<T>(f: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => Some(v),
+        Err(_) => {
+            tracing::error!("ext_proc stream handler panicked; failing the request");
+            None
+        }
+    }
+}
+
+fn internal() -> Status {
+    Status::internal("fleetpick failed on this request")
 }
 
 /// One ext_proc stream's state.
@@ -195,6 +240,28 @@ struct StreamState {
     restore: Option<Restorer>,
     /// A new session cookie, set on the response.
     set_cookie: Option<String>,
+    /// Waiting in flow control's queue.
+    queued: Option<Queued>,
+}
+
+/// What a request needs to be picked, kept while it waits in the queue.
+#[derive(Debug)]
+struct Pending {
+    model: Option<String>,
+    pool: Option<usize>,
+    hashes: Vec<u64>,
+    session_key: Option<String>,
+    priority: i32,
+    /// The fairness key: `x-gateway-inference-fairness-id`, else the objective's name.
+    flow: String,
+    has_body: bool,
+    body_end: bool,
+}
+
+#[derive(Debug)]
+struct Queued {
+    ticket: Ticket,
+    pending: Pending,
 }
 
 impl Drop for StreamState {
@@ -221,6 +288,7 @@ impl StreamState {
             request_headers: None,
             restore: None,
             set_cookie: None,
+            queued: None,
         }
     }
 
@@ -411,14 +479,16 @@ impl StreamState {
 
     /// Picks for `model` and takes the in-flight count at the primary. Under an `in-flight`
     /// policy the count is taken only below the cap, atomically; a pick that loses that race
-    /// to a concurrent one is made again (a few times), so the cap is never passed.
+    /// to a concurrent one is made again (a few times), so the cap is never passed. With
+    /// `hold`, a pick from a saturated pool takes nothing and says so (`None`).
     fn pick(
         &self,
         model: Option<&str>,
         prefix: &[u64],
         session: Option<usize>,
         rng: &mut fastrand::Rng,
-    ) -> Result<(schedule::Pick, InFlight), PickError> {
+        hold: bool,
+    ) -> Result<Option<(schedule::Pick, InFlight)>, PickError> {
         let settings = &self.picker.settings;
         let fleet = &self.picker.fleet;
         let req = PickRequest {
@@ -430,11 +500,14 @@ impl StreamState {
         };
         for _ in 0..PICK_ATTEMPTS {
             let pick = schedule::pick(fleet, &req, &settings.weights, settings.fallbacks, rng)?;
+            if hold && pick.tier == Tier::Saturated {
+                return Ok(None);
+            }
             let ep = &fleet.endpoints[pick.primary];
             if let Some(guard) = InFlight::try_new(ep.clone(), pick.cap) {
                 // The picked endpoint will hold this prompt's prefix in its cache.
                 fleet.prefix.record(pick.primary, prefix);
-                return Ok((pick, guard));
+                return Ok(Some((pick, guard)));
             }
         }
         Err(PickError::AtCapacity)
@@ -503,16 +576,75 @@ impl StreamState {
             // Not an inference request (GET /v1/models, /health): any endpoint by load.
             _ => None,
         };
-        let sessions = model
-            .as_deref()
-            .and_then(|m| fleet.pool_for(m))
-            .and_then(|p| fleet.pools[p].sessions.as_ref());
-        let session_key = sessions.and_then(|s| self.session_key(&s.key));
+        let pool = model.as_deref().and_then(|m| fleet.pool_for(m));
+        let session_key = pool
+            .and_then(|p| fleet.pools[p].sessions.as_ref())
+            .and_then(|s| self.session_key(&s.key));
+        let objective = pool.zip(model.as_deref()).and_then(|(p, m)| {
+            let named = self.request_header(OBJECTIVE_HEADER);
+            fleet.objective(p, m, named.as_deref()).cloned()
+        });
+        let flow = self
+            .request_header(FAIRNESS_HEADER)
+            .or_else(|| objective.as_ref().map(|o| o.name.clone()))
+            .unwrap_or_default();
+        let pending = Pending {
+            model,
+            pool,
+            hashes,
+            session_key,
+            priority: objective.map_or(0, |o| o.priority),
+            flow,
+            has_body,
+            body_end,
+        };
+        self.place(pending, false, &mut rng)
+    }
+
+    /// Admits and picks: sheddable requests are refused while their pool is saturated; with
+    /// flow control, others wait in the queue then (and whenever others are waiting already:
+    /// no overtaking). `released`: the request comes out of the queue, and goes now.
+    fn place(
+        &mut self,
+        pending: Pending,
+        released: bool,
+        rng: &mut fastrand::Rng,
+    ) -> Vec<ProcessingResponse> {
+        let fleet = self.picker.fleet.clone();
+        let (pool, priority) = (pending.pool, pending.priority);
+        let pool_name = pool.map_or("", |p| fleet.pools[p].name.as_str());
+        let queue = pool
+            .and_then(|p| fleet.pools[p].queue.clone())
+            .filter(|_| !released && priority >= 0);
+        if let Some(q) = &queue
+            && !q.is_empty()
+        {
+            return self.enqueue(q, pending);
+        }
+        let sessions = pool.and_then(|p| fleet.pools[p].sessions.as_ref());
         let bound = sessions
-            .zip(session_key.as_deref())
+            .zip(pending.session_key.as_deref())
             .and_then(|(s, k)| s.get(k));
-        let (pick, guard) = match self.pick(model.as_deref(), &hashes, bound, &mut rng) {
-            Ok(p) => p,
+        let hold = priority < 0 || queue.is_some();
+        let placed = self.pick(pending.model.as_deref(), &pending.hashes, bound, rng, hold);
+        let (pick, guard) = match placed {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                if let Some(q) = &queue {
+                    return self.enqueue(q, pending);
+                }
+                self.picker
+                    .metrics
+                    .flow(pool_name, priority, FlowOutcome::Shed);
+                return self.refuse(
+                    &ApiError::new(
+                        429,
+                        "rate_limit_exceeded",
+                        "the pool is saturated and this request's objective is sheddable (priority below 0)",
+                    ),
+                    "sheddable-saturated",
+                );
+            }
             Err(PickError::UnknownModel(m)) => {
                 return self.refuse(&ApiError::model_not_found(&m), "unknown-model");
             }
@@ -529,11 +661,26 @@ impl StreamState {
                 );
             }
         };
+        if pool.is_some() {
+            let outcome = if released {
+                FlowOutcome::Released
+            } else {
+                FlowOutcome::Admitted
+            };
+            self.picker.metrics.flow(pool_name, priority, outcome);
+        }
+        let Pending {
+            model,
+            session_key,
+            has_body,
+            body_end,
+            ..
+        } = pending;
         if let Some(s) = sessions {
             let key = match (session_key, &s.key) {
                 (Some(k), _) => Some(k),
                 (None, SessionKey::Cookie(name)) => {
-                    let id = new_session_id(&mut rng);
+                    let id = new_session_id(rng);
                     self.set_cookie = Some(format!("{name}={id}; Path=/; HttpOnly; SameSite=Lax"));
                     Some(id)
                 }
@@ -617,6 +764,82 @@ impl StreamState {
                 out
             }
         }
+    }
+
+    /// Puts the request in `queue`; the stream's task waits for its release.
+    fn enqueue(&mut self, queue: &Arc<FlowQueue>, pending: Pending) -> Vec<ProcessingResponse> {
+        let pool_name = pending
+            .pool
+            .map_or(String::new(), |p| self.picker.fleet.pools[p].name.clone());
+        match queue.enqueue(pending.priority, &pending.flow, self.body.len()) {
+            Ok(ticket) => {
+                self.picker
+                    .metrics
+                    .flow(&pool_name, pending.priority, FlowOutcome::Queued);
+                self.queued = Some(Queued { ticket, pending });
+                Vec::new()
+            }
+            Err(e) => {
+                self.picker
+                    .metrics
+                    .flow(&pool_name, pending.priority, FlowOutcome::Full);
+                self.refuse(
+                    &ApiError::new(429, "rate_limit_exceeded", e.to_string()),
+                    "queue-full",
+                )
+            }
+        }
+    }
+
+    /// The client left while its request waited in the queue.
+    fn cancelled(&mut self, queued: Queued) {
+        let pool_name = queued
+            .pending
+            .pool
+            .map_or("", |p| self.picker.fleet.pools[p].name.as_str());
+        self.picker
+            .metrics
+            .flow(pool_name, queued.pending.priority, FlowOutcome::Cancelled);
+    }
+
+    /// Goes on with a request the queue let go (or answers 503 if it waited too long).
+    fn resume(&mut self, queued: Queued, outcome: Outcome) -> Vec<ProcessingResponse> {
+        let Queued { ticket, pending } = queued;
+        let pool_name = pending
+            .pool
+            .map_or(String::new(), |p| self.picker.fleet.pools[p].name.clone());
+        let waited = ticket.enqueued.elapsed();
+        drop(ticket);
+        match outcome {
+            Outcome::Released => {
+                self.picker.metrics.waited(&pool_name, waited);
+                self.place(pending, true, &mut fastrand::Rng::new())
+            }
+            Outcome::Expired => {
+                self.picker
+                    .metrics
+                    .flow(&pool_name, pending.priority, FlowOutcome::Expired);
+                self.refuse(
+                    &ApiError::new(
+                        503,
+                        "service_unavailable",
+                        format!(
+                            "the pool stayed saturated for {} ms while this request waited",
+                            waited.as_millis()
+                        ),
+                    ),
+                    "queue-timeout",
+                )
+            }
+        }
+    }
+
+    /// A request header's value, by lowercase name.
+    fn request_header(&self, name: &str) -> Option<String> {
+        self.request_headers
+            .as_ref()
+            .and_then(|h| header(h, name))
+            .filter(|v| !v.is_empty())
     }
 
     /// The request's session key, from the header or cookie the pool names.

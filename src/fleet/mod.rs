@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use crate::collect::profile::{EngineKind, LoadSample, LoraInfo};
 use crate::config::{ClusterPolicy, FleetConfig, PollerSettings, PoolPolicy, Weights};
+use crate::flow::{FlowQueue, QueueLimits};
 use crate::rewrite::Rewrites;
 use crate::session::Sessions;
 
@@ -249,6 +250,16 @@ pub struct Pool {
     pub weights: Option<Weights>,
     /// Session affinity, when the pool has it.
     pub sessions: Option<Sessions>,
+    /// Flow control's queue, when flow control is on.
+    pub queue: Option<Arc<FlowQueue>>,
+}
+
+/// An InferenceObjective, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Objective {
+    pub name: String,
+    pub pool: usize,
+    pub priority: i32,
 }
 
 /// The backend policy of every pool, per cluster: replaced whole when the fleet file is
@@ -301,6 +312,10 @@ pub struct Fleet {
     model_pool: HashMap<String, (usize, bool)>,
     /// Client-facing names served as other models.
     pub rewrites: Rewrites,
+    /// InferenceObjectives by name.
+    pub objectives: HashMap<String, Objective>,
+    /// The objective a model's requests take when they name none.
+    objective_of_model: HashMap<String, String>,
     pub clock: Clock,
     pub poller: PollerSettings,
     /// The picker's region, if it has one.
@@ -350,6 +365,13 @@ impl Fleet {
                     .collect(),
                 weights: spec.weights,
                 sessions: spec.session_affinity.as_ref().map(Sessions::new),
+                queue: file.flow_control.enabled.then(|| {
+                    FlowQueue::new(QueueLimits {
+                        max_requests_per_band: file.flow_control.max_requests_per_band,
+                        max_bytes_per_band: file.flow_control.max_bytes_per_band,
+                        ttl: std::time::Duration::from_millis(file.flow_control.ttl_ms),
+                    })
+                }),
             })
             .collect();
         let mut model_pool = HashMap::new();
@@ -385,6 +407,26 @@ impl Fleet {
             endpoints,
             model_pool,
             rewrites: Rewrites::new(&file.rewrites),
+            objectives: cfg
+                .objectives
+                .iter()
+                .filter_map(|o| {
+                    let pool = file.pools.iter().position(|p| p.name == o.pool)?;
+                    Some((
+                        o.name.clone(),
+                        Objective {
+                            name: o.name.clone(),
+                            pool,
+                            priority: o.priority,
+                        },
+                    ))
+                })
+                .collect(),
+            objective_of_model: file
+                .objectives
+                .iter()
+                .flat_map(|o| o.models.iter().map(|m| (m.clone(), o.name.clone())))
+                .collect(),
             clock: Clock::new(),
             poller: file.poller.clone(),
             region,
@@ -494,6 +536,20 @@ impl Fleet {
     /// The pool serving `model`.
     pub fn pool_for(&self, model: &str) -> Option<usize> {
         self.model_pool.get(model).map(|&(p, _)| p)
+    }
+
+    /// The objective of a request for `model` (in `pool`) that names `header` (the
+    /// `x-gateway-inference-objective` value, if any): the named one when it is for that
+    /// pool, else the one the model takes, else none (priority 0).
+    pub fn objective(&self, pool: usize, model: &str, header: Option<&str>) -> Option<&Objective> {
+        header
+            .and_then(|name| self.objectives.get(name))
+            .or_else(|| {
+                self.objective_of_model
+                    .get(model)
+                    .and_then(|name| self.objectives.get(name))
+            })
+            .filter(|o| o.pool == pool)
     }
 
     /// Whether `model` is one of its pool's LoRA adapters.

@@ -257,6 +257,51 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// How many more requests the endpoint takes before it has no headroom: the room under
+    /// the in-flight cap, or under the queue threshold (at least 1 while it has headroom).
+    fn free(&self, load: &Load, in_flight: u32, awaiting: u32) -> u32 {
+        match self.classify(load, in_flight, awaiting) {
+            Class::Drained | Class::AtCapacity | Class::Saturated => 0,
+            Class::Headroom => match self.cap {
+                Some(cap) => cap.saturating_sub(in_flight),
+                None => {
+                    let room =
+                        (1.0 / self.inv_queue).floor() - f64::from(load.waiting.max(awaiting));
+                    room.clamp(1.0, f64::from(u32::MAX)) as u32
+                }
+            },
+        }
+    }
+}
+
+/// The saturation detector: how many more requests `pool` takes now before no endpoint has
+/// headroom under the pool's policy (0: saturated). Only endpoints with fresh metrics in
+/// clusters that serve count: stale data counts as saturated. Flow control releases queued
+/// requests while this is above 0.
+pub fn free_slots(fleet: &Fleet, pool: usize) -> u32 {
+    let now = fleet.clock.now_ms();
+    let stale_after = fleet.poller.stale_after_ms;
+    let policies = fleet.policies.load();
+    let mut free = 0u32;
+    for &index in &fleet.pools[pool].endpoints {
+        let ep = &fleet.endpoints[index];
+        if !fleet.clusters[ep.cluster].health().serves() {
+            continue;
+        }
+        let Some(load) = ep.load.fresh(now, stale_after) else {
+            continue;
+        };
+        let limits = Limits::new(&policies.enforced(ep.pool, ep.cluster));
+        free = free.saturating_add(limits.free(
+            &load,
+            ep.in_flight.load(Ordering::Relaxed),
+            ep.awaiting_first_token.load(Ordering::Relaxed),
+        ));
+    }
+    free
+}
+
 /// What every endpoint of one (pool, cluster) shares in a pick, worked out once.
 #[derive(Debug, Clone, Copy)]
 struct ClusterView {

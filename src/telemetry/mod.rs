@@ -12,6 +12,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::fleet::{ClusterHealth, Fleet};
@@ -49,6 +50,57 @@ struct ClusterLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlowLabels {
+    pool: String,
+    priority: String,
+    outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BandLabels {
+    pool: String,
+    priority: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    pool: String,
+}
+
+/// What became of a request at admission and in flow control's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowOutcome {
+    /// Sent to an endpoint without waiting.
+    Admitted,
+    /// Sheddable, while its pool was saturated: 429.
+    Shed,
+    /// Held in the queue.
+    Queued,
+    /// Let go from the queue to an endpoint.
+    Released,
+    /// Waited past its time to live: 503.
+    Expired,
+    /// Its band was full: 429.
+    Full,
+    /// Its client left while it waited.
+    Cancelled,
+}
+
+impl FlowOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlowOutcome::Admitted => "admitted",
+            FlowOutcome::Shed => "shed",
+            FlowOutcome::Queued => "queued",
+            FlowOutcome::Released => "released",
+            FlowOutcome::Expired => "expired",
+            FlowOutcome::Full => "full",
+            FlowOutcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabels {
     pool: String,
     cluster: String,
@@ -83,6 +135,11 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     health: Family<ClusterLabels, Gauge>,
     in_flight: Family<EndpointLabels, Gauge>,
+    flow: Family<FlowLabels, Counter>,
+    waits: Family<PoolLabels, Histogram>,
+    queued: Family<BandLabels, Gauge>,
+    bands_seen: std::sync::Mutex<Vec<BandLabels>>,
+    free_slots: Family<PoolLabels, Gauge>,
 }
 
 impl Metrics {
@@ -94,6 +151,32 @@ impl Metrics {
         let reloads = Family::<ResultLabels, Counter>::default();
         let health = Family::<ClusterLabels, Gauge>::default();
         let in_flight = Family::<EndpointLabels, Gauge>::default();
+        let flow = Family::<FlowLabels, Counter>::default();
+        let waits = Family::<PoolLabels, Histogram>::new_with_constructor(
+            wait_histogram as fn() -> Histogram,
+        );
+        let queued = Family::<BandLabels, Gauge>::default();
+        let free_slots = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "flow_requests",
+            "Admission and flow control, by pool, priority and outcome (admitted, shed, queued, released, expired, full, cancelled)",
+            flow.clone(),
+        );
+        registry.register(
+            "flow_wait_seconds",
+            "Time requests waited in flow control's queue before release, by pool",
+            waits.clone(),
+        );
+        registry.register(
+            "flow_queue_length",
+            "Requests waiting in flow control's queue, by pool and priority band",
+            queued.clone(),
+        );
+        registry.register(
+            "pool_free_slots",
+            "The saturation detector: requests each pool takes before no endpoint has headroom (0: saturated)",
+            free_slots.clone(),
+        );
         registry.register(
             "picks",
             "Requests sent to an endpoint, by pool, the endpoint's cluster, and the tier it was picked from (local, spill, saturated, last-resort)",
@@ -153,7 +236,32 @@ impl Metrics {
             reloads,
             health,
             in_flight,
+            flow,
+            waits,
+            queued,
+            bands_seen: std::sync::Mutex::new(Vec::new()),
+            free_slots,
         }
+    }
+
+    /// Counts what admission or the queue did with a request of `priority` in `pool`.
+    pub fn flow(&self, pool: &str, priority: i32, outcome: FlowOutcome) {
+        self.flow
+            .get_or_create(&FlowLabels {
+                pool: pool.to_string(),
+                priority: priority.to_string(),
+                outcome: outcome.as_str().into(),
+            })
+            .inc();
+    }
+
+    /// Records how long a released request waited.
+    pub fn waited(&self, pool: &str, wait: std::time::Duration) {
+        self.waits
+            .get_or_create(&PoolLabels {
+                pool: pool.to_string(),
+            })
+            .observe(wait.as_secs_f64());
     }
 
     /// Counts a pick of an endpoint of `pool` in `cluster`.
@@ -214,10 +322,39 @@ impl Metrics {
                 })
                 .set(i64::from(e.in_flight.load(Ordering::Relaxed)));
         }
+        for (p, pool) in fleet.pools.iter().enumerate() {
+            self.free_slots
+                .get_or_create(&PoolLabels {
+                    pool: pool.name.clone(),
+                })
+                .set(i64::from(crate::schedule::free_slots(fleet, p)));
+            if let Some(q) = &pool.queue {
+                let mut seen = self.bands_seen.lock().unwrap_or_else(|e| e.into_inner());
+                // Bands that emptied read 0 (their series stay: a queue's bands come back).
+                for labels in seen.iter().filter(|l| l.pool == pool.name) {
+                    self.queued.get_or_create(labels).set(0);
+                }
+                for (priority, n) in q.lengths() {
+                    let labels = BandLabels {
+                        pool: pool.name.clone(),
+                        priority: priority.to_string(),
+                    };
+                    self.queued.get_or_create(&labels).set(n as i64);
+                    if !seen.contains(&labels) {
+                        seen.push(labels);
+                    }
+                }
+            }
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
     }
+}
+
+fn wait_histogram() -> Histogram {
+    // 1 ms to about 33 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
 /// Serves `GET /metrics` on `listener` (until the task running it is dropped or aborted).
