@@ -901,3 +901,194 @@ async fn a_rewrite_changes_the_body_model_and_the_response_gets_the_clients_name
     ));
     assert_eq!(h.in_flight(), 0, "the request ended with its trailers");
 }
+
+/// `req` (request headers) with the extra headers `extra`.
+fn with_headers(mut req: ProcessingRequest, extra: &[(&str, &str)]) -> ProcessingRequest {
+    if let Some(Req::RequestHeaders(h)) = req.request.as_mut()
+        && let Some(map) = h.headers.as_mut()
+    {
+        for (k, v) in extra {
+            map.headers.push(HeaderValue {
+                key: k.to_string(),
+                raw_value: v.as_bytes().to_vec(),
+                ..HeaderValue::default()
+            });
+        }
+    }
+    req
+}
+
+const OBJECTIVES: &str = "objectives:\n  - {name: batch, pool: pool, priority: -1}\n  - {name: chat, pool: pool, priority: 5}\n";
+
+impl Harness {
+    /// Opens a stream for a completion with `extra` request headers, sent whole.
+    async fn request_with(
+        &self,
+        extra: &[(&str, &str)],
+    ) -> (
+        mpsc::Sender<ProcessingRequest>,
+        tonic::Streaming<ProcessingResponse>,
+    ) {
+        let (tx, rx) = self.open().await;
+        let h = headers(
+            "/v1/completions",
+            false,
+            BodySendMode::FullDuplexStreamed,
+            None,
+        );
+        tx.send(with_headers(h, extra)).await.unwrap();
+        tx.send(body(&completion("x"), true)).await.unwrap();
+        (tx, rx)
+    }
+
+    /// Makes every server report a KV cache past the threshold (or its own again).
+    fn set_saturated(&self, saturated: bool) {
+        for s in &self.sim.servers {
+            s.set_kv_override(saturated.then_some(0.95));
+        }
+    }
+
+    /// Saturates every server and waits until fleetpick's saturation detector says so.
+    async fn saturate(&self) {
+        self.set_saturated(true);
+        let f = self.fleet.clone();
+        wait_for("the saturation detector", Duration::from_secs(20), || {
+            let f = f.clone();
+            async move { (fleetpick::schedule::free_slots(&f, 0) == 0).then_some(()) }
+        })
+        .await;
+    }
+
+    fn queued(&self) -> usize {
+        self.fleet.pools[0].queue.as_ref().map_or(0, |q| q.len())
+    }
+}
+
+#[tokio::test]
+async fn sheddable_requests_get_429_while_the_pool_is_saturated_and_others_are_served() {
+    let h = Harness::start(2, OBJECTIVES).await;
+    // Not saturated: sheddable requests go through like any other.
+    let (_tx, mut rx) = h
+        .request_with(&[("x-gateway-inference-objective", "batch")])
+        .await;
+    read_full_duplex(&mut rx).await;
+    h.saturate().await;
+    let (_tx, mut rx) = h
+        .request_with(&[("x-gateway-inference-objective", "batch")])
+        .await;
+    let (status, reason, body) = read_immediate(&mut rx).await;
+    assert_eq!((status, reason.as_str()), (429, "sheddable-saturated"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sheddable")
+    );
+    // Priority 5, and no objective at all (priority 0), are still served (kv-cache mode is a
+    // soft limit): admission sheds only what may be shed.
+    for extra in [vec![("x-gateway-inference-objective", "chat")], vec![]] {
+        let (_tx, mut rx) = h.request_with(&extra).await;
+        let (dest, _, _) = read_full_duplex(&mut rx).await;
+        assert!(h.addresses().contains(&dest));
+    }
+    // An objective of another pool, or an unknown one, counts as priority 0.
+    let (_tx, mut rx) = h
+        .request_with(&[("x-gateway-inference-objective", "nope")])
+        .await;
+    read_full_duplex(&mut rx).await;
+}
+
+#[tokio::test]
+async fn flow_control_holds_requests_while_saturated_and_releases_the_higher_priority_first() {
+    let h = Harness::start(
+        1,
+        &format!(
+            "{OBJECTIVES}flow_control: {{enabled: true}}\nimports: [{{pool: pool, policy: {{queue_threshold: 1}}}}]\n"
+        ),
+    )
+    .await;
+    h.saturate().await;
+    let (_tx_low, mut rx_low) = h.request_with(&[]).await;
+    wait_for(
+        "the first request queued",
+        Duration::from_secs(10),
+        || async { (h.queued() == 1).then_some(()) },
+    )
+    .await;
+    let (tx_high, mut rx_high) = h
+        .request_with(&[("x-gateway-inference-objective", "chat")])
+        .await;
+    wait_for("both queued", Duration::from_secs(10), || async {
+        (h.queued() == 2).then_some(())
+    })
+    .await;
+    // Room for exactly one (queue threshold 1, one server): the later but more urgent request
+    // goes first, and the other stays queued while the first awaits its first token.
+    h.set_saturated(false);
+    let (dest, _, _) = read_full_duplex(&mut rx_high).await;
+    assert_eq!(dest, h.addresses()[0]);
+    assert_eq!(h.queued(), 1, "the priority-0 request still waits");
+    // The first one's response begins and ends: its slot frees, the other goes.
+    tx_high
+        .send(response_headers("application/json"))
+        .await
+        .unwrap();
+    next(&mut rx_high).await;
+    tx_high.send(response_body(b"{}", true)).await.unwrap();
+    next(&mut rx_high).await;
+    let (dest, _, _) = read_full_duplex(&mut rx_low).await;
+    assert_eq!(dest, h.addresses()[0]);
+    assert_eq!(h.queued(), 0);
+}
+
+#[tokio::test]
+async fn queued_requests_expire_with_503_and_a_full_band_refuses_with_429() {
+    let h = Harness::start(
+        1,
+        "flow_control: {enabled: true, max_requests_per_band: 1, ttl_ms: 300}\n",
+    )
+    .await;
+    h.saturate().await;
+    let (_tx, mut rx) = h.request_with(&[]).await;
+    wait_for("queued", Duration::from_secs(10), || async {
+        (h.queued() == 1).then_some(())
+    })
+    .await;
+    let (_tx2, mut rx2) = h.request_with(&[]).await;
+    let (status, reason, _) = read_immediate(&mut rx2).await;
+    assert_eq!((status, reason.as_str()), (429, "queue-full"));
+    let (status, reason, body) = read_immediate(&mut rx).await;
+    assert_eq!((status, reason.as_str()), (503, "queue-timeout"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("waited")
+    );
+    assert_eq!(h.queued(), 0);
+    assert_eq!(h.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_the_queue_takes_no_slot() {
+    let h = Harness::start(1, "flow_control: {enabled: true}\n").await;
+    h.saturate().await;
+    let (tx, rx) = h.request_with(&[]).await;
+    wait_for("queued", Duration::from_secs(10), || async {
+        (h.queued() == 1).then_some(())
+    })
+    .await;
+    drop(tx);
+    drop(rx);
+    wait_for(
+        "the queue emptied by the client's leaving",
+        Duration::from_secs(10),
+        || async { (h.queued() == 0).then_some(()) },
+    )
+    .await;
+    // The next request is the one released, and nothing was counted in flight for the first.
+    let (_tx, mut rx) = h.request_with(&[]).await;
+    h.set_saturated(false);
+    read_full_duplex(&mut rx).await;
+    assert_eq!(h.in_flight(), 1);
+}

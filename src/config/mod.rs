@@ -1405,6 +1405,47 @@ scheduler:
     }
 
     #[test]
+    fn objectives_and_flow_control_are_checked() {
+        let ok = format!(
+            "{GOOD}objectives:\n  - {{name: chat, pool: llama, priority: 5, models: [m1]}}\n  - {{name: batch, pool: other, priority: -2}}\nflow_control: {{enabled: true, ttl_ms: 5000}}\n"
+        );
+        let cfg = FleetConfig::parse(&ok, "t").unwrap();
+        let names: Vec<(&str, i32)> = cfg
+            .objectives
+            .iter()
+            .map(|o| (o.name.as_str(), o.priority))
+            .collect();
+        assert_eq!(names, [("chat", 5), ("batch", -2)]);
+        assert!(cfg.file.flow_control.enabled);
+        assert_eq!(cfg.file.flow_control.max_requests_per_band, 1000);
+        for (from, to, field, says) in [
+            (
+                "pool: llama, priority: 5",
+                "pool: nope, priority: 5",
+                "objectives[0].pool",
+                "`nope`",
+            ),
+            (
+                "models: [m1]",
+                "models: [m2]",
+                "objectives[0].models",
+                "does not serve",
+            ),
+            ("name: batch", "name: chat", "objectives[1].name", "twice"),
+            ("ttl_ms: 5000", "ttl_ms: 0", "flow_control.ttl_ms", "from 1"),
+            (
+                "ttl_ms: 5000",
+                "max_requests_per_band: 0",
+                "flow_control",
+                "at least 1",
+            ),
+        ] {
+            let e = err(&ok.replace(from, to));
+            assert!(e.contains(field) && e.contains(says), "{from} -> {to}: {e}");
+        }
+    }
+
+    #[test]
     fn type_errors_and_unknown_fields_have_positions() {
         let e = err(&GOOD.replace("target_port: 30000", "target_port: many"));
         assert!(e.contains("line 16"), "{e}");
