@@ -45,6 +45,14 @@ async fn smoke_scenario_runs_every_strategy_and_writes_the_report() {
                 c.strategy
             );
         }
+        let names: Vec<&str> = c.classes.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["interactive", "batch"], "{}", c.strategy);
+        assert_eq!(
+            c.classes.iter().map(|k| k.requests).sum::<usize>(),
+            c.requests,
+            "{}: the classes make up the cell",
+            c.strategy
+        );
         assert_eq!(
             c.per_server.values().sum::<usize>(),
             c.ok,
@@ -57,6 +65,10 @@ async fn smoke_scenario_runs_every_strategy_and_writes_the_report() {
     let md = std::fs::read_to_string(dir.0.join("report.md")).unwrap();
     assert!(md.contains("| fleetpick-kv-only |"), "{md}");
     assert!(md.contains("measured after 0.5 s of warm-up load"), "{md}");
+    assert!(
+        md.contains("## Workload classes") && md.contains("| batch | 10.0 | fleetpick |"),
+        "{md}"
+    );
     assert!(
         md.contains("| whole | 10.0 | fleetpick |"),
         "the window is reported: {md}"

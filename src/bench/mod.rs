@@ -117,6 +117,7 @@ impl WorkloadSpec {
             long_share: self.long_share,
             long_prompt_bytes: self.long_prompt_bytes,
             get_path: None,
+            headers: Vec::new(),
         }
     }
 
@@ -146,6 +147,9 @@ pub enum StrategySpec {
         #[serde(default)]
         /// Weights not named keep their defaults.
         weights: Weights,
+        /// Flow control on (see [`crate::config::FlowControlSettings`]).
+        #[serde(default)]
+        flow_control: bool,
     },
 }
 
@@ -157,6 +161,8 @@ pub struct Strategy {
     pub weights: Option<Weights>,
     /// Envoy balances by locality: the picker's region at priority 0, the others at 1.
     pub locality: bool,
+    /// fleetpick holds requests while the pool is saturated.
+    pub flow_control: bool,
 }
 
 impl StrategySpec {
@@ -180,13 +186,19 @@ impl StrategySpec {
                     flavor,
                     weights,
                     locality,
+                    flow_control: false,
                 })
             }
-            StrategySpec::Variant { name, weights } => Ok(Strategy {
+            StrategySpec::Variant {
+                name,
+                weights,
+                flow_control,
+            } => Ok(Strategy {
                 name: name.clone(),
                 flavor: Flavor::OriginalDst,
                 weights: Some(*weights),
                 locality: false,
+                flow_control: *flow_control,
             }),
         }
     }
@@ -229,6 +241,37 @@ pub struct Scenario {
     /// been serving for hours is. Times of events and windows still count from the start.
     #[serde(default)]
     pub warmup_s: f64,
+    /// Workload classes sent together in each cell, each a share of the offered rate and with
+    /// its own objective; reported apart. Empty: one class, the workload.
+    #[serde(default)]
+    pub classes: Vec<ClassSpec>,
+    /// InferenceObjectives given to fleetpick (on the scenario's pool), for classes to name.
+    #[serde(default)]
+    pub objectives: Vec<BenchObjective>,
+}
+
+/// A workload class: the scenario's workload with its own share of the rate, objective and
+/// sizes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassSpec {
+    pub name: String,
+    /// Share of each cell's offered rate.
+    pub share: f64,
+    /// Sent as `x-gateway-inference-objective`.
+    #[serde(default)]
+    pub objective: Option<String>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub prompt_bytes: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BenchObjective {
+    pub name: String,
+    pub priority: i32,
 }
 
 /// A fault at a moment of each cell.
@@ -366,6 +409,26 @@ impl Scenario {
         if !(self.warmup_s.is_finite() && self.warmup_s >= 0.0) {
             return bad("warmup_s: must be 0 or more seconds");
         }
+        if self
+            .classes
+            .iter()
+            .any(|c| !(c.share.is_finite() && c.share > 0.0))
+        {
+            return bad("classes: each share must be a positive number");
+        }
+        if !self.classes.is_empty() && self.load_generator == LoadGenerator::InferencePerf {
+            return bad("classes: not with inference-perf");
+        }
+        for c in &self.classes {
+            if let Some(o) = &c.objective
+                && !self.objectives.iter().any(|x| &x.name == o)
+            {
+                return Err(BenchError::Scenario(format!(
+                    "classes ({}): objective `{o}` is not among the scenario's objectives",
+                    c.name
+                )));
+            }
+        }
         if self.load_generator == LoadGenerator::InferencePerf && self.warmup_s > 0.0 {
             return bad("warmup_s: not with inference-perf (it reports every request it sent)");
         }
@@ -471,6 +534,24 @@ pub struct CellResult {
     /// The scenario's windows, in order.
     #[serde(default)]
     pub windows: Vec<WindowResult>,
+    /// Per workload class, when the scenario has classes.
+    #[serde(default)]
+    pub classes: Vec<ClassResult>,
+}
+
+/// What one workload class of a cell measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClassResult {
+    pub name: String,
+    pub requests: usize,
+    pub ok: usize,
+    /// Refused with 429 (shed, or a full queue).
+    pub shed: usize,
+    /// Every answer but 200 (the shed ones included).
+    pub errors: usize,
+    /// Goodput: successful requests per second.
+    pub ok_per_second: f64,
+    pub ttft_ms: Option<Percentiles>,
 }
 
 /// What one window of a cell measured (requests that started in it).
@@ -654,10 +735,22 @@ async fn drive_cell(
             .iter()
             .map(|(c, r)| (c.as_str(), r.as_str()))
             .collect();
-        let picker = shape
+        let mut picker = shape
             .picker_region
             .as_ref()
             .map_or(String::new(), |r| format!("picker: {{region: {r}}}\n"));
+        if !scenario.objectives.is_empty() {
+            picker.push_str("objectives:\n");
+            for o in &scenario.objectives {
+                picker.push_str(&format!(
+                    "  - {{name: \"{}\", pool: pool, priority: {}}}\n",
+                    o.name, o.priority
+                ));
+            }
+        }
+        if strategy.flow_control {
+            picker.push_str("flow_control: {enabled: true}\n");
+        }
         let cfg = FleetConfig::parse(
             &crate::sim::fleet::fleet_file(
                 &entries,
@@ -758,43 +851,102 @@ async fn drive_cell(
             prefix_counters(&servers)
         })
     };
-    let report = loadgen::run(LoadSpec {
-        targets: vec![envoy.url("")],
-        arrivals: match (load, scenario.bursts) {
-            (Load::Closed { concurrency }, _) => Arrivals::Closed { concurrency },
-            (Load::Rate(rate), None) => Arrivals::Poisson {
-                rate,
-                max_in_flight: 4096,
+    // One load per class (the whole workload when there are none), all at once.
+    let one = [ClassSpec {
+        name: String::new(),
+        share: 1.0,
+        objective: None,
+        max_tokens: None,
+        prompt_bytes: None,
+    }];
+    let classes: &[ClassSpec] = if scenario.classes.is_empty() {
+        &one
+    } else {
+        &scenario.classes
+    };
+    let runs = classes.iter().enumerate().map(|(i, class)| {
+        let mut w = workload.clone();
+        w.max_tokens = class.max_tokens.unwrap_or(w.max_tokens);
+        w.prompt_bytes = class.prompt_bytes.unwrap_or(w.prompt_bytes);
+        if let Some(o) = &class.objective {
+            w.headers
+                .push((crate::extproc::OBJECTIVE_HEADER.to_string(), o.clone()));
+        }
+        let share = class.share;
+        loadgen::run(LoadSpec {
+            targets: vec![envoy.url("")],
+            arrivals: match (load, scenario.bursts) {
+                (Load::Closed { concurrency }, _) => Arrivals::Closed {
+                    concurrency: ((concurrency as f64 * share).round() as usize).max(1),
+                },
+                (Load::Rate(rate), None) => Arrivals::Poisson {
+                    rate: rate * share,
+                    max_in_flight: 4096,
+                },
+                (Load::Rate(rate), Some(b)) => Arrivals::Bursts {
+                    rate: rate * share,
+                    factor: b.factor,
+                    on_s: b.on_s,
+                    off_s: b.off_s,
+                    max_in_flight: 4096,
+                },
             },
-            (Load::Rate(rate), Some(b)) => Arrivals::Bursts {
-                rate,
-                factor: b.factor,
-                on_s: b.on_s,
-                off_s: b.off_s,
-                max_in_flight: 4096,
-            },
-        },
-        workload: workload.clone(),
-        duration: warmup + Duration::from_secs_f64(load.duration_s(scenario)),
-        max_requests: None,
-        seed: scenario.seed ^ load.seed_bits(),
-        watch_pid: None,
-    })
-    .await;
+            workload: w,
+            duration: warmup + Duration::from_secs_f64(load.duration_s(scenario)),
+            max_requests: None,
+            seed: scenario.seed ^ load.seed_bits() ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            watch_pid: None,
+        })
+    });
+    let reports = futures_util::future::join_all(runs).await;
     faults.abort();
-    let mut report = report?;
     drop(envoy);
+    let warm_us = warmup.as_micros() as u64;
+    let duration = load.duration_s(scenario);
+    let mut all = Vec::new();
+    let mut per_class = Vec::new();
+    for (class, report) in classes.iter().zip(reports) {
+        let mut records = report?.records;
+        records.retain(|r| r.start_us >= warm_us);
+        if !scenario.classes.is_empty() {
+            per_class.push(class_result(&class.name, &mut records, duration));
+        }
+        all.extend(records);
+    }
     let baseline = if warmup.is_zero() {
         (0, 0)
     } else {
-        let warm_us = warmup.as_micros() as u64;
-        report.records.retain(|r| r.start_us >= warm_us);
-        report.summary = loadgen::summarize(&mut report.records, load.duration_s(scenario));
         counters_at_warm.await.unwrap_or((0, 0))
     };
-    Ok(cell_result(
-        scenario, strategy, load, sim, baseline, &workload, report,
-    ))
+    let summary = loadgen::summarize(&mut all, duration);
+    let mut cell = cell_result(
+        scenario,
+        strategy,
+        load,
+        sim,
+        baseline,
+        &workload,
+        loadgen::Report {
+            summary,
+            records: all,
+        },
+    );
+    cell.classes = per_class;
+    Ok(cell)
+}
+
+/// One class's part of a cell.
+fn class_result(name: &str, records: &mut [loadgen::RequestRecord], wall: f64) -> ClassResult {
+    let s = loadgen::summarize(records, wall);
+    ClassResult {
+        name: name.to_string(),
+        requests: s.requests,
+        ok: s.ok,
+        shed: records.iter().filter(|r| r.status == 429).count(),
+        errors: s.errors,
+        ok_per_second: s.ok_per_second,
+        ttft_ms: s.ttft_ms,
+    }
 }
 
 /// The simulated servers' prefix-cache (hits, queries), in tokens, summed.
@@ -946,6 +1098,7 @@ fn cell_result(
         },
         per_server: s.per_server.clone(),
         max_share_over_even: if even > 0.0 { busiest / even } else { 0.0 },
+        classes: Vec::new(),
         windows: scenario
             .windows
             .iter()

@@ -192,6 +192,50 @@ pub fn window_comparison(r: &Results) -> Option<String> {
     Some(out)
 }
 
+/// Each workload class of each cell: goodput, requests shed, time to first token, with the
+/// p90 as a ratio to the first strategy's for the same class and rate.
+pub fn class_comparison(r: &Results) -> Option<String> {
+    let first = r.cells.first()?;
+    if first.classes.is_empty() {
+        return None;
+    }
+    let base_name = &first.strategy;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| class | offered/s | strategy | requests | ok/s (goodput) | shed (429) | other errors | TTFT p50 | p90 | p99 (ms) | p90 / {base_name} |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for (ci, class) in first.classes.iter().enumerate() {
+        for c in r.cells.iter().filter(|c| c.concurrency.is_none()) {
+            let Some(cc) = c.classes.get(ci) else {
+                continue;
+            };
+            let base = cells(r, base_name)
+                .find(|b| b.rate == c.rate)
+                .and_then(|b| b.classes.get(ci))
+                .and_then(|b| b.ttft_ms.as_ref())
+                .map(|p| p.p90);
+            let [p50, p90, p99] = pct(&cc.ttft_ms);
+            let ratio = match (cc.ttft_ms.as_ref(), base) {
+                (Some(p), Some(b)) if b > 0.0 => format!("{:.2}", p.p90 / b),
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {:.1} | {} | {} | {:.2} | {} | {} | {p50} | {p90} | {p99} | {ratio} |",
+                class.name,
+                c.rate,
+                c.strategy,
+                cc.requests,
+                cc.ok_per_second,
+                cc.shed,
+                cc.errors.saturating_sub(cc.shed)
+            );
+        }
+    }
+    Some(out)
+}
+
 fn pct(p: &Option<crate::loadgen::Percentiles>) -> [String; 3] {
     match p {
         Some(p) => [
@@ -261,6 +305,9 @@ pub fn markdown(r: &Results, command: &str) -> String {
     }
     if let Some(w) = window_comparison(r) {
         let _ = writeln!(out, "\n## Windows\n\n{w}");
+    }
+    if let Some(c) = class_comparison(r) {
+        let _ = writeln!(out, "\n## Workload classes\n\n{c}");
     }
     if r.cells.iter().any(|c| c.concurrency.is_some())
         && let Some(o) = overhead_comparison(r)
@@ -362,6 +409,7 @@ mod tests {
             per_server: Default::default(),
             max_share_over_even: 1.0,
             windows: Vec::new(),
+            classes: Vec::new(),
         }
     }
 

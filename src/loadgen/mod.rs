@@ -76,6 +76,8 @@ pub struct Workload {
     pub long_prompt_bytes: usize,
     /// Send `GET <path>` instead of an inference request (to load `/metrics`, say).
     pub get_path: Option<String>,
+    /// Headers on every request (an objective, a fairness id).
+    pub headers: Vec<(String, String)>,
 }
 
 impl Default for Workload {
@@ -91,6 +93,7 @@ impl Default for Workload {
             long_share: 0.0,
             long_prompt_bytes: 0,
             get_path: None,
+            headers: Vec::new(),
         }
     }
 }
@@ -282,7 +285,7 @@ impl Shared {
         let mut rng =
             fastrand::Rng::with_seed(self.spec.seed ^ (i as u64).wrapping_mul(0x9e37_79b9));
         let mut long_prompt = false;
-        let request = match &self.spec.workload.get_path {
+        let mut request = match &self.spec.workload.get_path {
             Some(path) => self.client.get(format!("{target}{path}")),
             None => {
                 let (path, body, long) = self.spec.workload.request(i as u64, &mut rng);
@@ -293,6 +296,9 @@ impl Shared {
                     .body(body)
             }
         };
+        for (k, v) in &self.spec.workload.headers {
+            request = request.header(k, v);
+        }
         let start = self.started.elapsed();
         let mut rec = RequestRecord {
             start_us: start.as_micros() as u64,
