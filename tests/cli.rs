@@ -19,7 +19,7 @@ fn check_config_accepts_the_example_and_names_errors() {
     );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
-        said.contains("ok: 3 clusters in 2 regions, 2 pools (2 imported, 1 in dry run), 6 endpoints served, 2 models and 2 LoRA adapters, 1 rewrites, 1 pools with session affinity, 2 objectives; picker region: us-east1"),
+        said.contains("ok: 3 clusters in 2 regions, 2 pools (2 imported, 1 in dry run), 6 endpoints served, 2 models and 2 LoRA adapters, 1 rewrites, 1 pools with session affinity, 3 objectives; picker region: us-east1"),
         "{said}"
     );
 

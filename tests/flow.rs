@@ -213,6 +213,11 @@ async fn a_client_that_gives_up_while_queued_takes_no_slot() {
         }
     })
     .await;
+    let page = picker.metrics_page().await;
+    assert!(
+        page.contains("fleetpick_cluster_free_slots{pool=\"pool\",cluster=\"local\"} 0"),
+        "the detector per cluster: {page}"
+    );
     // Clients that give up after a moment in the queue.
     let impatient = reqwest::Client::builder()
         .no_proxy()

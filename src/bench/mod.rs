@@ -248,6 +248,11 @@ pub struct Scenario {
     /// InferenceObjectives given to fleetpick (on the scenario's pool), for classes to name.
     #[serde(default)]
     pub objectives: Vec<BenchObjective>,
+    /// The backend policy fleetpick strategies import the pool with (the fleet file's
+    /// `imports[].policy`, checked by it; default: the default policy). Its thresholds are the
+    /// saturation detector's.
+    #[serde(default)]
+    pub policy: Option<serde_json::Value>,
 }
 
 /// A workload class: the scenario's workload with its own share of the rate, objective and
@@ -750,6 +755,10 @@ async fn drive_cell(
         }
         if strategy.flow_control {
             picker.push_str("flow_control: {enabled: true}\n");
+        }
+        if let Some(policy) = &scenario.policy {
+            // JSON is YAML's flow style.
+            picker.push_str(&format!("imports: [{{pool: pool, policy: {policy}}}]\n"));
         }
         let cfg = FleetConfig::parse(
             &crate::sim::fleet::fleet_file(

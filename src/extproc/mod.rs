@@ -11,8 +11,14 @@
 //!   response (destination header + `envoy.lb` metadata) and then the body back as
 //!   `StreamedBodyResponse` pieces of at most 62,000 bytes, end of stream on the last and only
 //!   there; BUFFERED sends one body response carrying the header mutation and metadata.
+//! - Admission, once the model (and so the pool) is known: the request's priority comes from
+//!   its InferenceObjective. While the pool is saturated a sheddable one (priority below 0) is
+//!   refused with 429; with flow control the others wait in the pool's queue (see
+//!   [`crate::flow`]) and the stream's task awaits the release while it keeps reading the
+//!   stream (its end means the client left, and the request leaves the queue).
 //! - Errors become immediate responses in the OpenAI error shape: 400 (bad body), 404 (unknown
-//!   model), 413 (too large), 503 (no eligible endpoint).
+//!   model), 413 (too large), 429 (shed, queue full, at capacity), 503 (no eligible endpoint,
+//!   waited past the queue's time to live).
 //! - `response_headers`: the status and the endpoint Envoy says it served are noted.
 //! - `response_body` chunks (the shipped Envoy configs stream them, FULL_DUPLEX): echoed back
 //!   unchanged; the one with end of stream (or the response trailers) ends the request.
@@ -613,11 +619,16 @@ impl StreamState {
         let fleet = self.picker.fleet.clone();
         let (pool, priority) = (pending.pool, pending.priority);
         let pool_name = pool.map_or("", |p| fleet.pools[p].name.as_str());
+        let waiting = pool
+            .and_then(|p| fleet.pools[p].queue.as_ref())
+            .is_some_and(|q| !released && !q.is_empty());
         let queue = pool
             .and_then(|p| fleet.pools[p].queue.clone())
             .filter(|_| !released && priority >= 0);
+        // Requests wait already: nobody overtakes them. Any other joins them; a sheddable one
+        // is shed (the pool was saturated when they queued, and is not free for it yet).
         if let Some(q) = &queue
-            && !q.is_empty()
+            && waiting
         {
             return self.enqueue(q, pending);
         }
@@ -626,7 +637,11 @@ impl StreamState {
             .zip(pending.session_key.as_deref())
             .and_then(|(s, k)| s.get(k));
         let hold = priority < 0 || queue.is_some();
-        let placed = self.pick(pending.model.as_deref(), &pending.hashes, bound, rng, hold);
+        let placed = if waiting && priority < 0 {
+            Ok(None)
+        } else {
+            self.pick(pending.model.as_deref(), &pending.hashes, bound, rng, hold)
+        };
         let (pick, guard) = match placed {
             Ok(Some(p)) => p,
             Ok(None) => {

@@ -280,10 +280,17 @@ impl Limits {
 /// clusters that serve count: stale data counts as saturated. Flow control releases queued
 /// requests while this is above 0.
 pub fn free_slots(fleet: &Fleet, pool: usize) -> u32 {
+    free_slots_per_cluster(fleet, pool)
+        .into_iter()
+        .fold(0, u32::saturating_add)
+}
+
+/// [`free_slots`] per cluster (by cluster index): the detector per (pool, cluster).
+pub fn free_slots_per_cluster(fleet: &Fleet, pool: usize) -> Vec<u32> {
     let now = fleet.clock.now_ms();
     let stale_after = fleet.poller.stale_after_ms;
     let policies = fleet.policies.load();
-    let mut free = 0u32;
+    let mut free = vec![0u32; fleet.clusters.len()];
     for &index in &fleet.pools[pool].endpoints {
         let ep = &fleet.endpoints[index];
         if !fleet.clusters[ep.cluster].health().serves() {
@@ -293,7 +300,7 @@ pub fn free_slots(fleet: &Fleet, pool: usize) -> u32 {
             continue;
         };
         let limits = Limits::new(&policies.enforced(ep.pool, ep.cluster));
-        free = free.saturating_add(limits.free(
+        free[ep.cluster] = free[ep.cluster].saturating_add(limits.free(
             &load,
             ep.in_flight.load(Ordering::Relaxed),
             ep.awaiting_first_token.load(Ordering::Relaxed),
@@ -1022,6 +1029,27 @@ mod tests {
             })
             .collect();
         assert_eq!(spread.len(), 4, "no adapter affinity with lora: 0");
+    }
+
+    #[test]
+    fn the_saturation_detector_counts_room_under_the_thresholds() {
+        let f = fleet(4);
+        set(&f, 0, 0.1, 0); // 5 below the default queue threshold of 5
+        set(&f, 1, 0.1, 3); // 2
+        set(&f, 2, 0.9, 0); // KV past 0.8: none
+        set(&f, 3, 0.1, 7); // queue past 5: none
+        assert_eq!(free_slots(&f, 0), 7);
+        // This picker's requests still waiting for a first token count as queued.
+        let held: Vec<InFlight> = (0..4)
+            .map(|_| InFlight::new(f.endpoints[0].clone()))
+            .collect();
+        assert_eq!(free_slots(&f, 0), 3);
+        drop(held);
+        // Stale data counts as saturated.
+        f.endpoints[0].load.fail();
+        f.endpoints[1].load.fail();
+        assert_eq!(free_slots(&f, 0), 0);
+        assert_eq!(free_slots_per_cluster(&f, 0), vec![0]);
     }
 
     #[test]

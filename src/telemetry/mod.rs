@@ -67,6 +67,12 @@ struct PoolLabels {
     pool: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolClusterLabels {
+    pool: String,
+    cluster: String,
+}
+
 /// What became of a request at admission and in flow control's queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlowOutcome {
@@ -140,6 +146,7 @@ pub struct Metrics {
     queued: Family<BandLabels, Gauge>,
     bands_seen: std::sync::Mutex<Vec<BandLabels>>,
     free_slots: Family<PoolLabels, Gauge>,
+    cluster_free_slots: Family<PoolClusterLabels, Gauge>,
 }
 
 impl Metrics {
@@ -157,6 +164,12 @@ impl Metrics {
         );
         let queued = Family::<BandLabels, Gauge>::default();
         let free_slots = Family::<PoolLabels, Gauge>::default();
+        let cluster_free_slots = Family::<PoolClusterLabels, Gauge>::default();
+        registry.register(
+            "cluster_free_slots",
+            "The saturation detector per pool and cluster: requests the cluster's endpoints of the pool take before none has headroom",
+            cluster_free_slots.clone(),
+        );
         registry.register(
             "flow_requests",
             "Admission and flow control, by pool, priority and outcome (admitted, shed, queued, released, expired, full, cancelled)",
@@ -241,6 +254,7 @@ impl Metrics {
             queued,
             bands_seen: std::sync::Mutex::new(Vec::new()),
             free_slots,
+            cluster_free_slots,
         }
     }
 
@@ -323,11 +337,28 @@ impl Metrics {
                 .set(i64::from(e.in_flight.load(Ordering::Relaxed)));
         }
         for (p, pool) in fleet.pools.iter().enumerate() {
+            let per_cluster = crate::schedule::free_slots_per_cluster(fleet, p);
+            for (c, free) in per_cluster.iter().enumerate() {
+                if fleet.pools[p]
+                    .endpoints
+                    .iter()
+                    .any(|&e| fleet.endpoints[e].cluster == c)
+                {
+                    self.cluster_free_slots
+                        .get_or_create(&PoolClusterLabels {
+                            pool: pool.name.clone(),
+                            cluster: fleet.clusters[c].name.clone(),
+                        })
+                        .set(i64::from(*free));
+                }
+            }
             self.free_slots
                 .get_or_create(&PoolLabels {
                     pool: pool.name.clone(),
                 })
-                .set(i64::from(crate::schedule::free_slots(fleet, p)));
+                .set(i64::from(
+                    per_cluster.iter().fold(0u32, |a, b| a.saturating_add(*b)),
+                ));
             if let Some(q) = &pool.queue {
                 let mut seen = self.bands_seen.lock().unwrap_or_else(|e| e.into_inner());
                 // Bands that emptied read 0 (their series stay: a queue's bands come back).
