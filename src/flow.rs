@@ -173,16 +173,15 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        // Released or expired waiters are out already; this removes one still waiting.
-        if self.rx.is_some() {
-            let mut s = self.queue.lock();
-            let emptied = s.bands.get_mut(&self.priority).map(|band| {
-                band.remove(&self.flow, self.id);
-                band.len == 0
-            });
-            if emptied == Some(true) {
-                s.bands.remove(&self.priority);
-            }
+        // Released or swept waiters are out already; this removes one still there: its client
+        // left, or its own deadline passed before a sweep.
+        let mut s = self.queue.lock();
+        let emptied = s.bands.get_mut(&self.priority).map(|band| {
+            band.remove(&self.flow, self.id);
+            band.len == 0
+        });
+        if emptied == Some(true) {
+            s.bands.remove(&self.priority);
         }
     }
 }
@@ -408,9 +407,13 @@ mod tests {
         assert_eq!(old.wait().await, Outcome::Expired);
         assert_eq!(q.len(), 1);
         // The waiter's own deadline ends its wait even if nobody sweeps.
-        let waited = tokio::spawn(async move { young.wait().await });
+        let waited = tokio::spawn(async move { (young.wait().await, young) });
         tokio::time::advance(Duration::from_millis(600)).await;
-        assert_eq!(waited.await.unwrap(), Outcome::Expired);
+        let (outcome, young) = waited.await.unwrap();
+        assert_eq!(outcome, Outcome::Expired);
+        assert_eq!(q.len(), 1, "not swept yet");
+        drop(young);
+        assert!(q.is_empty(), "gone with its ticket");
     }
 
     #[tokio::test(start_paused = true)]
