@@ -59,6 +59,7 @@ fn pick_latency(c: &mut Criterion) {
             explain: false,
             prefix: &[],
             session: None,
+            sheddable: false,
         };
         let mut rng = fastrand::Rng::with_seed(1);
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
@@ -80,6 +81,7 @@ fn pick_tail(_c: &mut Criterion) {
             explain: false,
             prefix: &[],
             session: None,
+            sheddable: false,
         };
         let mut rng = fastrand::Rng::with_seed(2);
         let mut times: Vec<u64> = (0..100_000)
@@ -131,6 +133,7 @@ fn pick_prefix(c: &mut Criterion) {
             explain: false,
             prefix: &hashes,
             session: None,
+            sheddable: false,
         };
         pick(&f, &req, &weights, 0, rng).unwrap().primary
     };

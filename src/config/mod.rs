@@ -33,6 +33,7 @@
 //!       queue_threshold: 5
 //!       max_in_flight_per_endpoint: 64
 //!       capacity_scaler: 1    # 0 drains
+//!       sheddable_capacity: 1 # share of it sheddable requests may fill (the rest is kept)
 //!       dry_run: false
 //!       scopes:
 //!         - {match_labels: {tier: l4}, capacity_scaler: 0.5}
@@ -173,6 +174,10 @@ pub struct BackendPolicy {
     /// Scales an endpoint's capacity (its thresholds, or its in-flight cap): 0 drains, so no
     /// new request goes there while those in flight finish.
     pub capacity_scaler: f64,
+    /// The share of the capacity (as `capacity_scaler` scales it) that sheddable requests
+    /// (objective priority below 0) may fill: past it they are refused, and the rest is kept
+    /// for everything else. 1: they may fill it all, and are shed only at saturation.
+    pub sheddable_capacity: f64,
     /// Compute and report what the policy would do (fleetpick's `/metrics`), but pick as if it
     /// were the default policy.
     pub dry_run: bool,
@@ -189,6 +194,7 @@ impl Default for BackendPolicy {
             queue_threshold: 5,
             max_in_flight_per_endpoint: 64,
             capacity_scaler: 1.0,
+            sheddable_capacity: 1.0,
             dry_run: false,
             scopes: Vec::new(),
         }
@@ -497,6 +503,7 @@ pub struct ClusterPolicy {
     pub queue_threshold: u32,
     pub max_in_flight_per_endpoint: u32,
     pub capacity_scaler: f64,
+    pub sheddable_capacity: f64,
 }
 
 impl ClusterPolicy {
@@ -515,6 +522,7 @@ impl ClusterPolicy {
                 .max_in_flight_per_endpoint
                 .unwrap_or(policy.max_in_flight_per_endpoint),
             capacity_scaler: o.capacity_scaler.unwrap_or(policy.capacity_scaler),
+            sheddable_capacity: policy.sheddable_capacity,
         }
     }
 }
@@ -1185,6 +1193,15 @@ fn validate_imports(
                 queue_threshold: Some(pol.queue_threshold),
             },
         )?;
+        if !(pol.sheddable_capacity.is_finite()
+            && pol.sheddable_capacity > 0.0
+            && pol.sheddable_capacity <= 1.0)
+        {
+            return Err(c.err(
+                &field("sheddable_capacity"),
+                "must be above 0 and at most 1 (a share of the capacity)",
+            ));
+        }
         for (s, scope) in pol.scopes.iter().enumerate() {
             let mut sf = field("scopes");
             sf.push(Seg::Index(s));
@@ -1540,6 +1557,11 @@ scheduler:
     #[test]
     fn bad_policies_name_their_field() {
         let with = |policy: &str| format!("{GOOD}imports:\n  - pool: llama\n    policy:\n{policy}");
+        let e = err(&with("      sheddable_capacity: 0\n"));
+        assert!(
+            e.contains("imports[0].policy.sheddable_capacity: must be above 0"),
+            "{e}"
+        );
         let e = err(&with("      capacity_scaler: -1\n"));
         assert!(
             e.contains("imports[0].policy.capacity_scaler: must be a number from 0"),

@@ -494,6 +494,7 @@ impl StreamState {
         session: Option<usize>,
         rng: &mut fastrand::Rng,
         hold: bool,
+        sheddable: bool,
     ) -> Result<Option<(schedule::Pick, InFlight)>, PickError> {
         let settings = &self.picker.settings;
         let fleet = &self.picker.fleet;
@@ -503,6 +504,7 @@ impl StreamState {
             explain: tracing::enabled!(tracing::Level::DEBUG),
             prefix,
             session,
+            sheddable,
         };
         for _ in 0..PICK_ATTEMPTS {
             let pick = schedule::pick(fleet, &req, &settings.weights, settings.fallbacks, rng)?;
@@ -640,7 +642,14 @@ impl StreamState {
         let placed = if waiting && priority < 0 {
             Ok(None)
         } else {
-            self.pick(pending.model.as_deref(), &pending.hashes, bound, rng, hold)
+            self.pick(
+                pending.model.as_deref(),
+                &pending.hashes,
+                bound,
+                rng,
+                hold,
+                priority < 0,
+            )
         };
         let (pick, guard) = match placed {
             Ok(Some(p)) => p,

@@ -299,6 +299,7 @@ pub fn default_cluster_policy() -> ClusterPolicy {
         queue_threshold: d.queue_threshold,
         max_in_flight_per_endpoint: d.max_in_flight_per_endpoint,
         capacity_scaler: d.capacity_scaler,
+        sheddable_capacity: d.sheddable_capacity,
     }
 }
 

@@ -60,6 +60,9 @@ pub struct PickRequest<'a> {
     /// The endpoint the request's session was last sent to (session affinity): it is picked
     /// again while it is in the tier and passes the load guard.
     pub session: Option<usize>,
+    /// A sheddable request: it sees only the policy's `sheddable_capacity` share of each
+    /// endpoint's capacity, so it finds the pool saturated sooner.
+    pub sheddable: bool,
 }
 
 /// Where the primary came from.
@@ -450,7 +453,13 @@ pub fn pick(
         let in_flight = ep.in_flight.load(Ordering::Relaxed);
         let awaiting = ep.awaiting_first_token.load(Ordering::Relaxed);
         let view = &*views[ep.pool * n_clusters + ep.cluster].get_or_insert_with(|| ClusterView {
-            limits: Limits::new(&policies.enforced(ep.pool, ep.cluster)),
+            limits: Limits::new(&{
+                let mut p = policies.enforced(ep.pool, ep.cluster);
+                if req.sheddable {
+                    p.capacity_scaler *= p.sheddable_capacity;
+                }
+                p
+            }),
             dry: policies
                 .dry_run(ep.pool, ep.cluster)
                 .map(|p| Limits::new(&p)),
@@ -773,6 +782,7 @@ mod tests {
             explain: false,
             prefix: &[],
             session: None,
+            sheddable: false,
         }
     }
 
@@ -887,6 +897,7 @@ mod tests {
             explain: false,
             prefix: &[],
             session: None,
+            sheddable: false,
         };
         assert_eq!(
             pick(&f, &r, &Weights::default(), 3, &mut rng).unwrap(),
@@ -906,6 +917,7 @@ mod tests {
             explain: false,
             prefix: &[],
             session: None,
+            sheddable: false,
         };
         assert!(matches!(
             pick(&f, &r, &Weights::default(), 0, &mut rng),
@@ -1032,6 +1044,30 @@ mod tests {
     }
 
     #[test]
+    fn sheddable_requests_see_only_their_share_of_the_capacity() {
+        let text = "clusters: [{name: a}]\npools:\n  - {name: p, models: [m], target_port: 8000, endpoints: {a: [10.0.0.1, 10.0.0.2]}}\nimports: [{pool: p, policy: {queue_threshold: 4, sheddable_capacity: 0.5}}]\n";
+        let f = Fleet::new(&FleetConfig::parse(text, "t").unwrap());
+        set(&f, 0, 0.1, 2);
+        set(&f, 1, 0.1, 3);
+        let mut rng = fastrand::Rng::with_seed(9);
+        let normal = pick(&f, &req("m"), &Weights::default(), 0, &mut rng).unwrap();
+        assert_eq!(normal.tier, Tier::Local, "room under 4 waiting");
+        let shed = PickRequest {
+            sheddable: true,
+            ..req("m")
+        };
+        let p = pick(&f, &shed, &Weights::default(), 0, &mut rng).unwrap();
+        assert_eq!(
+            p.tier,
+            Tier::Saturated,
+            "no room under 2 waiting: kept for the others"
+        );
+        set(&f, 0, 0.1, 1);
+        let p = pick(&f, &shed, &Weights::default(), 0, &mut rng).unwrap();
+        assert_eq!((p.primary, p.tier), (0, Tier::Local));
+    }
+
+    #[test]
     fn the_saturation_detector_counts_room_under_the_thresholds() {
         let f = fleet(4);
         set(&f, 0, 0.1, 0); // 5 below the default queue threshold of 5
@@ -1061,6 +1097,7 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(5);
         let r = PickRequest {
             session: Some(2),
+            sheddable: false,
             ..req("m")
         };
         // Even with another endpoint clearly less loaded.
@@ -1103,6 +1140,7 @@ mod tests {
             explain: false,
             prefix: &hashes,
             session: None,
+            sheddable: false,
         };
         let mut rng = fastrand::Rng::with_seed(15);
         for _ in 0..50 {
@@ -1118,6 +1156,7 @@ mod tests {
         let r2 = PickRequest {
             prefix: &other,
             session: None,
+            sheddable: false,
             ..r
         };
         let spread: std::collections::BTreeSet<usize> = (0..100)
@@ -1136,6 +1175,7 @@ mod tests {
             explain: false,
             prefix: &hashes,
             session: None,
+            sheddable: false,
         };
         set(&f, 2, 0.1, 6);
         let second = pick(&f, &r, &Weights::default(), 0, &mut rng)
@@ -1326,6 +1366,7 @@ mod tests {
             explain: true,
             prefix: &[],
             session: None,
+            sheddable: false,
         };
         let mut rng = fastrand::Rng::with_seed(13);
         let p = pick(&f, &r, &Weights::default(), 0, &mut rng).unwrap();
