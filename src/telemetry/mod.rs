@@ -220,6 +220,31 @@ impl Metrics {
             "Requests this picker has in flight at each endpoint",
             in_flight.clone(),
         );
+        // The bands a queue may have, present (at 0) from the start: priority 0 and the
+        // priorities of the pool's objectives.
+        let mut bands = Vec::new();
+        for (p, pool) in fleet.pools.iter().enumerate() {
+            if pool.queue.is_none() {
+                continue;
+            }
+            let mut priorities: Vec<i32> = fleet
+                .objectives
+                .values()
+                .filter(|o| o.pool == p && o.priority >= 0)
+                .map(|o| o.priority)
+                .chain([0])
+                .collect();
+            priorities.sort_unstable();
+            priorities.dedup();
+            for priority in priorities {
+                let labels = BandLabels {
+                    pool: pool.name.clone(),
+                    priority: priority.to_string(),
+                };
+                queued.get_or_create(&labels).set(0);
+                bands.push(labels);
+            }
+        }
         let mut picks = Vec::new();
         let mut verdicts = Vec::new();
         for pool in &fleet.pools {
@@ -252,7 +277,7 @@ impl Metrics {
             flow,
             waits,
             queued,
-            bands_seen: std::sync::Mutex::new(Vec::new()),
+            bands_seen: std::sync::Mutex::new(bands),
             free_slots,
             cluster_free_slots,
         }
