@@ -15,6 +15,7 @@
 //! request is picked at once, and counts on its endpoint before the next round looks.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,7 +45,10 @@ async fn dispatch(fleet: Arc<Fleet>, pool: usize, queue: Arc<FlowQueue>) {
             queue.joined.notified().await;
         }
         queue.expire(Instant::now());
-        for _ in 0..crate::schedule::free_slots(&fleet, pool) {
+        // Requests released but not picked yet do not show in the endpoints' counts: count them
+        // here, or a busy runtime would see the same free slots again and release too many.
+        let free = crate::schedule::free_slots(&fleet, pool).saturating_sub(queue.in_transit());
+        for _ in 0..free {
             if !queue.release_next() {
                 break;
             }
@@ -141,6 +145,8 @@ pub struct FlowQueue {
     state: Mutex<State>,
     /// Woken when a request joins (the dispatcher sleeps while the queue is empty).
     pub joined: tokio::sync::Notify,
+    /// Released requests whose tickets are not dropped yet (they are being picked).
+    in_transit: AtomicU32,
 }
 
 /// A place in the queue. Await [`Ticket::wait`]; dropping the ticket leaves the queue.
@@ -151,6 +157,8 @@ pub struct Ticket {
     flow: Arc<str>,
     id: u64,
     rx: Option<oneshot::Receiver<Outcome>>,
+    /// Released: counted in transit until the ticket drops (after the pick).
+    released: bool,
     pub enqueued: Instant,
 }
 
@@ -161,18 +169,34 @@ impl Ticket {
             return Outcome::Expired;
         };
         let deadline = self.enqueued + self.queue.limits.ttl;
-        let outcome = match tokio::time::timeout_at(deadline, rx).await {
+        let outcome = match tokio::time::timeout_at(deadline, &mut *rx).await {
             Ok(Ok(o)) => o,
-            // Expired while waiting, or the queue went away: either way it will not be released.
-            Ok(Err(_)) | Err(_) => Outcome::Expired,
+            Ok(Err(_)) => Outcome::Expired,
+            // The deadline passed; a release sent at the same moment still counts (its slot
+            // was given to this request).
+            Err(_) => {
+                rx.close();
+                rx.try_recv().unwrap_or(Outcome::Expired)
+            }
         };
         self.rx = None;
+        self.released = outcome == Outcome::Released;
         outcome
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        // A release may sit unread in the channel (the client left as it came).
+        let released = self.released
+            || self
+                .rx
+                .as_mut()
+                .is_some_and(|rx| rx.try_recv() == Ok(Outcome::Released));
+        if released {
+            self.queue.in_transit.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
         // Released or swept waiters are out already; this removes one still there: its client
         // left, or its own deadline passed before a sweep.
         let mut s = self.queue.lock();
@@ -192,6 +216,7 @@ impl FlowQueue {
             limits,
             state: Mutex::new(State::default()),
             joined: tokio::sync::Notify::new(),
+            in_transit: AtomicU32::new(0),
         })
     }
 
@@ -244,6 +269,7 @@ impl FlowQueue {
             flow,
             id,
             rx: Some(rx),
+            released: false,
             enqueued: now,
         })
     }
@@ -262,9 +288,12 @@ impl FlowQueue {
             }
             match next {
                 Some(w) => {
+                    // Counted before the send: the ticket may drop (and uncount) at once.
+                    self.in_transit.fetch_add(1, Ordering::Relaxed);
                     if w.tx.send(Outcome::Released).is_ok() {
                         return true;
                     }
+                    self.in_transit.fetch_sub(1, Ordering::Relaxed);
                 }
                 None => continue,
             }
@@ -314,6 +343,11 @@ impl FlowQueue {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Released requests not yet picked.
+    pub fn in_transit(&self) -> u32 {
+        self.in_transit.load(Ordering::Relaxed)
+    }
 }
 
 #[cfg(test)]
@@ -338,6 +372,7 @@ mod tests {
                 {
                     assert_eq!(o, Outcome::Released);
                     t.rx = None;
+                    t.released = true;
                     order.push(*label);
                 }
             }
@@ -414,6 +449,21 @@ mod tests {
         assert_eq!(q.len(), 1, "not swept yet");
         drop(young);
         assert!(q.is_empty(), "gone with its ticket");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn released_requests_count_in_transit_until_their_tickets_drop() {
+        let q = queue(10, 1 << 20, 60_000);
+        let mut a = q.enqueue(0, "f", 1).unwrap();
+        let b = q.enqueue(0, "f", 1).unwrap();
+        assert!(q.release_next() && q.release_next());
+        assert_eq!(q.in_transit(), 2);
+        assert_eq!(a.wait().await, Outcome::Released);
+        drop(a);
+        assert_eq!(q.in_transit(), 1);
+        // Released but never read (its client left at that moment): still uncounted on drop.
+        drop(b);
+        assert_eq!(q.in_transit(), 0);
     }
 
     #[tokio::test(start_paused = true)]

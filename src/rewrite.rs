@@ -96,10 +96,14 @@ impl Restorer {
         }
     }
 
-    /// Notes the response's `content-type`.
-    pub fn content_type(&mut self, content_type: Option<&str>) {
+    /// Notes the response's `content-type` and `content-encoding` (a compressed body is
+    /// passed as it is: its bytes are not JSON).
+    pub fn content_type(&mut self, content_type: Option<&str>, content_encoding: Option<&str>) {
         let ct = content_type.unwrap_or("").to_ascii_lowercase();
-        self.shape = if ct.starts_with("text/event-stream") {
+        let compressed = content_encoding.is_some_and(|e| !e.eq_ignore_ascii_case("identity"));
+        self.shape = if compressed {
+            Shape::Other
+        } else if ct.starts_with("text/event-stream") {
             Shape::EventStream
         } else if ct.starts_with("application/json") || ct.is_empty() {
             Shape::Json
@@ -135,6 +139,14 @@ impl Restorer {
             }
             Shape::EventStream => {
                 self.held.extend_from_slice(chunk);
+                if self.held.len() > MAX_HELD {
+                    tracing::warn!(
+                        bytes = self.held.len(),
+                        "event line too long to restore the model name in; passed unchanged"
+                    );
+                    self.shape = Shape::Other;
+                    return std::mem::take(&mut self.held);
+                }
                 let upto = if end {
                     self.held.len()
                 } else {
@@ -211,7 +223,7 @@ mod tests {
             br#"{"id":"x","model":"target-model","choices":[{"text":"model target-model"}]}"#;
         for cut in [1, 7, 20, body.len() - 1] {
             let mut r = Restorer::new("chat", "target-model");
-            r.content_type(Some("application/json"));
+            r.content_type(Some("application/json"), None);
             let mut out = r.push(&body[..cut], false);
             assert!(out.is_empty(), "nothing goes out before the end");
             out.extend(r.push(&body[cut..], true));
@@ -225,7 +237,7 @@ mod tests {
     fn events_are_restored_line_by_line_across_chunks() {
         let stream = "data: {\"model\":\"t\",\"choices\":[{\"text\":\"a\"}]}\n\ndata: {\"model\":\"t\",\"choices\":[]}\n\ndata: [DONE]\n\n";
         let mut r = Restorer::new("client/name", "t");
-        r.content_type(Some("text/event-stream; charset=utf-8"));
+        r.content_type(Some("text/event-stream; charset=utf-8"), None);
         let mut out = Vec::new();
         for piece in stream.as_bytes().chunks(5) {
             out.extend(r.push(piece, false));
@@ -241,13 +253,17 @@ mod tests {
     #[test]
     fn other_bodies_pass_unchanged_and_nothing_is_lost() {
         let mut r = Restorer::new("c", "t");
-        r.content_type(Some("text/plain"));
+        r.content_type(Some("text/plain"), None);
         assert_eq!(r.push(b"model t", false), b"model t");
         assert_eq!(r.push(b"!", true), b"!");
         // A JSON body that does not parse is sent as it came.
         let mut r = Restorer::new("c", "t");
-        r.content_type(None);
+        r.content_type(None, None);
         assert!(r.push(b"{\"model\":", false).is_empty());
         assert_eq!(r.push(b"\"t\"", true), b"{\"model\":\"t\"");
+        // Compressed: passed through, nothing held.
+        let mut r = Restorer::new("c", "t");
+        r.content_type(Some("application/json"), Some("gzip"));
+        assert_eq!(r.push(b"\x1f\x8b", false), b"\x1f\x8b");
     }
 }

@@ -959,6 +959,15 @@ fn validate(
             "must be from 1 to 3600000 (an hour)",
         ));
     }
+    let limit = crate::envoy::MESSAGE_TIMEOUT_MS;
+    if fc.enabled && file.server.body_mode == BodyMode::Buffered && fc.ttl_ms >= limit {
+        return Err(c.err(
+            &[key("flow_control"), key("ttl_ms")],
+            format!(
+                "must be below {limit} with server.body_mode buffered: Envoy gives up on an answer after {limit} ms (message_timeout) in that mode"
+            ),
+        ));
+    }
     for (i, o) in manifests.objectives.iter().enumerate() {
         if !file.pools.iter().any(|p| p.name == o.pool) {
             return Err(c.err(
@@ -1450,6 +1459,12 @@ scheduler:
             ),
             ("name: batch", "name: chat", "objectives[1].name", "twice"),
             ("ttl_ms: 5000", "ttl_ms: 0", "flow_control.ttl_ms", "from 1"),
+            (
+                "ttl_ms: 5000}",
+                "ttl_ms: 20000}\nserver: {body_mode: buffered}",
+                "flow_control.ttl_ms",
+                "message_timeout",
+            ),
             (
                 "ttl_ms: 5000",
                 "max_requests_per_band: 0",

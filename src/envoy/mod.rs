@@ -33,6 +33,9 @@ pub use process::{EnvoyError, EnvoyProcess, envoy_binary, validate};
 pub const PICKER_CLUSTER: &str = "fleetpick";
 /// Name of the Envoy cluster of model servers.
 pub const MODEL_CLUSTER: &str = "model_servers";
+/// Envoy's `message_timeout` on fleetpick's answers (enforced in BUFFERED body mode): a
+/// request may not wait in flow control's queue this long there.
+pub const MESSAGE_TIMEOUT_MS: u64 = 10_000;
 /// The most request-body bytes Envoy holds per request (the route's `request_body_buffer_limit`):
 /// for retries, and for fleetpick in BUFFERED body mode. Envoy's default (the listener's 1 MiB
 /// connection buffer) is smaller than long-context prompts.
@@ -499,11 +502,12 @@ fn ext_proc_filter(y: &mut String, flavor: Flavor, body_mode: BodyMode) {
     put(y, failure);
     put(
         y,
-        r#"
+        &format!(
+            r#"
               # How long Envoy waits for each answer of fleetpick (enforced in BUFFERED body mode
               # only): long enough for fleetpick to hold a request while the pool is saturated,
               # short enough that a hung fleetpick does not hang clients (504).
-              message_timeout: 10s
+              message_timeout: {}s
               # fleetpick does not change the processing mode per request (and Envoy ignores mode
               # overrides with FULL_DUPLEX_STREAMED anyway).
               allow_mode_override: false
@@ -520,6 +524,8 @@ fn ext_proc_filter(y: &mut String, flavor: Flavor, body_mode: BodyMode) {
                 response_body_mode: FULL_DUPLEX_STREAMED
                 response_trailer_mode: SEND
 "#,
+            MESSAGE_TIMEOUT_MS / 1000
+        ),
     );
     put(y, body);
     put(

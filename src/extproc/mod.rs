@@ -248,6 +248,8 @@ struct StreamState {
     set_cookie: Option<String>,
     /// Waiting in flow control's queue.
     queued: Option<Queued>,
+    /// Request trailers came while the request waited: answered after the release.
+    trailers_pending: bool,
 }
 
 /// What a request needs to be picked, kept while it waits in the queue.
@@ -295,6 +297,7 @@ impl StreamState {
             restore: None,
             set_cookie: None,
             queued: None,
+            trailers_pending: false,
         }
     }
 
@@ -392,11 +395,12 @@ impl StreamState {
                 } else {
                     self.answer(false)
                 };
-                if !self.closed {
-                    out.push(ProcessingResponse {
-                        response: Some(Resp::RequestTrailers(TrailersResponse::default())),
-                        ..ProcessingResponse::default()
-                    });
+                if self.queued.is_some() {
+                    // The headers response must go first: the trailers are answered after the
+                    // release (see `resume`).
+                    self.trailers_pending = true;
+                } else if !self.closed {
+                    out.push(trailers_response());
                 }
                 out
             }
@@ -416,7 +420,10 @@ impl StreamState {
                     self.restore = None;
                 }
                 if let Some(r) = self.restore.as_mut() {
-                    r.content_type(header(&h, "content-type").as_deref());
+                    r.content_type(
+                        header(&h, "content-type").as_deref(),
+                        header(&h, "content-encoding").as_deref(),
+                    );
                     // The restored name may differ in length from the target's.
                     mutation.remove_headers.push("content-length".into());
                 }
@@ -507,7 +514,13 @@ impl StreamState {
             sheddable,
         };
         for _ in 0..PICK_ATTEMPTS {
-            let pick = schedule::pick(fleet, &req, &settings.weights, settings.fallbacks, rng)?;
+            let pick = match schedule::pick(fleet, &req, &settings.weights, settings.fallbacks, rng)
+            {
+                // In `in-flight` mode a full pool is at capacity rather than saturated: the
+                // same "no room now" to admission and flow control.
+                Err(PickError::AtCapacity) if hold => return Ok(None),
+                other => other?,
+            };
             if hold && pick.tier == Tier::Saturated {
                 return Ok(None);
             }
@@ -517,6 +530,9 @@ impl StreamState {
                 fleet.prefix.record(pick.primary, prefix);
                 return Ok(Some((pick, guard)));
             }
+        }
+        if hold {
+            return Ok(None);
         }
         Err(PickError::AtCapacity)
     }
@@ -623,7 +639,7 @@ impl StreamState {
         let pool_name = pool.map_or("", |p| fleet.pools[p].name.as_str());
         let waiting = pool
             .and_then(|p| fleet.pools[p].queue.as_ref())
-            .is_some_and(|q| !released && !q.is_empty());
+            .is_some_and(|q| !released && (!q.is_empty() || q.in_transit() > 0));
         let queue = pool
             .and_then(|p| fleet.pools[p].queue.clone())
             .filter(|_| !released && priority >= 0);
@@ -833,11 +849,16 @@ impl StreamState {
             .pool
             .map_or(String::new(), |p| self.picker.fleet.pools[p].name.clone());
         let waited = ticket.enqueued.elapsed();
-        drop(ticket);
         match outcome {
             Outcome::Released => {
                 self.picker.metrics.waited(&pool_name, waited);
-                self.place(pending, true, &mut fastrand::Rng::new())
+                let mut out = self.place(pending, true, &mut fastrand::Rng::new());
+                // In transit until now: the pick counts on its endpoint from here.
+                drop(ticket);
+                if std::mem::take(&mut self.trailers_pending) && !self.closed {
+                    out.push(trailers_response());
+                }
+                out
             }
             Outcome::Expired => {
                 self.picker
@@ -974,6 +995,13 @@ fn headers_response(
                 ..CommonResponse::default()
             }),
         })),
+        ..ProcessingResponse::default()
+    }
+}
+
+fn trailers_response() -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(Resp::RequestTrailers(TrailersResponse::default())),
         ..ProcessingResponse::default()
     }
 }

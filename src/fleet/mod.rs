@@ -541,16 +541,19 @@ impl Fleet {
 
     /// The objective of a request for `model` (in `pool`) that names `header` (the
     /// `x-gateway-inference-objective` value, if any): the named one when it is for that
-    /// pool, else the one the model takes, else none (priority 0).
+    /// pool, else the one the model takes, else none (priority 0). An unknown name, or one of
+    /// another pool, counts as no name.
     pub fn objective(&self, pool: usize, model: &str, header: Option<&str>) -> Option<&Objective> {
+        let of_pool = |o: &&Objective| o.pool == pool;
         header
             .and_then(|name| self.objectives.get(name))
+            .filter(of_pool)
             .or_else(|| {
                 self.objective_of_model
                     .get(model)
                     .and_then(|name| self.objectives.get(name))
+                    .filter(of_pool)
             })
-            .filter(|o| o.pool == pool)
     }
 
     /// Whether `model` is one of its pool's LoRA adapters.

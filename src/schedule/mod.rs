@@ -580,10 +580,14 @@ pub fn pick(
             _ => Verdict::NotPreferred,
         }
     });
-    let enforced = policies.enforced(
+    let mut enforced = policies.enforced(
         fleet.endpoints[winner.index].pool,
         fleet.endpoints[winner.index].cluster,
     );
+    if req.sheddable {
+        // The same share the classes above were worked out with.
+        enforced.capacity_scaler *= enforced.sheddable_capacity;
+    }
     let cap = match enforced.balancing {
         BalancingMode::InFlight => in_flight_cap(&enforced),
         BalancingMode::KvCache => u32::MAX,
