@@ -1092,3 +1092,69 @@ async fn a_client_that_leaves_the_queue_takes_no_slot() {
     read_full_duplex(&mut rx).await;
     assert_eq!(h.in_flight(), 1);
 }
+
+#[tokio::test]
+async fn a_queued_request_with_trailers_is_answered_in_order_after_its_release() {
+    let h = Harness::start(1, "flow_control: {enabled: true}\n").await;
+    h.saturate().await;
+    let (tx, mut rx) = h.open().await;
+    tx.send(headers(
+        "/v1/completions",
+        false,
+        BodySendMode::FullDuplexStreamed,
+        None,
+    ))
+    .await
+    .unwrap();
+    // An HTTP/1.1 client with trailers: the body without end of stream, then the trailers.
+    tx.send(body(&completion("x"), false)).await.unwrap();
+    tx.send(trailers()).await.unwrap();
+    wait_for("queued", Duration::from_secs(10), || async {
+        (h.queued() == 1).then_some(())
+    })
+    .await;
+    h.set_saturated(false);
+    // The headers response first, the body back, then the trailers response.
+    let first = next(&mut rx).await;
+    assert!(
+        matches!(first.response, Some(Resp::RequestHeaders(_))),
+        "{first:?}"
+    );
+    let piece = next(&mut rx).await;
+    assert!(
+        matches!(piece.response, Some(Resp::RequestBody(_))),
+        "{piece:?}"
+    );
+    let last = next(&mut rx).await;
+    assert!(
+        matches!(last.response, Some(Resp::RequestTrailers(_))),
+        "{last:?}"
+    );
+}
+
+#[tokio::test]
+async fn in_flight_pools_hold_requests_at_their_cap_instead_of_refusing() {
+    let h = Harness::start(
+        1,
+        "flow_control: {enabled: true}\nimports: [{pool: pool, policy: {balancing: in-flight, max_in_flight_per_endpoint: 1}}]\n",
+    )
+    .await;
+    let (tx1, mut rx1) = h.request_with(&[]).await;
+    read_full_duplex(&mut rx1).await;
+    // The one endpoint is at its cap: the next request waits instead of a 429.
+    let (_tx2, mut rx2) = h.request_with(&[]).await;
+    wait_for("queued at the cap", Duration::from_secs(10), || async {
+        (h.queued() == 1).then_some(())
+    })
+    .await;
+    // The first ends: the second goes.
+    tx1.send(response_headers("application/json"))
+        .await
+        .unwrap();
+    next(&mut rx1).await;
+    tx1.send(response_body(b"{}", true)).await.unwrap();
+    next(&mut rx1).await;
+    let (dest, _, _) = read_full_duplex(&mut rx2).await;
+    assert_eq!(dest, h.addresses()[0]);
+    assert_eq!(h.in_flight(), 1);
+}
