@@ -1,4 +1,6 @@
-//! Session affinity's memory: which endpoint each session (conversation) was last sent to.
+//! Session affinity's memory: which endpoint each session (conversation) was last sent to,
+//! for sessions named by a header. (A session cookie names its endpoint itself, see
+//! [`endpoint_token`], and needs no memory.)
 //!
 //! Bounded: at most `max_sessions` keys, about 40 bytes each (a 64-bit hash of the key and an
 //! endpoint index, in hash maps). Two generations stand in for an LRU without a lock-free
@@ -106,10 +108,24 @@ pub fn cookie_value<'a>(header: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-/// A new session id for the cookie: 128 random bits in hex. It only routes (it grants
-/// nothing), so it needs to be unique, not secret.
-pub fn new_session_id(rng: &mut fastrand::Rng) -> String {
-    format!("{:016x}{:016x}", rng.u64(..), rng.u64(..))
+/// The session cookie's value for an endpoint: a hash of its address, so the cookie itself
+/// says where the session lives. Cookie sessions cost the picker no memory, clients that drop
+/// cookies cannot flush anyone's session, and the cookie outlives a restart of the picker.
+/// It only routes (it grants nothing, and names no address), so it needs no secret.
+pub fn endpoint_token(addr: &str) -> String {
+    format!("{:016x}", token_of(addr))
+}
+
+/// The hash an [`endpoint_token`] stands for.
+pub fn token_of(addr: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(addr.as_bytes(), 0x5e55_1011)
+}
+
+/// Reads a cookie value back into the hash it carries (`None`: not one of ours).
+pub fn parse_token(value: &str) -> Option<u64> {
+    (value.len() == 16)
+        .then(|| u64::from_str_radix(value, 16).ok())
+        .flatten()
 }
 
 #[cfg(test)]
@@ -158,9 +174,14 @@ mod tests {
         assert_eq!(cookie_value(h, "other"), Some("q"));
         assert_eq!(cookie_value(h, "session"), None);
         assert_eq!(cookie_value("", "x"), None);
-        let mut rng = fastrand::Rng::with_seed(1);
-        let (a, b) = (new_session_id(&mut rng), new_session_id(&mut rng));
-        assert_eq!(a.len(), 32);
+        let (a, b) = (
+            endpoint_token("10.0.0.1:8000"),
+            endpoint_token("10.0.0.2:8000"),
+        );
+        assert_eq!(a.len(), 16);
         assert_ne!(a, b);
+        assert_eq!(parse_token(&a), Some(token_of("10.0.0.1:8000")));
+        assert_eq!(parse_token("nothex!!nothex!!"), None);
+        assert_eq!(parse_token("abc"), None);
     }
 }

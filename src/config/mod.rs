@@ -250,20 +250,23 @@ pub struct PoolSpec {
     pub session_affinity: Option<SessionAffinity>,
 }
 
-/// Session affinity: requests carrying the same key (a header, or a cookie that fleetpick sets
-/// when a request comes without one) go to the endpoint the first of them went to, while that
-/// endpoint is in the pick's tier and not overloaded (the prefix scorer's load guard); then
-/// the session moves to wherever the next request is picked.
+/// Session affinity: requests carrying the same key go to the endpoint the first of them went
+/// to, while that endpoint is in the pick's tier and not overloaded (the prefix scorer's load
+/// guard); then the session moves to wherever the next request is picked. The key is a header
+/// (remembered by fleetpick, up to `max_sessions`), or a cookie that fleetpick sets and that
+/// names the endpoint itself (set again when the session moves; nothing remembered).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SessionAffinity {
     /// The request header carrying the session key (for example `x-session-id`).
     #[serde(default)]
     pub header: Option<String>,
-    /// The cookie carrying the session key; a request without it gets it set on the response.
+    /// The session cookie's name; a request without it (or whose session moved) gets it set
+    /// on the response.
     #[serde(default)]
     pub cookie: Option<String>,
-    /// Sessions remembered; the least recently used are forgotten first (about 40 bytes each).
+    /// Header sessions remembered; the least recently used are forgotten first (about 40 bytes
+    /// each).
     #[serde(default = "default_max_sessions")]
     pub max_sessions: usize,
 }

@@ -57,7 +57,7 @@ use crate::openai::{Api, ApiError, InferenceRequest};
 use crate::rewrite::Restorer;
 use crate::schedule::Tier;
 use crate::schedule::{self, PickError, PickRequest};
-use crate::session::{SessionKey, cookie_value, new_session_id};
+use crate::session::{SessionKey, cookie_value, endpoint_token};
 use crate::telemetry::FlowOutcome;
 use crate::telemetry::Metrics;
 
@@ -653,7 +653,11 @@ impl StreamState {
         let sessions = pool.and_then(|p| fleet.pools[p].sessions.as_ref());
         let bound = sessions
             .zip(pending.session_key.as_deref())
-            .and_then(|(s, k)| s.get(k));
+            .and_then(|(s, k)| match &s.key {
+                SessionKey::Header(_) => s.get(k),
+                // The cookie names its endpoint: nothing to remember.
+                SessionKey::Cookie(_) => fleet.endpoint_for_token(k),
+            });
         let hold = priority < 0 || queue.is_some();
         let placed = if waiting && priority < 0 {
             Ok(None)
@@ -716,20 +720,18 @@ impl StreamState {
             body_end,
             ..
         } = pending;
-        if let Some(s) = sessions {
-            let key = match (session_key, &s.key) {
-                (Some(k), _) => Some(k),
-                (None, SessionKey::Cookie(name)) => {
-                    let id = new_session_id(rng);
-                    self.set_cookie = Some(format!("{name}={id}; Path=/; HttpOnly; SameSite=Lax"));
-                    Some(id)
+        if let Some(s) = sessions
+            && bound != Some(pick.primary)
+        {
+            match (&s.key, session_key) {
+                (SessionKey::Header(_), Some(k)) => s.bind(&k, pick.primary),
+                (SessionKey::Header(_), None) => {}
+                // A new session, or one that moved: the cookie names its new endpoint.
+                (SessionKey::Cookie(name), _) => {
+                    let token = endpoint_token(&fleet.endpoints[pick.primary].addr_text);
+                    self.set_cookie =
+                        Some(format!("{name}={token}; Path=/; HttpOnly; SameSite=Lax"));
                 }
-                (None, SessionKey::Header(_)) => None,
-            };
-            if let Some(k) = key
-                && bound != Some(pick.primary)
-            {
-                s.bind(&k, pick.primary);
             }
         }
         let endpoints = &fleet.endpoints;

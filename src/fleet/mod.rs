@@ -317,6 +317,8 @@ pub struct Fleet {
     pub objectives: HashMap<String, Objective>,
     /// The objective a model's requests take when they name none.
     objective_of_model: HashMap<String, String>,
+    /// Endpoints by their session-cookie token (see [`crate::session::endpoint_token`]).
+    by_token: HashMap<u64, usize>,
     pub clock: Clock,
     pub poller: PollerSettings,
     /// The picker's region, if it has one.
@@ -375,6 +377,10 @@ impl Fleet {
                 }),
             })
             .collect();
+        let by_token = endpoints
+            .iter()
+            .map(|e| (crate::session::token_of(&e.addr_text), e.index))
+            .collect();
         let mut model_pool = HashMap::new();
         for (p, spec) in file.pools.iter().enumerate() {
             // A pool that is not imported serves none of its models.
@@ -423,6 +429,7 @@ impl Fleet {
                     ))
                 })
                 .collect(),
+            by_token,
             objective_of_model: file
                 .objectives
                 .iter()
@@ -554,6 +561,13 @@ impl Fleet {
                     .and_then(|name| self.objectives.get(name))
                     .filter(of_pool)
             })
+    }
+
+    /// The endpoint a session cookie's value names.
+    pub fn endpoint_for_token(&self, value: &str) -> Option<usize> {
+        self.by_token
+            .get(&crate::session::parse_token(value)?)
+            .copied()
     }
 
     /// Whether `model` is one of its pool's LoRA adapters.
