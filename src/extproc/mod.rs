@@ -163,10 +163,8 @@ impl ExternalProcessor for Picker {
                         let _ = tx.send(Err(internal())).await;
                         return;
                     };
-                    for out in out {
-                        if tx.send(Ok(out)).await.is_err() {
-                            return;
-                        }
+                    if !send_all(&tx, out).await {
+                        return;
                     }
                     let Some(mut queued) = stream.queued.take() else {
                         continue;
@@ -179,7 +177,13 @@ impl ExternalProcessor for Picker {
                             outcome = queued.ticket.wait() => break Some(outcome),
                             next = inbound.message() => match next {
                                 Ok(Some(m)) => msgs.push_back(m),
-                                Ok(None) | Err(_) => break None,
+                                Ok(None) => break None,
+                                // Not answered yet: closing with OK would let Envoy go on
+                                // without a destination.
+                                Err(status) => {
+                                    let _ = tx.send(Err(status)).await;
+                                    break None;
+                                }
                             },
                         }
                     };
@@ -191,10 +195,8 @@ impl ExternalProcessor for Picker {
                         let _ = tx.send(Err(internal())).await;
                         return;
                     };
-                    for out in out {
-                        if tx.send(Ok(out)).await.is_err() {
-                            return;
-                        }
+                    if !send_all(&tx, out).await {
+                        return;
                     }
                 }
                 if stream.closed {
@@ -205,6 +207,19 @@ impl ExternalProcessor for Picker {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// Sends `out` to Envoy in order; false when the stream is gone.
+async fn send_all(
+    tx: &mpsc::Sender<Result<ProcessingResponse, Status>>,
+    out: Vec<ProcessingResponse>,
+) -> bool {
+    for r in out {
+        if tx.send(Ok(r)).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// Runs `f`, turning a panic into `None` (logged): the request fails, the service stays up.
@@ -570,14 +585,10 @@ impl StreamState {
                     // The prefix hashes are seeded by the model that serves the request: its
                     // cache is the one that holds the prefix.
                     if let Some(first) = req.prompts.first()
-                        && fleet.pool_for(&model).is_some_and(|p| {
-                            fleet.pools[p]
-                                .weights
-                                .as_ref()
-                                .unwrap_or(&self.picker.settings.weights)
-                                .prefix
-                                > 0.0
-                        })
+                        && fleet
+                            .weights_for(fleet.pool_for(&model), &self.picker.settings.weights)
+                            .prefix
+                            > 0.0
                     {
                         hashes = crate::prefix::prompt_hashes(
                             &model,
@@ -636,7 +647,7 @@ impl StreamState {
     ) -> Vec<ProcessingResponse> {
         let fleet = self.picker.fleet.clone();
         let (pool, priority) = (pending.pool, pending.priority);
-        let pool_name = pool.map_or("", |p| fleet.pools[p].name.as_str());
+        let pool_name = fleet.pool_name(pool);
         let waiting = pool
             .and_then(|p| fleet.pools[p].queue.as_ref())
             .is_some_and(|q| !released && (!q.is_empty() || q.in_transit() > 0));
@@ -810,9 +821,7 @@ impl StreamState {
 
     /// Puts the request in `queue`; the stream's task waits for its release.
     fn enqueue(&mut self, queue: &Arc<FlowQueue>, pending: Pending) -> Vec<ProcessingResponse> {
-        let pool_name = pending
-            .pool
-            .map_or(String::new(), |p| self.picker.fleet.pools[p].name.clone());
+        let pool_name = self.picker.fleet.pool_name(pending.pool).to_string();
         match queue.enqueue(pending.priority, &pending.flow, self.body.len()) {
             Ok(ticket) => {
                 self.picker
@@ -835,10 +844,7 @@ impl StreamState {
 
     /// The client left while its request waited in the queue.
     fn cancelled(&mut self, queued: Queued) {
-        let pool_name = queued
-            .pending
-            .pool
-            .map_or("", |p| self.picker.fleet.pools[p].name.as_str());
+        let pool_name = self.picker.fleet.pool_name(queued.pending.pool);
         self.picker
             .metrics
             .flow(pool_name, queued.pending.priority, FlowOutcome::Cancelled);
@@ -847,9 +853,7 @@ impl StreamState {
     /// Goes on with a request the queue let go (or answers 503 if it waited too long).
     fn resume(&mut self, queued: Queued, outcome: Outcome) -> Vec<ProcessingResponse> {
         let Queued { ticket, pending } = queued;
-        let pool_name = pending
-            .pool
-            .map_or(String::new(), |p| self.picker.fleet.pools[p].name.clone());
+        let pool_name = self.picker.fleet.pool_name(pending.pool).to_string();
         let waited = ticket.enqueued.elapsed();
         match outcome {
             Outcome::Released => {

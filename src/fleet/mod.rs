@@ -563,6 +563,17 @@ impl Fleet {
             })
     }
 
+    /// The weights for requests of `pool`: its own, else `default` (the scheduler's).
+    pub fn weights_for<'a>(&'a self, pool: Option<usize>, default: &'a Weights) -> &'a Weights {
+        pool.and_then(|p| self.pools[p].weights.as_ref())
+            .unwrap_or(default)
+    }
+
+    /// A pool's name for labels and logs ("" for requests of no pool).
+    pub fn pool_name(&self, pool: Option<usize>) -> &str {
+        pool.map_or("", |p| self.pools[p].name.as_str())
+    }
+
     /// The endpoint a session cookie's value names.
     pub fn endpoint_for_token(&self, value: &str) -> Option<usize> {
         self.by_token

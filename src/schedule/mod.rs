@@ -393,12 +393,12 @@ pub fn pick(
 ) -> Result<Pick, PickError> {
     let (members, weights): (Box<dyn Iterator<Item = usize>>, &Weights) = match req.model {
         Some(model) => {
-            let pool = &fleet.pools[fleet
+            let p = fleet
                 .pool_for(model)
-                .ok_or_else(|| PickError::UnknownModel(model.to_string()))?];
+                .ok_or_else(|| PickError::UnknownModel(model.to_string()))?;
             (
-                Box::new(pool.endpoints.iter().copied()),
-                pool.weights.as_ref().unwrap_or(weights),
+                Box::new(fleet.pools[p].endpoints.iter().copied()),
+                fleet.weights_for(Some(p), weights),
             )
         }
         None => (Box::new(0..fleet.endpoints.len()), weights),
