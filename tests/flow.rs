@@ -47,17 +47,26 @@ async fn overloadable(extra: &str) -> (Sim, TempDir, Picker, Envoy) {
     (sim, dir, picker, envoy)
 }
 
+/// What one closed-loop client saw.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Statuses other than 200.
+    other: Vec<u16>,
+    /// For each success, the requests it found waiting at the server (`x-sim-queue-ahead`).
+    queue_ahead: Vec<u32>,
+}
+
 /// Sends completions with `headers` in a closed loop until `done` reaches `until`; counts its
-/// successes in `ok` and returns the statuses it saw that were not 200.
+/// successes in `ok`.
 async fn closed_loop(
     url: String,
     headers: Vec<(&'static str, String)>,
     ok: Arc<AtomicUsize>,
     done: Arc<AtomicUsize>,
     until: usize,
-) -> Vec<u16> {
+) -> Seen {
     let c = client();
-    let mut other = Vec::new();
+    let mut seen = Seen::default();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     while done.load(Ordering::Relaxed) < until && tokio::time::Instant::now() < deadline {
         let mut req = c
@@ -66,22 +75,27 @@ async fn closed_loop(
         for (k, v) in &headers {
             req = req.header(*k, v);
         }
-        let status = match req.send().await {
+        let (status, ahead) = match req.send().await {
             Ok(r) => {
                 let s = r.status().as_u16();
+                let ahead: Option<u32> = r
+                    .headers()
+                    .get("x-sim-queue-ahead")
+                    .and_then(|v| v.to_str().ok()?.parse().ok());
                 let _ = r.bytes().await;
-                s
+                (s, ahead)
             }
-            Err(_) => 0,
+            Err(_) => (0, None),
         };
         if status == 200 {
             ok.fetch_add(1, Ordering::Relaxed);
             done.fetch_add(1, Ordering::Relaxed);
+            seen.queue_ahead.extend(ahead);
         } else {
-            other.push(status);
+            seen.other.push(status);
         }
     }
-    other
+    seen
 }
 
 #[tokio::test]
@@ -106,7 +120,7 @@ async fn two_flows_of_equal_priority_share_a_saturated_pool_equally() {
         }
     }
     for c in clients {
-        let other = c.await.unwrap();
+        let other = c.await.unwrap().other;
         assert!(other.is_empty(), "every request completes: {other:?}");
     }
     let (h, l) = (heavy.load(Ordering::Relaxed), light.load(Ordering::Relaxed));
@@ -152,7 +166,7 @@ async fn sheddable_traffic_is_shed_and_priority_traffic_is_served_at_overload() 
         )));
     }
     for c in chat {
-        let other = c.await.unwrap();
+        let other = c.await.unwrap().other;
         assert!(
             other.is_empty(),
             "every priority request is served: {other:?}"
@@ -162,7 +176,7 @@ async fn sheddable_traffic_is_shed_and_priority_traffic_is_served_at_overload() 
     batch_done.store(stop_batch, Ordering::Relaxed);
     let mut shed = 0;
     for b in batch {
-        let other = b.await.unwrap();
+        let other = b.await.unwrap().other;
         assert!(
             other.iter().all(|s| *s == 429),
             "batch sees only 429 besides 200: {other:?}"
@@ -264,4 +278,106 @@ async fn a_client_that_gives_up_while_queued_takes_no_slot() {
     // Capacity back: the next request goes through at once.
     let (status, _) = common::complete(&client(), &envoy.url("/v1/completions"), &[]).await;
     assert_eq!(status, 200);
+}
+
+/// The 90th percentile of `v` (nearest rank).
+fn p90(mut v: Vec<u32>) -> u32 {
+    assert!(!v.is_empty());
+    v.sort_unstable();
+    v[(v.len() * 9).div_ceil(10) - 1]
+}
+
+/// Runs 8 batch (sheddable) and 2 chat closed-loop clients through `url` until chat has 60
+/// answers; returns what the chat and the batch clients saw.
+async fn chat_beside_batch(url: &str) -> (Seen, Seen) {
+    let done = Arc::new(AtomicUsize::new(0));
+    let batch_done = Arc::new(AtomicUsize::new(0));
+    let ok = Arc::new(AtomicUsize::new(0));
+    // Far from overflowing when the clients that are still running add to it.
+    let forever = usize::MAX / 2;
+    let client = |objective: &str, done: &Arc<AtomicUsize>, until: usize| {
+        tokio::spawn(closed_loop(
+            url.to_string(),
+            vec![("x-gateway-inference-objective", objective.to_string())],
+            ok.clone(),
+            done.clone(),
+            until,
+        ))
+    };
+    let batch: Vec<_> = (0..8)
+        .map(|_| client("batch", &batch_done, forever))
+        .collect();
+    let chat: Vec<_> = (0..2).map(|_| client("chat", &done, 60)).collect();
+    let mut chat_seen = Seen::default();
+    for c in chat {
+        let s = c.await.unwrap();
+        chat_seen.other.extend(s.other);
+        chat_seen.queue_ahead.extend(s.queue_ahead);
+    }
+    batch_done.store(forever, Ordering::Relaxed);
+    let mut batch_seen = Seen::default();
+    for b in batch {
+        let s = b.await.unwrap();
+        batch_seen.other.extend(s.other);
+        batch_seen.queue_ahead.extend(s.queue_ahead);
+    }
+    (chat_seen, batch_seen)
+}
+
+#[tokio::test]
+async fn priority_requests_find_short_queues_while_sheddable_ones_are_shed() {
+    // Time to first token follows the queue a request finds at the server (each request
+    // ahead is a turn of prefill and decode before its own): the server reports it, so this
+    // test reads queues, not clocks (speed itself is measured by the objectives benchmark).
+    let (sim, _d, picker, envoy) = overloadable(
+        "objectives:\n  - {name: batch, pool: pool, priority: -1}\n  - {name: chat, pool: pool, priority: 10}\n",
+    )
+    .await;
+    let url = envoy.url("/v1/completions");
+    // Unloaded, a chat request finds nobody waiting.
+    let (idle, _) = {
+        let done = Arc::new(AtomicUsize::new(0));
+        let s = closed_loop(
+            url.clone(),
+            vec![("x-gateway-inference-objective", "chat".into())],
+            Arc::new(AtomicUsize::new(0)),
+            done,
+            10,
+        )
+        .await;
+        (s, ())
+    };
+    assert_eq!(p90(idle.queue_ahead), 0);
+    // Envoy alone, same load: everybody queues behind the batch work.
+    let alone =
+        envoy::in_front_of(Flavor::RoundRobin, BodyMode::FullDuplex, picker.grpc, &sim).await;
+    let (chat, batch) = chat_beside_batch(&alone.url("/v1/completions")).await;
+    assert!(chat.other.is_empty() && batch.other.is_empty());
+    let alone_p90 = p90(chat.queue_ahead);
+    assert!(
+        alone_p90 >= 4,
+        "Envoy alone: chat finds {alone_p90} waiting (p90)"
+    );
+    drop(alone);
+    // fleetpick: batch is shed once a request waits (queue_threshold 1 in this fleet file), and
+    // chat finds at most a request or two ahead.
+    let (chat, batch) = chat_beside_batch(&url).await;
+    assert!(
+        chat.other.is_empty(),
+        "every chat request served: {:?}",
+        chat.other
+    );
+    assert!(
+        !batch.other.is_empty() && batch.other.iter().all(|s| *s == 429),
+        "batch shed with 429: {:?}",
+        &batch.other[..batch.other.len().min(10)]
+    );
+    let fleetpick_p90 = p90(chat.queue_ahead);
+    eprintln!(
+        "chat's queue ahead, p90: {alone_p90} behind Envoy alone, {fleetpick_p90} with fleetpick"
+    );
+    assert!(
+        fleetpick_p90 <= 2,
+        "with fleetpick chat finds {fleetpick_p90} waiting (p90); Envoy alone {alone_p90}"
+    );
 }

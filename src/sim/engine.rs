@@ -173,6 +173,11 @@ impl Engine {
         self.running.is_empty() && self.waiting.is_empty()
     }
 
+    /// Sequences waiting for a place in the batch.
+    pub fn waiting_len(&self) -> usize {
+        self.waiting.len()
+    }
+
     pub fn stats(&self) -> &Stats {
         &self.stats
     }

@@ -3,7 +3,8 @@
 //!
 //! Every response carries `x-sim-server` (and `x-sim-cluster`) naming who served it, so tests
 //! and benchmarks can see where a request went without asking the picker; a generation's
-//! response carries `x-sim-model`, the model it was asked for (what a rewrite made of it).
+//! response carries `x-sim-model`, the model it was asked for (what a rewrite made of it), and
+//! `x-sim-queue-ahead`, the requests it found waiting for the batch.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -35,6 +36,9 @@ use crate::openai::{Api, ApiError, InferenceRequest};
 pub const SERVER_HEADER: &str = "x-sim-server";
 /// The model a generation was asked for, as the server received it (after any rewrite).
 pub const MODEL_HEADER: &str = "x-sim-model";
+/// Requests waiting for a place in the batch when this one arrived: the queue it found, which
+/// its time to first token follows (tests read it instead of timing).
+pub const QUEUE_AHEAD_HEADER: &str = "x-sim-queue-ahead";
 /// The header naming that server's cluster.
 pub const CLUSTER_HEADER: &str = "x-sim-cluster";
 
@@ -658,12 +662,14 @@ async fn generate(server: Arc<SimServer>, api: Api, request: Request) -> Respons
     }
     drop(tx);
     let now = server.clock.now();
-    {
+    let queue_ahead = {
         let mut engine = lock(&server.engine);
+        let ahead = engine.waiting_len();
         for s in seqs {
             engine.submit(s, now);
         }
-    }
+        ahead
+    };
     server.wake.notify_one();
 
     let prefix = if api == Api::ChatCompletions {
@@ -689,6 +695,9 @@ async fn generate(server: Arc<SimServer>, api: Api, request: Request) -> Respons
     if let Some(v) = model_header {
         response.headers_mut().insert(MODEL_HEADER, v);
     }
+    response
+        .headers_mut()
+        .insert(QUEUE_AHEAD_HEADER, HeaderValue::from(queue_ahead));
     response
 }
 
