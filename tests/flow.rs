@@ -287,8 +287,8 @@ fn p90(mut v: Vec<u32>) -> u32 {
     v[(v.len() * 9).div_ceil(10) - 1]
 }
 
-/// Runs 8 batch (sheddable) and 2 chat closed-loop clients through `url` until chat has 60
-/// answers; returns what the chat and the batch clients saw.
+/// Runs 8 batch (sheddable) and 2 chat (priority 0) closed-loop clients through `url` until
+/// chat has 60 answers; returns what the chat and the batch clients saw.
 async fn chat_beside_batch(url: &str) -> (Seen, Seen) {
     let done = Arc::new(AtomicUsize::new(0));
     let batch_done = Arc::new(AtomicUsize::new(0));
@@ -307,7 +307,7 @@ async fn chat_beside_batch(url: &str) -> (Seen, Seen) {
     let batch: Vec<_> = (0..8)
         .map(|_| client("batch", &batch_done, forever))
         .collect();
-    let chat: Vec<_> = (0..2).map(|_| client("chat", &done, 60)).collect();
+    let chat: Vec<_> = (0..2).map(|_| client("standard", &done, 60)).collect();
     let mut chat_seen = Seen::default();
     for c in chat {
         let s = c.await.unwrap();
@@ -325,12 +325,12 @@ async fn chat_beside_batch(url: &str) -> (Seen, Seen) {
 }
 
 #[tokio::test]
-async fn priority_requests_find_short_queues_while_sheddable_ones_are_shed() {
+async fn priority_0_requests_find_the_queues_they_find_unloaded_while_sheddable_ones_are_shed() {
     // Time to first token follows the queue a request finds at the server (each request
     // ahead is a turn of prefill and decode before its own): the server reports it, so this
     // test reads queues, not clocks (speed itself is measured by the objectives benchmark).
     let (sim, _d, picker, envoy) = overloadable(
-        "objectives:\n  - {name: batch, pool: pool, priority: -1}\n  - {name: chat, pool: pool, priority: 10}\n",
+        "objectives:\n  - {name: batch, pool: pool, priority: -1}\n  - {name: standard, pool: pool, priority: 0}\n",
     )
     .await;
     let url = envoy.url("/v1/completions");
@@ -339,7 +339,7 @@ async fn priority_requests_find_short_queues_while_sheddable_ones_are_shed() {
         let done = Arc::new(AtomicUsize::new(0));
         let s = closed_loop(
             url.clone(),
-            vec![("x-gateway-inference-objective", "chat".into())],
+            vec![("x-gateway-inference-objective", "standard".into())],
             Arc::new(AtomicUsize::new(0)),
             done,
             10,
