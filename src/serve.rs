@@ -9,6 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -77,27 +78,32 @@ pub async fn run(
     let _pollers = poller::spawn(&fleet)?;
     let _dispatchers = crate::flow::spawn_dispatchers(&fleet);
     let metrics = Arc::new(Metrics::new(&fleet));
+    // Set once shutdown begins: health says NOT_SERVING from then on, while open streams end.
+    let draining = Arc::new(AtomicBool::new(false));
     // Stopped (aborted) when this function returns: a scrape has nothing to finish.
     let metrics_task = io.metrics.map(|l| {
-        let (metrics, fleet) = (metrics.clone(), fleet.clone());
+        let (metrics, fleet, draining) = (metrics.clone(), fleet.clone(), draining.clone());
         AbortOnDrop(tokio::spawn(async move {
-            if let Err(e) = telemetry::serve(l, metrics, fleet).await {
+            if let Err(e) = telemetry::serve(l, metrics, fleet, draining).await {
                 tracing::error!(error = %e, "the metrics listener failed");
             }
         }))
     });
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health_fleet = fleet.clone();
+    let health_draining = draining.clone();
+    let stop_reporter = reporter.clone();
     let health = tokio::spawn(async move {
         let mut last = None;
         let mut tick = tokio::time::interval(HEALTH_EVERY);
         loop {
             tick.tick().await;
-            let status = if health_fleet.eligible_count() > 0 {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
+            let status =
+                if !health_draining.load(Ordering::Relaxed) && health_fleet.eligible_count() > 0 {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
             if last != Some(status) {
                 tracing::info!(?status, "ext_proc health");
                 reporter.set_service_status(EXT_PROC_SERVICE, status).await;
@@ -114,6 +120,7 @@ pub async fn run(
         )))
     });
     let file = &cfg.file;
+    let grace = Duration::from_millis(file.server.shutdown_grace_ms);
     let picker = Picker::new(
         fleet,
         Settings {
@@ -128,11 +135,41 @@ pub async fn run(
     // listener we bound): with Nagle's algorithm, small ext_proc answers waited for delayed
     // ACKs and requests stalled about 40 ms.
     let incoming = TcpIncoming::from(io.grpc).with_nodelay(Some(true));
-    let result = tonic::transport::Server::builder()
+    // On the signal: NOT_SERVING at once (Envoy's health check stops sending new requests
+    // here), no new connections, open streams go on until they end or the grace runs out.
+    let signalled = Arc::new(tokio::sync::Notify::new());
+    let stop = {
+        let (draining, signalled) = (draining.clone(), signalled.clone());
+        async move {
+            shutdown.await;
+            draining.store(true, Ordering::Relaxed);
+            stop_reporter
+                .set_service_status(EXT_PROC_SERVICE, ServingStatus::NotServing)
+                .await;
+            stop_reporter
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                "shutting down: open streams may finish"
+            );
+            signalled.notify_one();
+        }
+    };
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(picker.into_service())
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .serve_with_incoming_shutdown(incoming, stop);
+    let result = tokio::select! {
+        r = server => r,
+        () = async {
+            signalled.notified().await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!("shutdown grace over: streams still open are cut");
+            Ok(())
+        }
+    };
     health.abort();
     drop((metrics_task, watcher));
     Ok(result?)

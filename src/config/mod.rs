@@ -5,7 +5,8 @@
 //!   listen: 127.0.0.1:9002
 //!   body_mode: full-duplex    # full-duplex | buffered: what Envoy's filter is configured with
 //!   max_body_bytes: 8388608   # larger request bodies get 413
-//!   metrics_listen: 127.0.0.1:9090   # fleetpick's own /metrics (default: none)
+//!   metrics_listen: 127.0.0.1:9090   # fleetpick's own /metrics, /healthz, /readyz (default: none)
+//!   shutdown_grace_ms: 30000  # on SIGTERM: NOT_SERVING, open streams may finish this long
 //! picker:
 //!   region: us-east1          # the picker's region: clusters there are preferred
 //! clusters:
@@ -88,6 +89,8 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// fleetpick's own Prometheus `/metrics` listener (none by default).
     pub metrics_listen: Option<SocketAddr>,
+    /// On SIGTERM, how long open streams may go on before fleetpick exits anyway.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for ServerSettings {
@@ -98,6 +101,7 @@ impl Default for ServerSettings {
             // Far above any chat prompt, below Envoy's own buffer limits in BUFFERED mode.
             max_body_bytes: 8 * 1024 * 1024,
             metrics_listen: None,
+            shutdown_grace_ms: 30_000,
         }
     }
 }
@@ -1031,6 +1035,12 @@ fn validate(
                 "must be at least interval_ms ({}), or every endpoint goes stale between polls",
                 p.interval_ms
             ),
+        ));
+    }
+    if file.server.shutdown_grace_ms > 600_000 {
+        return Err(c.err(
+            &[key("server"), key("shutdown_grace_ms")],
+            "must be at most 600000 (ten minutes)",
         ));
     }
     if file.server.max_body_bytes == 0 {

@@ -1,6 +1,8 @@
 //! fleetpick's own Prometheus metrics: what it decided (picks per pool, cluster and tier; the
 //! verdicts of dry-run policies; refusals) and what it sees (each cluster's health, each
-//! endpoint's requests in flight), served as text on `/metrics` when a metrics listener is set.
+//! endpoint's requests in flight), served as text on `/metrics` when a metrics listener is set,
+//! beside `/healthz` (the process answers) and `/readyz` (it has an eligible endpoint and is
+//! not shutting down).
 //!
 //! Counters on the request path are made once at start for every (pool, cluster, label) and
 //! found by index, so counting a pick is one atomic add: no label strings built, no lock.
@@ -418,31 +420,51 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     fleet: Arc<Fleet>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<()> {
     use axum::http::{StatusCode, header};
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let (metrics, fleet) = (metrics.clone(), fleet.clone());
-            async move {
-                match metrics.render(&fleet) {
-                    Ok(text) => (
-                        StatusCode::OK,
-                        [(
-                            header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        text,
-                    ),
-                    Err(_) => (
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        [(header::CONTENT_TYPE, "text/plain")],
-                        "cannot encode the metrics\n".to_string(),
-                    ),
+    let ready_fleet = fleet.clone();
+    let app = axum::Router::new()
+        // Liveness: the process answers.
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        // Readiness: some endpoint is eligible and fleetpick is not shutting down (the same
+        // rule as gRPC health).
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let ready = !draining.load(Ordering::Relaxed) && ready_fleet.eligible_count() > 0;
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
                 }
-            }
-        }),
-    );
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let (metrics, fleet) = (metrics.clone(), fleet.clone());
+                async move {
+                    match metrics.render(&fleet) {
+                        Ok(text) => (
+                            StatusCode::OK,
+                            [(
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            text,
+                        ),
+                        Err(_) => (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            [(header::CONTENT_TYPE, "text/plain")],
+                            "cannot encode the metrics\n".to_string(),
+                        ),
+                    }
+                }
+            }),
+        );
     axum::serve(listener, app).await
 }
 

@@ -1,0 +1,84 @@
+//! fleetpick's life as a process beside Envoy: liveness and readiness over HTTP, and a SIGTERM
+//! during traffic that lets open requests finish and exits 0.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::envoy;
+use common::{MODEL, Picker, Sim, client, fleet_yaml, wait_for};
+use fleetpick::envoy::{BodyMode, Flavor};
+use serde_json::json;
+
+const POLL: &str = "poller: {interval_ms: 20, stale_after_ms: 2000, backoff_max_ms: 200}\n";
+
+async fn status_of(url: &str) -> u16 {
+    match client().get(url).send().await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+#[tokio::test]
+async fn sigterm_during_traffic_finishes_open_requests_and_exits_0() {
+    let sim = Sim::start(&["--servers", "1", "--time-scale", "10"]).await;
+    let mut picker = Picker::start(&fleet_yaml(
+        &sim.entries,
+        &format!("{POLL}server: {{shutdown_grace_ms: 30000}}\n"),
+    ))
+    .await;
+    let envoy =
+        envoy::in_front_of(Flavor::OriginalDst, BodyMode::FullDuplex, picker.grpc, &sim).await;
+    let healthz = format!("http://{}/healthz", picker.metrics);
+    let readyz = format!("http://{}/readyz", picker.metrics);
+    assert_eq!(status_of(&healthz).await, 200);
+    wait_for("ready", Duration::from_secs(20), || async {
+        (status_of(&readyz).await == 200).then_some(())
+    })
+    .await;
+    let url = envoy.url("/v1/completions");
+    wait_for("a first routed request", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move { (common::complete(&client(), &url, &[]).await.0 == 200).then_some(()) }
+    })
+    .await;
+    // A long streamed completion, under way when the signal comes.
+    let mut resp = client()
+        .post(&url)
+        .json(&json!({"model": MODEL, "prompt": "tell me everything", "max_tokens": 1200, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.chunk().await.unwrap().unwrap().to_vec();
+    let pid = picker.child.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // Not ready from now on (Kubernetes and Envoy's health check stop sending), still live.
+    wait_for(
+        "not ready after SIGTERM",
+        Duration::from_secs(10),
+        || async { (status_of(&readyz).await == 503).then_some(()) },
+    )
+    .await;
+    // The open request runs to its end.
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let tokens = text.lines().filter(|l| l.starts_with("data: {")).count();
+    assert!(tokens >= 1200, "every token arrived: {tokens}");
+    // Then the process exits, successfully, well before the grace runs out.
+    let status = wait_for("fleetpick to exit", Duration::from_secs(20), || {
+        let exited = picker.child.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert!(status.success(), "exit status {status}");
+}
