@@ -102,6 +102,14 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         time_scale: f64,
     },
+    /// GET a URL and exit 0 if it answers 200: a health check for images without curl
+    /// (`fleetpick probe http://127.0.0.1:9090/readyz`).
+    Probe {
+        url: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 2.0)]
+        timeout: f64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -235,6 +243,7 @@ fn main() -> anyhow::Result<()> {
                 duration,
             } => bench(&scenario, out, duration).await,
             Command::Demo { time_scale } => fleetpick::demo::run(time_scale).await,
+            Command::Probe { url, timeout } => probe(&url, timeout).await,
         }
     })
 }
@@ -315,6 +324,27 @@ async fn bench(
         dir.display(),
         dir.display()
     );
+    Ok(())
+}
+
+async fn probe(url: &str, timeout: f64) -> anyhow::Result<()> {
+    if !(timeout.is_finite() && timeout > 0.0) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs_f64(timeout))
+        .build()
+        .context("cannot build an HTTP client")?;
+    let status = client
+        .get(url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?
+        .status();
+    if status != reqwest::StatusCode::OK {
+        bail!("GET {url}: {status}");
+    }
     Ok(())
 }
 

@@ -128,11 +128,20 @@ fn every_flavor_and_body_mode_validates() {
 fn checked_in_configs_are_rendered_from_the_code_and_validate() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let bless = std::env::var_os("FLEETPICK_BLESS").is_some();
-    for (file, flavor) in [
-        ("envoy/envoy.yaml", Flavor::OriginalDst),
-        ("envoy/envoy-fallback.yaml", Flavor::Fallback),
+    for (file, flavor, params) in [
+        ("envoy/envoy.yaml", Flavor::OriginalDst, user_defaults()),
+        (
+            "envoy/envoy-fallback.yaml",
+            Flavor::Fallback,
+            user_defaults(),
+        ),
+        (
+            "envoy/compose-envoy.yaml",
+            Flavor::Fallback,
+            fleetpick::envoy::compose::params(),
+        ),
     ] {
-        let want = render(flavor, &user_defaults());
+        let want = render(flavor, &params);
         let path = repo.join(file);
         if bless {
             std::fs::write(&path, &want).unwrap();

@@ -38,6 +38,14 @@ async fn sigterm_during_traffic_finishes_open_requests_and_exits_0() {
         (status_of(&readyz).await == 200).then_some(())
     })
     .await;
+    // The image's health check (no curl in it): `fleetpick probe`.
+    let probe = |url: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fleetpick"))
+            .args(["probe", url])
+            .output()
+            .unwrap()
+    };
+    assert!(probe(&readyz).status.success());
     let url = envoy.url("/v1/completions");
     wait_for("a first routed request", Duration::from_secs(30), || {
         let url = url.clone();
@@ -66,6 +74,13 @@ async fn sigterm_during_traffic_finishes_open_requests_and_exits_0() {
         || async { (status_of(&readyz).await == 503).then_some(()) },
     )
     .await;
+    let refused = probe(&readyz);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("503"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
     // The open request runs to its end.
     while let Some(chunk) = resp.chunk().await.unwrap() {
         body.extend_from_slice(&chunk);

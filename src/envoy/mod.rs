@@ -119,6 +119,36 @@ pub fn user_defaults() -> EnvoyParams {
     }
 }
 
+/// The address plan of `envoy/docker-compose.yml`: a bridge network where the simulated fleet,
+/// fleetpick and Envoy have fixed addresses (Envoy's clusters and the fleet file name IPs).
+pub mod compose {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    pub const SUBNET: &str = "172.28.0.0/24";
+    pub const SIM: Ipv4Addr = Ipv4Addr::new(172, 28, 0, 10);
+    pub const FLEETPICK: Ipv4Addr = Ipv4Addr::new(172, 28, 0, 20);
+    pub const ENVOY: Ipv4Addr = Ipv4Addr::new(172, 28, 0, 30);
+    /// The simulated servers' ports: two clusters of two.
+    pub const SIM_PORTS: [u16; 4] = [8000, 8001, 8002, 8003];
+
+    /// The Envoy of the compose file: the fallback flavor (keeps serving if fleetpick stops),
+    /// listening on every interface of its container.
+    pub fn params() -> super::EnvoyParams {
+        let any = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
+        super::EnvoyParams {
+            listen: any(8081),
+            admin: any(9901),
+            extproc: SocketAddr::new(IpAddr::V4(FLEETPICK), 9002),
+            endpoints: SIM_PORTS
+                .iter()
+                .map(|&p| SocketAddr::new(IpAddr::V4(SIM), p))
+                .collect(),
+            body_mode: super::BodyMode::FullDuplex,
+            localities: Vec::new(),
+        }
+    }
+}
+
 // === impl Flavor ===
 
 impl Flavor {
