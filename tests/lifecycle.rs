@@ -97,3 +97,80 @@ async fn sigterm_during_traffic_finishes_open_requests_and_exits_0() {
     .await;
     assert!(status.success(), "exit status {status}");
 }
+
+/// The metric names the README documents (its metrics table).
+fn documented_metrics() -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let names: Vec<String> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split(['`', '{']).next())
+        .filter(|n| n.starts_with("fleetpick_") || n.starts_with("inference_"))
+        .map(str::to_string)
+        .collect();
+    assert!(names.len() >= 15, "the README's metrics table: {names:?}");
+    names
+}
+
+#[tokio::test]
+async fn every_documented_metric_appears_after_traffic() {
+    let sim = Sim::start(&["--servers", "2", "--time-scale", "20"]).await;
+    let picker = Picker::start(&fleet_yaml(
+        &sim.entries,
+        &format!(
+            "{POLL}flow_control: {{enabled: true}}\nobjectives: [{{name: batch, pool: pool, priority: -1}}]\nimports: [{{pool: pool, policy: {{dry_run: true}}}}]\n"
+        ),
+    ))
+    .await;
+    let envoy =
+        envoy::in_front_of(Flavor::OriginalDst, BodyMode::FullDuplex, picker.grpc, &sim).await;
+    let url = envoy.url("/v1/completions");
+    wait_for("a first routed request", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move { (common::complete(&client(), &url, &[]).await.0 == 200).then_some(()) }
+    })
+    .await;
+    for _ in 0..5 {
+        let r = client()
+            .post(&url)
+            .json(&json!({"model": MODEL, "prompt": "hi", "max_tokens": 4, "stream": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await;
+    }
+    // A refusal, for the error counters.
+    let r = client()
+        .post(&url)
+        .json(&json!({"prompt": "no model"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // The fleet file changes its policy: a reload is counted.
+    picker.rewrite_config(&fleet_yaml(
+        &sim.entries,
+        &format!(
+            "{POLL}flow_control: {{enabled: true}}\nobjectives: [{{name: batch, pool: pool, priority: -1}}]\nimports: [{{pool: pool, policy: {{dry_run: false}}}}]\n"
+        ),
+    ));
+    wait_for("the reload counted", Duration::from_secs(20), || async {
+        picker
+            .metrics_page()
+            .await
+            .contains("fleetpick_config_reloads_total{result=\"applied\"} 1")
+            .then_some(())
+    })
+    .await;
+    let page = picker.metrics_page().await;
+    let missing: Vec<String> = documented_metrics()
+        .into_iter()
+        .filter(|name| !page.lines().any(|l| l.starts_with(name.as_str())))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "documented but absent: {missing:?}\n{page}"
+    );
+}

@@ -265,6 +265,10 @@ struct StreamState {
     queued: Option<Queued>,
     /// Request trailers came while the request waited: answered after the release.
     trailers_pending: bool,
+    /// The model the client named (before any rewrite), for metrics.
+    client_model: Option<String>,
+    /// When the pick was made (for the time to first token).
+    picked_at: std::time::Instant,
 }
 
 /// What a request needs to be picked, kept while it waits in the queue.
@@ -313,6 +317,8 @@ impl StreamState {
             set_cookie: None,
             queued: None,
             trailers_pending: false,
+            client_model: None,
+            picked_at: std::time::Instant::now(),
         }
     }
 
@@ -320,6 +326,10 @@ impl StreamState {
     /// Idempotent; the guard is taken, so the release happens once.
     fn finish(&mut self) {
         if let Some(guard) = self.in_flight.take() {
+            let target = self.model.as_deref().unwrap_or("");
+            self.picker
+                .metrics
+                .request_ended(self.client_model.as_deref().unwrap_or(target), target);
             tracing::debug!(
                 model = self.model.as_deref().unwrap_or(""),
                 endpoint = %guard.endpoint().addr,
@@ -421,6 +431,14 @@ impl StreamState {
             }
             Some(Req::ResponseHeaders(h)) => {
                 self.status = header(&h, ":status").and_then(|s| s.parse().ok());
+                if let Some(status) = self.status.filter(|s| *s >= 400) {
+                    let target = self.model.as_deref().unwrap_or("");
+                    self.picker.metrics.request_failed(
+                        self.client_model.as_deref().unwrap_or(target),
+                        target,
+                        &status.to_string(),
+                    );
+                }
                 self.served = served_endpoint(msg.metadata_context.as_ref());
                 self.follow_retry();
                 let mut mutation = HeaderMutation::default();
@@ -452,8 +470,12 @@ impl StreamState {
             Some(Req::ResponseBody(b)) => {
                 if !b.body.is_empty()
                     && let Some(guard) = self.in_flight.as_mut()
+                    && guard.first_token()
                 {
-                    guard.first_token();
+                    let pool = self.picker.fleet.pool_name(Some(guard.endpoint().pool));
+                    self.picker
+                        .metrics
+                        .first_token(pool, self.picked_at.elapsed());
                 }
                 if b.end_of_stream {
                     self.finish();
@@ -563,6 +585,7 @@ impl StreamState {
         let model = match Api::from_path(&self.path) {
             Some(api) if has_body => match InferenceRequest::parse(api, &self.body) {
                 Ok(req) => {
+                    self.client_model = Some(req.model.clone());
                     let model = match fleet.rewrites.target(&req.model, &mut rng) {
                         Some(target) if target != req.model => {
                             let Some(body) =
@@ -670,6 +693,7 @@ impl StreamState {
                 SessionKey::Cookie(_) => fleet.endpoint_for_token(k),
             });
         let hold = priority < 0 || queue.is_some();
+        let pick_started = std::time::Instant::now();
         let placed = if waiting && priority < 0 {
             Ok(None)
         } else {
@@ -768,6 +792,13 @@ impl StreamState {
         }
         self.in_flight = Some(guard);
         self.model = model;
+        self.picked_at = std::time::Instant::now();
+        let target = self.model.as_deref().unwrap_or("");
+        self.picker.metrics.request_started(
+            self.client_model.as_deref().unwrap_or(target),
+            target,
+            pick_started.elapsed(),
+        );
         let mutation = destination_mutation(&destination);
         let metadata = Some(lb_metadata(&destination));
         if !has_body {
@@ -913,6 +944,12 @@ impl StreamState {
         self.closed = true;
         tracing::debug!(status = e.status, reason, message = %e.message, "refused");
         self.picker.metrics.refused(reason);
+        let target = self.model.as_deref().unwrap_or("");
+        self.picker.metrics.request_failed(
+            self.client_model.as_deref().unwrap_or(target),
+            target,
+            reason,
+        );
         let mut set_headers = vec![
             set_header("content-type", "application/json"),
             set_header(REASON_HEADER, reason),

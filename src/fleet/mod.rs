@@ -639,12 +639,15 @@ impl InFlight {
     }
 
     /// The response's first token (its first body bytes) went by. Idempotent.
-    pub fn first_token(&mut self) {
-        if std::mem::take(&mut self.awaiting) {
+    /// Marks the first token; true the first time (the request was still awaiting it).
+    pub fn first_token(&mut self) -> bool {
+        let first = std::mem::take(&mut self.awaiting);
+        if first {
             self.endpoint
                 .awaiting_first_token
                 .fetch_sub(1, Ordering::Relaxed);
         }
+        first
     }
 }
 

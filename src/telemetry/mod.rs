@@ -149,11 +149,110 @@ pub struct Metrics {
     bands_seen: std::sync::Mutex<Vec<BandLabels>>,
     free_slots: Family<PoolLabels, Gauge>,
     cluster_free_slots: Family<PoolClusterLabels, Gauge>,
+    gie: GieMetrics,
+    ttft: Family<PoolLabels, Histogram>,
+}
+
+/// Labels of the Gateway API Inference Extension's request metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model_name: String,
+    target_model_name: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelErrorLabels {
+    model_name: String,
+    target_model_name: String,
+    error_code: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NameLabels {
+    name: String,
+}
+
+/// The metrics named as the Gateway API Inference Extension's endpoint picker names them, so
+/// that dashboards made for it work (no `fleetpick_` prefix).
+#[derive(Debug)]
+struct GieMetrics {
+    requests: Family<ModelLabels, Counter>,
+    errors: Family<ModelErrorLabels, Counter>,
+    running: Family<ModelLabels, Gauge>,
+    pool_kv: Family<NameLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pool_queue: Family<NameLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pool_ready: Family<NameLabels, Gauge>,
+    scheduler: Histogram,
+}
+
+fn seconds_histogram(start: f64) -> Histogram {
+    Histogram::new(exponential_buckets(start, 2.0, 16))
+}
+
+impl GieMetrics {
+    fn register(root: &mut Registry) -> GieMetrics {
+        let g = GieMetrics {
+            requests: Family::default(),
+            errors: Family::default(),
+            running: Family::default(),
+            pool_kv: Family::default(),
+            pool_queue: Family::default(),
+            pool_ready: Family::default(),
+            // 10 µs to about 0.3 s.
+            scheduler: seconds_histogram(0.000_01),
+        };
+        root.register(
+            "inference_objective_request",
+            "Requests picked for, by the model the client named and the model served",
+            g.requests.clone(),
+        );
+        root.register(
+            "inference_objective_request_error",
+            "Requests that failed, by model, target model and error code (fleetpick's refusal reason, or the upstream status)",
+            g.errors.clone(),
+        );
+        root.register(
+            "inference_objective_running_requests",
+            "Requests this picker has in flight, by model",
+            g.running.clone(),
+        );
+        root.register(
+            "inference_pool_average_kv_cache_utilization",
+            "Average KV-cache use of the pool's endpoints with fresh metrics",
+            g.pool_kv.clone(),
+        );
+        root.register(
+            "inference_pool_average_queue_size",
+            "Average number of requests waiting at the pool's endpoints with fresh metrics",
+            g.pool_queue.clone(),
+        );
+        root.register(
+            "inference_pool_ready_pods",
+            "The pool's endpoints with fresh metrics",
+            g.pool_ready.clone(),
+        );
+        root.register(
+            "inference_extension_scheduler_e2e_duration_seconds",
+            "Time to pick an endpoint for one request",
+            g.scheduler.clone(),
+        );
+        g
+    }
 }
 
 impl Metrics {
     pub fn new(fleet: &Fleet) -> Metrics {
-        let mut registry = Registry::with_prefix("fleetpick");
+        let mut root = Registry::default();
+        let gie = GieMetrics::register(&mut root);
+        let ttft = Family::<PoolLabels, Histogram>::new_with_constructor(
+            ttft_histogram as fn() -> Histogram,
+        );
+        let registry = root.sub_registry_with_prefix("fleetpick");
+        registry.register(
+            "time_to_first_token_seconds",
+            "From the pick to the first byte of the response body, by pool (Envoy's and the model server's time)",
+            ttft.clone(),
+        );
         let picks_family = Family::<PickLabels, Counter>::default();
         let verdict_family = Family::<VerdictLabels, Counter>::default();
         let refusals = Family::<ReasonLabels, Counter>::default();
@@ -246,6 +345,10 @@ impl Metrics {
                 queued.get_or_create(&labels).set(0);
                 bands.push(labels);
             }
+            // Present (empty) before the first wait, like the bands.
+            drop(waits.get_or_create(&PoolLabels {
+                pool: pool.name.clone(),
+            }));
         }
         let mut picks = Vec::new();
         let mut verdicts = Vec::new();
@@ -268,7 +371,9 @@ impl Metrics {
             }
         }
         Metrics {
-            registry,
+            registry: root,
+            gie,
+            ttft,
             clusters: fleet.clusters.len(),
             picks,
             verdicts,
@@ -330,6 +435,50 @@ impl Metrics {
             .inc();
     }
 
+    /// A request picked for: `model` as the client named it, `target` as it is served.
+    pub fn request_started(&self, model: &str, target: &str, pick_time: std::time::Duration) {
+        let labels = ModelLabels {
+            model_name: model.to_string(),
+            target_model_name: target.to_string(),
+        };
+        self.gie.requests.get_or_create(&labels).inc();
+        self.gie.running.get_or_create(&labels).inc();
+        self.gie.scheduler.observe(pick_time.as_secs_f64());
+    }
+
+    /// The end of a request counted by [`Metrics::request_started`].
+    pub fn request_ended(&self, model: &str, target: &str) {
+        self.gie
+            .running
+            .get_or_create(&ModelLabels {
+                model_name: model.to_string(),
+                target_model_name: target.to_string(),
+            })
+            .dec();
+    }
+
+    /// A request that failed: refused by fleetpick (`code` its reason) or answered with an
+    /// error status upstream (`code` the status).
+    pub fn request_failed(&self, model: &str, target: &str, code: &str) {
+        self.gie
+            .errors
+            .get_or_create(&ModelErrorLabels {
+                model_name: model.to_string(),
+                target_model_name: target.to_string(),
+                error_code: code.to_string(),
+            })
+            .inc();
+    }
+
+    /// The first byte of a response body, `since` the pick, for `pool`.
+    pub fn first_token(&self, pool: &str, since: std::time::Duration) {
+        self.ttft
+            .get_or_create(&PoolLabels {
+                pool: pool.to_string(),
+            })
+            .observe(since.as_secs_f64());
+    }
+
     /// Counts a changed fleet file, applied or refused.
     pub fn reloaded(&self, applied: bool) {
         let result = if applied { "applied" } else { "refused" };
@@ -362,6 +511,34 @@ impl Metrics {
                     endpoint: e.addr_text.clone(),
                 })
                 .set(i64::from(e.in_flight.load(Ordering::Relaxed)));
+        }
+        let now = fleet.clock.now_ms();
+        for pool in &fleet.pools {
+            let fresh: Vec<crate::fleet::Load> = pool
+                .endpoints
+                .iter()
+                .filter_map(|&e| {
+                    fleet.endpoints[e]
+                        .load
+                        .fresh(now, fleet.poller.stale_after_ms)
+                })
+                .collect();
+            let n = fresh.len().max(1) as f64;
+            let labels = NameLabels {
+                name: pool.name.clone(),
+            };
+            self.gie
+                .pool_ready
+                .get_or_create(&labels)
+                .set(fresh.len() as i64);
+            self.gie
+                .pool_kv
+                .get_or_create(&labels)
+                .set(fresh.iter().map(|l| l.kv_usage).sum::<f64>() / n);
+            self.gie
+                .pool_queue
+                .get_or_create(&labels)
+                .set(fresh.iter().map(|l| f64::from(l.waiting)).sum::<f64>() / n);
         }
         for (p, pool) in fleet.pools.iter().enumerate() {
             let per_cluster = crate::schedule::free_slots_per_cluster(fleet, p);
@@ -410,9 +587,13 @@ impl Metrics {
     }
 }
 
-fn wait_histogram() -> Histogram {
+fn ttft_histogram() -> Histogram {
     // 1 ms to about 33 s.
-    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+    seconds_histogram(0.001)
+}
+
+fn wait_histogram() -> Histogram {
+    ttft_histogram()
 }
 
 /// Serves `GET /metrics` on `listener` (until the task running it is dropped or aborted).
