@@ -184,6 +184,27 @@ async fn a_stopped_endpoint_leaves_within_a_second() {
         }
     }
     eprintln!("last error {last_error:?} after the stop");
+    // fleetpick's own view of it: failing scrapes, aging data, one endpoint fewer ready.
+    let stopped_addr = &sim.entries[1].address;
+    let page = picker.metrics_page().await;
+    let sample = |name: &str| {
+        page.lines()
+            .find(|l| l.starts_with(name) && l.contains(&format!("endpoint=\"{stopped_addr}\"")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} for {stopped_addr}: {page}"))
+    };
+    assert!(
+        sample("fleetpick_endpoint_scrape_failures") >= 1.0,
+        "{page}"
+    );
+    assert!(
+        sample("fleetpick_endpoint_data_age_seconds") > 0.5,
+        "{page}"
+    );
+    assert!(
+        page.contains("fleetpick_cluster_ready_endpoints{pool=\"pool\",cluster=\"local\"} 2"),
+        "{page}"
+    );
 }
 
 #[tokio::test]

@@ -80,6 +80,8 @@ pub struct LoadCell {
     scraped_at_ms: AtomicU64,
     /// Consecutive failed scrapes.
     failures: AtomicU32,
+    /// [`Clock::now_ms`] of the last good scrape, kept through failures (for the data's age).
+    last_good_ms: AtomicU64,
 }
 
 impl LoadCell {
@@ -91,7 +93,16 @@ impl LoadCell {
         };
         self.word.store(load.pack(), Ordering::Relaxed);
         self.scraped_at_ms.store(now_ms, Ordering::Release);
+        self.last_good_ms.store(now_ms, Ordering::Relaxed);
         self.failures.store(0, Ordering::Relaxed);
+    }
+
+    /// How old the last good scrape is at `now_ms` (`None`: there was none).
+    pub fn age_ms(&self, now_ms: u64) -> Option<u64> {
+        match self.last_good_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(now_ms.saturating_sub(at)),
+        }
     }
 
     /// Marks a failed scrape: the endpoint is ineligible until a good one. Returns the number of

@@ -151,6 +151,9 @@ pub struct Metrics {
     cluster_free_slots: Family<PoolClusterLabels, Gauge>,
     gie: GieMetrics,
     ttft: Family<PoolLabels, Histogram>,
+    scrape_failures: Family<EndpointLabels, Gauge>,
+    data_age: Family<EndpointLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    cluster_ready: Family<PoolClusterLabels, Gauge>,
 }
 
 /// Labels of the Gateway API Inference Extension's request metrics.
@@ -248,6 +251,25 @@ impl Metrics {
             ttft_histogram as fn() -> Histogram,
         );
         let registry = root.sub_registry_with_prefix("fleetpick");
+        let scrape_failures = Family::<EndpointLabels, Gauge>::default();
+        let data_age =
+            Family::<EndpointLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let cluster_ready = Family::<PoolClusterLabels, Gauge>::default();
+        registry.register(
+            "endpoint_scrape_failures",
+            "Consecutive failed scrapes of each endpoint's /metrics (0 while they succeed)",
+            scrape_failures.clone(),
+        );
+        registry.register(
+            "endpoint_data_age_seconds",
+            "Age of each endpoint's last good scrape (past the poller's stale_after_ms it is not eligible; -1: never scraped)",
+            data_age.clone(),
+        );
+        registry.register(
+            "cluster_ready_endpoints",
+            "Endpoints with fresh metrics, per pool and cluster",
+            cluster_ready.clone(),
+        );
         registry.register(
             "time_to_first_token_seconds",
             "From the pick to the first byte of the response body, by pool (Envoy's and the model server's time)",
@@ -374,6 +396,9 @@ impl Metrics {
             registry: root,
             gie,
             ttft,
+            scrape_failures,
+            data_age,
+            cluster_ready,
             clusters: fleet.clusters.len(),
             picks,
             verdicts,
@@ -503,16 +528,43 @@ impl Metrics {
                     .set(i64::from(h == now));
             }
         }
-        for e in &fleet.endpoints {
-            self.in_flight
-                .get_or_create(&EndpointLabels {
-                    pool: fleet.pools[e.pool].name.clone(),
-                    cluster: fleet.clusters[e.cluster].name.clone(),
-                    endpoint: e.addr_text.clone(),
-                })
-                .set(i64::from(e.in_flight.load(Ordering::Relaxed)));
-        }
         let now = fleet.clock.now_ms();
+        let mut ready = vec![0i64; fleet.pools.len() * fleet.clusters.len()];
+        for e in &fleet.endpoints {
+            let labels = EndpointLabels {
+                pool: fleet.pools[e.pool].name.clone(),
+                cluster: fleet.clusters[e.cluster].name.clone(),
+                endpoint: e.addr_text.clone(),
+            };
+            self.in_flight
+                .get_or_create(&labels)
+                .set(i64::from(e.in_flight.load(Ordering::Relaxed)));
+            self.scrape_failures
+                .get_or_create(&labels)
+                .set(i64::from(e.load.failures()));
+            self.data_age
+                .get_or_create(&labels)
+                .set(e.load.age_ms(now).map_or(-1.0, |ms| ms as f64 / 1000.0));
+            if e.load.fresh(now, fleet.poller.stale_after_ms).is_some() {
+                ready[e.pool * fleet.clusters.len() + e.cluster] += 1;
+            }
+        }
+        for (p, pool) in fleet.pools.iter().enumerate() {
+            for (c, cluster) in fleet.clusters.iter().enumerate() {
+                if pool
+                    .endpoints
+                    .iter()
+                    .any(|&e| fleet.endpoints[e].cluster == c)
+                {
+                    self.cluster_ready
+                        .get_or_create(&PoolClusterLabels {
+                            pool: pool.name.clone(),
+                            cluster: cluster.name.clone(),
+                        })
+                        .set(ready[p * fleet.clusters.len() + c]);
+                }
+            }
+        }
         for pool in &fleet.pools {
             let fresh: Vec<crate::fleet::Load> = pool
                 .endpoints
