@@ -23,8 +23,18 @@ use tracing_subscriber::EnvFilter;
     about = "An endpoint picker for LLM inference behind Envoy"
 )]
 struct Cli {
+    /// Log lines for people (`human`) or one JSON object per line for log pipelines (`json`).
+    /// Levels and targets: `RUST_LOG` (default `info`; `fleetpick=debug` explains every pick).
+    #[arg(long, global = true, default_value = "human")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -197,12 +207,15 @@ struct LoadArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -401,10 +414,11 @@ async fn sim(args: SimArgs) -> anyhow::Result<()> {
         .with_context(|| format!("admin API cannot listen on {}", args.admin_listen))?;
     let admin_addr = admin.local_addr()?;
     let admin_task = tokio::spawn(fleet.clone().serve_admin(admin));
+    // Logged before the ready file appears, so whoever waits on the file finds the line too.
+    tracing::info!(servers = fleet.servers.len(), admin = %admin_addr, "simulated fleet ready");
     if let Some(path) = &args.ready_file {
         fleet.write_ready_file(path, Some(admin_addr))?;
     }
-    tracing::info!(servers = fleet.servers.len(), admin = %admin_addr, "simulated fleet ready");
     for e in fleet.entries(Some(admin_addr)) {
         println!("{}", serde_json::to_string(&e)?);
     }

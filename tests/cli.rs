@@ -47,3 +47,45 @@ fn check_config_accepts_the_example_and_names_errors() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn logs_can_be_json_lines() {
+    let dir = common::TempDir::new("json-logs");
+    let ready = dir.0.join("ready.json");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fleetpick"))
+        .args([
+            "--log-format",
+            "json",
+            "sim",
+            "--servers",
+            "1",
+            "--ready-file",
+        ])
+        .arg(&ready)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_for(
+        "the simulator's ready file",
+        std::time::Duration::from_secs(30),
+        || {
+            let ready = ready.clone();
+            async move { ready.exists().then_some(()) }
+        },
+    )
+    .await;
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["level"] == "INFO" && v["fields"]["message"] == "simulated fleet ready"),
+        "{stderr}"
+    );
+}
