@@ -173,4 +173,9 @@ async fn every_documented_metric_appears_after_traffic() {
         missing.is_empty(),
         "documented but absent: {missing:?}\n{page}"
     );
+    // One time per output token for each streamed response, none for the others.
+    assert!(
+        page.contains("fleetpick_time_per_output_token_seconds_count{pool=\"pool\"} 5"),
+        "{page}"
+    );
 }

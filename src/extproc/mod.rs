@@ -269,6 +269,11 @@ struct StreamState {
     client_model: Option<String>,
     /// When the pick was made (for the time to first token).
     picked_at: std::time::Instant,
+    /// When the response's first byte came (for the time per output token).
+    first_token_at: Option<std::time::Instant>,
+    /// The response is an event stream, and how many JSON events it has carried.
+    event_stream: bool,
+    events: u32,
 }
 
 /// What a request needs to be picked, kept while it waits in the queue.
@@ -319,6 +324,9 @@ impl StreamState {
             trailers_pending: false,
             client_model: None,
             picked_at: std::time::Instant::now(),
+            first_token_at: None,
+            event_stream: false,
+            events: 0,
         }
     }
 
@@ -326,6 +334,14 @@ impl StreamState {
     /// Idempotent; the guard is taken, so the release happens once.
     fn finish(&mut self) {
         if let Some(guard) = self.in_flight.take() {
+            if let Some(first) = self.first_token_at
+                && self.events >= 2
+            {
+                let pool = self.picker.fleet.pool_name(Some(guard.endpoint().pool));
+                self.picker
+                    .metrics
+                    .time_per_output_token(pool, first.elapsed() / (self.events - 1));
+            }
             let target = self.model.as_deref().unwrap_or("");
             self.picker
                 .metrics
@@ -431,6 +447,8 @@ impl StreamState {
             }
             Some(Req::ResponseHeaders(h)) => {
                 self.status = header(&h, ":status").and_then(|s| s.parse().ok());
+                self.event_stream = header(&h, "content-type")
+                    .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("text/event-stream"));
                 if let Some(status) = self.status.filter(|s| *s >= 400) {
                     let target = self.model.as_deref().unwrap_or("");
                     self.picker.metrics.request_failed(
@@ -476,6 +494,11 @@ impl StreamState {
                     self.picker
                         .metrics
                         .first_token(pool, self.picked_at.elapsed());
+                    self.first_token_at = Some(std::time::Instant::now());
+                }
+                if self.event_stream {
+                    // Each JSON event of an OpenAI stream carries (about) one token.
+                    self.events += b.body.windows(7).filter(|w| w == b"data: {").count() as u32;
                 }
                 if b.end_of_stream {
                     self.finish();

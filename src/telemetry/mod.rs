@@ -151,6 +151,7 @@ pub struct Metrics {
     cluster_free_slots: Family<PoolClusterLabels, Gauge>,
     gie: GieMetrics,
     ttft: Family<PoolLabels, Histogram>,
+    tpot: Family<PoolLabels, Histogram>,
     scrape_failures: Family<EndpointLabels, Gauge>,
     data_age: Family<EndpointLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     cluster_ready: Family<PoolClusterLabels, Gauge>,
@@ -250,7 +251,15 @@ impl Metrics {
         let ttft = Family::<PoolLabels, Histogram>::new_with_constructor(
             ttft_histogram as fn() -> Histogram,
         );
+        let tpot = Family::<PoolLabels, Histogram>::new_with_constructor(
+            tpot_histogram as fn() -> Histogram,
+        );
         let registry = root.sub_registry_with_prefix("fleetpick");
+        registry.register(
+            "time_per_output_token_seconds",
+            "Streamed responses: from the first byte to the end, over the events after the first, by pool",
+            tpot.clone(),
+        );
         let scrape_failures = Family::<EndpointLabels, Gauge>::default();
         let data_age =
             Family::<EndpointLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
@@ -396,6 +405,7 @@ impl Metrics {
             registry: root,
             gie,
             ttft,
+            tpot,
             scrape_failures,
             data_age,
             cluster_ready,
@@ -502,6 +512,15 @@ impl Metrics {
                 pool: pool.to_string(),
             })
             .observe(since.as_secs_f64());
+    }
+
+    /// A streamed response's mean time between output tokens, for `pool`.
+    pub fn time_per_output_token(&self, pool: &str, per_token: std::time::Duration) {
+        self.tpot
+            .get_or_create(&PoolLabels {
+                pool: pool.to_string(),
+            })
+            .observe(per_token.as_secs_f64());
     }
 
     /// Counts a changed fleet file, applied or refused.
@@ -637,6 +656,11 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
     }
+}
+
+fn tpot_histogram() -> Histogram {
+    // 0.1 ms to about 3 s.
+    seconds_histogram(0.000_1)
 }
 
 fn ttft_histogram() -> Histogram {
