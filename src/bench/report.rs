@@ -154,6 +154,38 @@ pub fn overhead_comparison(r: &Results) -> Option<String> {
     Some(out)
 }
 
+/// Each part (window or workload class) of each rate cell, in the first cell's order, with the
+/// part's time-to-first-token p90 as a ratio to the first strategy's for the same part and rate
+/// ("-" when either has none). `row` gets the part's cell, the part and the ratio.
+fn per_part<'a, T: 'a>(
+    r: &'a Results,
+    parts: impl Fn(&'a super::CellResult) -> &'a [T],
+    ttft: impl Fn(&T) -> Option<&crate::loadgen::Percentiles>,
+    mut row: impl FnMut(&super::CellResult, &T, String),
+) {
+    let Some(first) = r.cells.first() else {
+        return;
+    };
+    let base_name = &first.strategy;
+    for i in 0..parts(first).len() {
+        for c in r.cells.iter().filter(|c| c.concurrency.is_none()) {
+            let Some(part) = parts(c).get(i) else {
+                continue;
+            };
+            let base = cells(r, base_name)
+                .find(|b| b.rate == c.rate)
+                .and_then(|b| parts(b).get(i))
+                .and_then(&ttft)
+                .map(|p| p.p90);
+            let ratio = match (ttft(part), base) {
+                (Some(p), Some(b)) if b > 0.0 => format!("{:.2}", p.p90 / b),
+                _ => "-".into(),
+            };
+            row(c, part, ratio);
+        }
+    }
+}
+
 /// Each window of each cell (requests that started in it): time-to-first-token p90 and
 /// errors, with the p90 as a ratio to the first strategy's in the same window and rate.
 pub fn window_comparison(r: &Results) -> Option<String> {
@@ -161,34 +193,25 @@ pub fn window_comparison(r: &Results) -> Option<String> {
     if first.windows.is_empty() {
         return None;
     }
-    let base_name = &first.strategy;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| window | offered/s | strategy | requests | errors | TTFT p50 | p90 | p99 (ms) | p90 / {base_name} |\n|---|---|---|---|---|---|---|---|---|"
+        "| window | offered/s | strategy | requests | errors | TTFT p50 | p90 | p99 (ms) | p90 / {} |\n|---|---|---|---|---|---|---|---|---|",
+        first.strategy
     );
-    for (wi, w) in first.windows.iter().enumerate() {
-        for c in r.cells.iter().filter(|c| c.concurrency.is_none()) {
-            let Some(cw) = c.windows.get(wi) else {
-                continue;
-            };
-            let base = cells(r, base_name)
-                .find(|b| b.rate == c.rate)
-                .and_then(|b| b.windows.get(wi))
-                .and_then(|b| b.ttft_ms.as_ref())
-                .map(|p| p.p90);
-            let [p50, p90, p99] = pct(&cw.ttft_ms);
-            let ratio = match (cw.ttft_ms.as_ref(), base) {
-                (Some(p), Some(b)) if b > 0.0 => format!("{:.2}", p.p90 / b),
-                _ => "-".into(),
-            };
+    per_part(
+        r,
+        |c| &c.windows,
+        |w| w.ttft_ms.as_ref(),
+        |c, w, ratio| {
+            let [p50, p90, p99] = pct(&w.ttft_ms);
             let _ = writeln!(
                 out,
                 "| {} | {:.1} | {} | {} | {} | {p50} | {p90} | {p99} | {ratio} |",
-                w.name, c.rate, c.strategy, cw.requests, cw.errors
+                w.name, c.rate, c.strategy, w.requests, w.errors
             );
-        }
-    }
+        },
+    );
     Some(out)
 }
 
@@ -199,40 +222,31 @@ pub fn class_comparison(r: &Results) -> Option<String> {
     if first.classes.is_empty() {
         return None;
     }
-    let base_name = &first.strategy;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| class | offered/s | strategy | requests | ok/s (goodput) | shed (429) | other errors | TTFT p50 | p90 | p99 (ms) | p90 / {base_name} |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| class | offered/s | strategy | requests | ok/s (goodput) | shed (429) | other errors | TTFT p50 | p90 | p99 (ms) | p90 / {} |\n|---|---|---|---|---|---|---|---|---|---|---|",
+        first.strategy
     );
-    for (ci, class) in first.classes.iter().enumerate() {
-        for c in r.cells.iter().filter(|c| c.concurrency.is_none()) {
-            let Some(cc) = c.classes.get(ci) else {
-                continue;
-            };
-            let base = cells(r, base_name)
-                .find(|b| b.rate == c.rate)
-                .and_then(|b| b.classes.get(ci))
-                .and_then(|b| b.ttft_ms.as_ref())
-                .map(|p| p.p90);
-            let [p50, p90, p99] = pct(&cc.ttft_ms);
-            let ratio = match (cc.ttft_ms.as_ref(), base) {
-                (Some(p), Some(b)) if b > 0.0 => format!("{:.2}", p.p90 / b),
-                _ => "-".into(),
-            };
+    per_part(
+        r,
+        |c| &c.classes,
+        |k| k.ttft_ms.as_ref(),
+        |c, k, ratio| {
+            let [p50, p90, p99] = pct(&k.ttft_ms);
             let _ = writeln!(
                 out,
                 "| {} | {:.1} | {} | {} | {:.2} | {} | {} | {p50} | {p90} | {p99} | {ratio} |",
-                class.name,
+                k.name,
                 c.rate,
                 c.strategy,
-                cc.requests,
-                cc.ok_per_second,
-                cc.shed,
-                cc.errors.saturating_sub(cc.shed)
+                k.requests,
+                k.ok_per_second,
+                k.shed,
+                k.errors.saturating_sub(k.shed)
             );
-        }
-    }
+        },
+    );
     Some(out)
 }
 
