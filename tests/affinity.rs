@@ -41,12 +41,7 @@ async fn picker_and_envoy(
     ))
     .await;
     let envoy = envoy::in_front_of(Flavor::OriginalDst, body_mode, picker.grpc, sim).await;
-    let url = envoy.url("/v1/completions");
-    wait_for("a first routed request", Duration::from_secs(30), || {
-        let url = url.clone();
-        async move { (common::complete(&client(), &url, &[]).await.0 == 200).then_some(()) }
-    })
-    .await;
+    envoy::until_routing(&envoy).await;
     (picker, envoy)
 }
 

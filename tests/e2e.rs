@@ -23,20 +23,6 @@ async fn envoy_for(flavor: Flavor, picker: SocketAddr, sim: &Sim) -> Envoy {
     envoy::in_front_of(flavor, BodyMode::FullDuplex, picker, sim).await
 }
 
-/// Waits until a request through Envoy succeeds (fleetpick has scraped and Envoy routes).
-async fn until_routing(envoy: &Envoy) {
-    let url = envoy.url("/v1/completions");
-    wait_for(
-        "a first request routed through Envoy",
-        Duration::from_secs(30),
-        || {
-            let url = url.clone();
-            async move { (complete(&client(), &url, &[]).await.0 == 200).then_some(()) }
-        },
-    )
-    .await;
-}
-
 #[tokio::test]
 async fn requests_land_on_the_least_loaded_endpoint() {
     let dir = common::TempDir::new("cfg");
@@ -79,7 +65,7 @@ async fn requests_land_on_the_least_loaded_endpoint() {
     // The picker starts with the load already visible.
     let picker = Picker::start(&fleet_yaml(&sim.entries, FAST_POLL)).await;
     let envoy = envoy_for(Flavor::OriginalDst, picker.grpc, &sim).await;
-    until_routing(&envoy).await;
+    envoy::until_routing(&envoy).await;
     let c = client();
     let url = envoy.url("/v1/completions");
     for _ in 0..20 {
@@ -107,7 +93,7 @@ async fn an_endpoint_reporting_kv_095_gets_nothing_while_others_are_idle() {
         .unwrap();
     let picker = Picker::start(&fleet_yaml(&sim.entries, FAST_POLL)).await;
     let envoy = envoy_for(Flavor::OriginalDst, picker.grpc, &sim).await;
-    until_routing(&envoy).await;
+    envoy::until_routing(&envoy).await;
     let url = envoy.url("/v1/completions");
     let mut seen = std::collections::BTreeMap::new();
     for _ in 0..40 {
@@ -130,7 +116,7 @@ async fn a_client_sent_destination_header_is_ignored() {
     // The fleet file knows servers 0 and 1; the client asks for server 2.
     let picker = Picker::start(&fleet_yaml(&sim.entries[..2], FAST_POLL)).await;
     let envoy = envoy_for(Flavor::OriginalDst, picker.grpc, &sim).await;
-    until_routing(&envoy).await;
+    envoy::until_routing(&envoy).await;
     let c = client();
     let url = envoy.url("/v1/completions");
     let forged = sim.entries[2].address.clone();
@@ -151,7 +137,7 @@ async fn a_stopped_endpoint_leaves_within_a_second() {
     let sim = Sim::start(&["--servers", "3", "--time-scale", "10"]).await;
     let picker = Picker::start(&fleet_yaml(&sim.entries, FAST_POLL)).await;
     let envoy = envoy_for(Flavor::OriginalDst, picker.grpc, &sim).await;
-    until_routing(&envoy).await;
+    envoy::until_routing(&envoy).await;
     let c = client();
     let url = envoy.url("/v1/completions");
     c.post(sim.admin_url("/servers/local-1/stop"))
@@ -212,7 +198,7 @@ async fn fallback_config_keeps_serving_while_fleetpick_is_down() {
     let sim = Sim::start(&["--servers", "2", "--time-scale", "10"]).await;
     let mut picker = Picker::start(&fleet_yaml(&sim.entries, FAST_POLL)).await;
     let envoy = envoy_for(Flavor::Fallback, picker.grpc, &sim).await;
-    until_routing(&envoy).await;
+    envoy::until_routing(&envoy).await;
     let c = client();
     let url = envoy.url("/v1/completions");
     picker.kill();
@@ -266,7 +252,7 @@ async fn in_flight_lasts_as_long_as_the_response_through_envoy() {
     let running = fleetpick::serve::InProcess::start(cfg).unwrap();
     let (picker, fleet) = (running.addr, running.fleet.clone());
     let envoy = envoy_for(Flavor::OriginalDst, picker, &sim).await;
-    until_routing(&envoy).await;
+    envoy::until_routing(&envoy).await;
     let in_flight = || fleet.endpoints[0].in_flight.load(Ordering::Relaxed);
     wait_for(
         "the first request released",
@@ -339,7 +325,7 @@ async fn large_bodies_arrive_intact_in_both_body_modes() {
             localities: Vec::new(),
         };
         let envoy = envoy::start(&render(Flavor::OriginalDst, &params)).await;
-        until_routing(&envoy).await;
+        envoy::until_routing(&envoy).await;
         // 200,000 bytes of prompt: 50,000 tokens at the simulator's 4 bytes a token, so the
         // usage it reports proves every byte arrived.
         let prompt = fleetpick::loadgen::filler_text(11, 200_000);

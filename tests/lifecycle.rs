@@ -46,12 +46,8 @@ async fn sigterm_during_traffic_finishes_open_requests_and_exits_0() {
             .unwrap()
     };
     assert!(probe(&readyz).status.success());
+    envoy::until_routing(&envoy).await;
     let url = envoy.url("/v1/completions");
-    wait_for("a first routed request", Duration::from_secs(30), || {
-        let url = url.clone();
-        async move { (common::complete(&client(), &url, &[]).await.0 == 200).then_some(()) }
-    })
-    .await;
     // A long streamed completion, under way when the signal comes.
     let mut resp = client()
         .post(&url)
@@ -125,12 +121,8 @@ async fn every_documented_metric_appears_after_traffic() {
     .await;
     let envoy =
         envoy::in_front_of(Flavor::OriginalDst, BodyMode::FullDuplex, picker.grpc, &sim).await;
+    envoy::until_routing(&envoy).await;
     let url = envoy.url("/v1/completions");
-    wait_for("a first routed request", Duration::from_secs(30), || {
-        let url = url.clone();
-        async move { (common::complete(&client(), &url, &[]).await.0 == 200).then_some(()) }
-    })
-    .await;
     for _ in 0..5 {
         let r = client()
             .post(&url)

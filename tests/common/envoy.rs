@@ -42,3 +42,17 @@ pub async fn in_front_of(
     };
     start(&fleetpick::envoy::render(flavor, &params)).await
 }
+
+/// Waits until a completion through `envoy` succeeds (fleetpick has scraped and Envoy routes).
+pub async fn until_routing(envoy: &Envoy) {
+    let url = envoy.url("/v1/completions");
+    super::wait_for(
+        "a first request routed through Envoy",
+        std::time::Duration::from_secs(30),
+        || {
+            let url = url.clone();
+            async move { (super::complete(&super::client(), &url, &[]).await.0 == 200).then_some(()) }
+        },
+    )
+    .await;
+}
