@@ -11,20 +11,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::envoy::{self, Envoy};
-use common::{MODEL, Picker, Sim, TempDir, client, fleet_yaml, metric, metrics_page, wait_for};
+use common::{MODEL, Picker, Sim, client, fleet_yaml, metric, metrics_page, wait_for};
 use fleetpick::envoy::{BodyMode, Flavor};
 use serde_json::{Value, json};
 
 const POLL: &str = "poller: {interval_ms: 50, stale_after_ms: 2000, backoff_max_ms: 200}\n";
 
 /// A simulator with `servers` servers and the engine defaults `defaults` (YAML flow map).
-async fn sim(servers: usize, defaults: &str) -> (Sim, TempDir) {
-    let dir = TempDir::new("sim-cfg");
-    let cfg = dir.0.join("sim.yaml");
-    std::fs::write(&cfg, format!("defaults: {defaults}\n")).unwrap();
+async fn sim(servers: usize, defaults: &str) -> Sim {
     let n = servers.to_string();
-    let sim = Sim::start(&["--servers", &n, "--config", cfg.to_str().unwrap()]).await;
-    (sim, dir)
+    Sim::start_with_config(&["--servers", &n], &format!("defaults: {defaults}\n")).await
 }
 
 /// fleetpick on a fleet file for `sim` whose pool gets the fields `pool_fields` (YAML lines at
@@ -75,7 +71,7 @@ async fn post(envoy: &Envoy, path: &str, body: &Value, headers: &[(&str, &str)])
 
 #[tokio::test]
 async fn requests_sharing_a_long_prefix_land_together_and_hit_the_servers_cache() {
-    let (sim, _d) = sim(4, "{}").await;
+    let sim = sim(4, "{}").await;
     let (_picker, envoy) = picker_and_envoy(&sim, "", "", BodyMode::FullDuplex).await;
     let mut holders = Vec::new();
     for group in ["alpha", "beta"] {
@@ -132,7 +128,7 @@ async fn requests_sharing_a_long_prefix_land_together_and_hit_the_servers_cache(
 
 #[tokio::test]
 async fn a_rewritten_model_reaches_the_server_as_its_target_and_the_client_sees_its_own() {
-    let (sim, _d) = sim(2, "{lora_adapters: [ad-1]}").await;
+    let sim = sim(2, "{lora_adapters: [ad-1]}").await;
     let rewrite = format!(
         "rewrites:\n  - model: assistant\n    targets: [{{model: \"{MODEL}\", weight: 1}}, {{model: ad-1, weight: 1}}]\n"
     );
@@ -205,7 +201,7 @@ async fn a_rewritten_model_reaches_the_server_as_its_target_and_the_client_sees_
 
 #[tokio::test]
 async fn lora_requests_go_where_their_adapter_runs_and_not_where_slots_are_full() {
-    let (sim, _d) = sim(4, "{lora_adapters: [ad-1, ad-2], max_lora: 1}").await;
+    let sim = sim(4, "{lora_adapters: [ad-1, ad-2], max_lora: 1}").await;
     // Server 2 runs ad-1 for long requests sent to it directly: its one adapter slot is taken.
     let mut background = Vec::new();
     for _ in 0..2 {
@@ -275,7 +271,7 @@ async fn lora_requests_go_where_their_adapter_runs_and_not_where_slots_are_full(
 
 #[tokio::test]
 async fn a_session_stays_on_one_endpoint_by_cookie_or_header() {
-    let (sim, _d) = sim(4, "{}").await;
+    let sim = sim(4, "{}").await;
     let body = json!({"model": MODEL, "prompt": "hi", "max_tokens": 2});
     // Cookie: fleetpick sets one on the first response; the requests that carry it follow.
     let (_picker, envoy) = picker_and_envoy(

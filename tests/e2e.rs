@@ -25,10 +25,7 @@ async fn envoy_for(flavor: Flavor, picker: SocketAddr, sim: &Sim) -> Envoy {
 
 #[tokio::test]
 async fn requests_land_on_the_least_loaded_endpoint() {
-    let dir = common::TempDir::new("cfg");
-    let cfg = dir.0.join("sim.yaml");
-    std::fs::write(&cfg, "defaults:\n  max_num_seqs: 2\n").unwrap();
-    let sim = Sim::start(&["--servers", "3", "--config", cfg.to_str().unwrap()]).await;
+    let sim = Sim::start_with_config(&["--servers", "3"], "defaults:\n  max_num_seqs: 2\n").await;
     // Servers 0 and 1 get long requests straight from a client: two run, four wait, each.
     let mut background = Vec::new();
     for i in 0..2 {
@@ -298,21 +295,10 @@ async fn in_flight_lasts_as_long_as_the_response_through_envoy() {
 
 #[tokio::test]
 async fn large_bodies_arrive_intact_in_both_body_modes() {
-    let dir = common::TempDir::new("cfg");
-    let cfg = dir.0.join("sim.yaml");
-    std::fs::write(
-        &cfg,
+    let sim = Sim::start_with_config(
+        &["--servers", "2", "--time-scale", "200"],
         "defaults:\n  num_blocks: 8192\n  max_model_len: 65536\n",
     )
-    .unwrap();
-    let sim = Sim::start(&[
-        "--servers",
-        "2",
-        "--time-scale",
-        "200",
-        "--config",
-        cfg.to_str().unwrap(),
-    ])
     .await;
     let picker = Picker::start(&fleet_yaml(&sim.entries, FAST_POLL)).await;
     for mode in [BodyMode::FullDuplex, BodyMode::Buffered] {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::envoy::{self, Envoy};
-use common::{MODEL, Picker, Sim, TempDir, client, fleet_yaml, wait_for};
+use common::{MODEL, Picker, Sim, client, fleet_yaml, wait_for};
 use fleetpick::envoy::{BodyMode, Flavor};
 use serde_json::json;
 
@@ -18,18 +18,11 @@ const POLL: &str = "poller: {interval_ms: 20, stale_after_ms: 2000, backoff_max_
 
 /// One simulated server that runs two sequences at once, fleetpick with `extra` (YAML), and
 /// Envoy in front.
-async fn overloadable(extra: &str) -> (Sim, TempDir, Picker, Envoy) {
-    let dir = TempDir::new("sim-cfg");
-    let cfg = dir.0.join("sim.yaml");
-    std::fs::write(&cfg, "defaults: {max_num_seqs: 2}\n").unwrap();
-    let sim = Sim::start(&[
-        "--servers",
-        "1",
-        "--time-scale",
-        "10",
-        "--config",
-        cfg.to_str().unwrap(),
-    ])
+async fn overloadable(extra: &str) -> (Sim, Picker, Envoy) {
+    let sim = Sim::start_with_config(
+        &["--servers", "1", "--time-scale", "10"],
+        "defaults: {max_num_seqs: 2}\n",
+    )
     .await;
     let picker = Picker::start(&fleet_yaml(
         &sim.entries,
@@ -39,7 +32,7 @@ async fn overloadable(extra: &str) -> (Sim, TempDir, Picker, Envoy) {
     let envoy =
         envoy::in_front_of(Flavor::OriginalDst, BodyMode::FullDuplex, picker.grpc, &sim).await;
     envoy::until_routing(&envoy).await;
-    (sim, dir, picker, envoy)
+    (sim, picker, envoy)
 }
 
 /// What one closed-loop client saw.
@@ -95,7 +88,7 @@ async fn closed_loop(
 
 #[tokio::test]
 async fn two_flows_of_equal_priority_share_a_saturated_pool_equally() {
-    let (_sim, _d, _picker, envoy) = overloadable("flow_control: {enabled: true}\n").await;
+    let (_sim, _picker, envoy) = overloadable("flow_control: {enabled: true}\n").await;
     let url = envoy.url("/v1/completions");
     let done = Arc::new(AtomicUsize::new(0));
     let (heavy, light) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -129,7 +122,7 @@ async fn two_flows_of_equal_priority_share_a_saturated_pool_equally() {
 
 #[tokio::test]
 async fn sheddable_traffic_is_shed_and_priority_traffic_is_served_at_overload() {
-    let (_sim, _d, picker, envoy) = overloadable(
+    let (_sim, picker, envoy) = overloadable(
         "objectives:\n  - {name: batch, pool: pool, priority: -1}\n  - {name: chat, pool: pool, priority: 10}\nflow_control: {enabled: true}\n",
     )
     .await;
@@ -194,7 +187,7 @@ async fn sheddable_traffic_is_shed_and_priority_traffic_is_served_at_overload() 
 
 #[tokio::test]
 async fn a_client_that_gives_up_while_queued_takes_no_slot() {
-    let (sim, _d, picker, envoy) = overloadable("flow_control: {enabled: true}\n").await;
+    let (sim, picker, envoy) = overloadable("flow_control: {enabled: true}\n").await;
     // Fill the server (two running, then the queue) with long requests straight to it.
     let mut background = Vec::new();
     for _ in 0..3 {
@@ -324,7 +317,7 @@ async fn priority_0_requests_find_the_queues_they_find_unloaded_while_sheddable_
     // Time to first token follows the queue a request finds at the server (each request
     // ahead is a turn of prefill and decode before its own): the server reports it, so this
     // test reads queues, not clocks (speed itself is measured by the objectives benchmark).
-    let (sim, _d, picker, envoy) = overloadable(
+    let (sim, picker, envoy) = overloadable(
         "objectives:\n  - {name: batch, pool: pool, priority: -1}\n  - {name: standard, pool: pool, priority: 0}\n",
     )
     .await;

@@ -29,7 +29,7 @@ fn fleet(sim: &Sim, extra: &str) -> String {
 }
 
 async fn two_clusters(servers: &str, time_scale: &str, sim_config: Option<&str>) -> Sim {
-    let mut args = vec![
+    let args = vec![
         "--servers",
         servers,
         "--clusters",
@@ -37,13 +37,10 @@ async fn two_clusters(servers: &str, time_scale: &str, sim_config: Option<&str>)
         "--time-scale",
         time_scale,
     ];
-    let dir = common::TempDir::new("simcfg");
-    let path = dir.0.join("sim.yaml");
-    if let Some(text) = sim_config {
-        std::fs::write(&path, text).unwrap();
-        args.extend(["--config", path.to_str().unwrap()]);
+    match sim_config {
+        Some(text) => Sim::start_with_config(&args, text).await,
+        None => Sim::start(&args).await,
     }
-    Sim::start(&args).await
 }
 
 async fn envoy_for(flavor: Flavor, picker: &Picker, sim: &Sim) -> Envoy {

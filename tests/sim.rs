@@ -303,17 +303,10 @@ async fn repeated_prefix_hits_the_cache() {
 #[tokio::test]
 async fn kv_usage_and_queue_follow_load() {
     // Two sequences at most per batch, so a third request must wait.
-    let dir = common::TempDir::new("cfg");
-    let cfg = dir.0.join("sim.yaml");
-    std::fs::write(&cfg, "defaults:\n  max_num_seqs: 2\n").unwrap();
-    let sim = Sim::start(&[
-        "--servers",
-        "1",
-        "--time-scale",
-        "10",
-        "--config",
-        cfg.to_str().unwrap(),
-    ])
+    let sim = Sim::start_with_config(
+        &["--servers", "1", "--time-scale", "10"],
+        "defaults:\n  max_num_seqs: 2\n",
+    )
     .await;
     let url = sim.url(0, "/v1/completions");
     let mut streams = Vec::new();
@@ -570,21 +563,10 @@ async fn client_that_goes_away_frees_its_slot() {
 
 #[tokio::test]
 async fn sglang_names_and_heterogeneous_config() {
-    let dir = common::TempDir::new("cfg");
-    let cfg = dir.0.join("sim.yaml");
-    std::fs::write(
-        &cfg,
+    let sim = Sim::start_with_config(
+        &["--servers", "2", "--clusters", "small,big"],
         "clusters:\n  big:\n    engine: {num_blocks: 8192}\nservers:\n  small-0: {num_blocks: 512, max_model_len: 4096, lora_adapters: [sql-lora]}\n",
     )
-    .unwrap();
-    let sim = Sim::start(&[
-        "--servers",
-        "2",
-        "--clusters",
-        "small,big",
-        "--config",
-        cfg.to_str().unwrap(),
-    ])
     .await;
     let small = metrics_page(&sim.url(0, "/metrics")).await;
     assert!(small.contains("num_gpu_blocks=\"512\""));

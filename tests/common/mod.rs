@@ -68,11 +68,26 @@ where
 impl Sim {
     /// Starts the simulator with `args` (plus a ready file) and waits until every server listens.
     pub async fn start(args: &[&str]) -> Sim {
+        Sim::launch(args, None).await
+    }
+
+    /// [`Sim::start`] with a simulator config file of text `config` (kept in the Sim's own
+    /// directory, removed with it).
+    pub async fn start_with_config(args: &[&str], config: &str) -> Sim {
+        Sim::launch(args, Some(config)).await
+    }
+
+    async fn launch(args: &[&str], config: Option<&str>) -> Sim {
         let dir = TempDir::new("sim");
         let ready = dir.0.join("ready.json");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fleetpick"))
-            .arg("sim")
-            .args(args)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fleetpick"));
+        command.arg("sim").args(args);
+        if let Some(text) = config {
+            let path = dir.0.join("sim.yaml");
+            std::fs::write(&path, text).unwrap();
+            command.arg("--config").arg(path);
+        }
+        let mut child = command
             .arg("--ready-file")
             .arg(&ready)
             .stdout(Stdio::null())
