@@ -166,17 +166,21 @@ impl Harness {
     }
 }
 
+/// One header, as Envoy sends it (raw bytes).
+fn hv(key: &str, value: &str) -> HeaderValue {
+    HeaderValue {
+        key: key.to_string(),
+        raw_value: value.as_bytes().to_vec(),
+        ..HeaderValue::default()
+    }
+}
+
 fn headers(
     path: &str,
     end_of_stream: bool,
     mode: BodySendMode,
     subset: Option<Vec<&str>>,
 ) -> ProcessingRequest {
-    let hv = |k: &str, v: &str| HeaderValue {
-        key: k.to_string(),
-        raw_value: v.as_bytes().to_vec(),
-        ..HeaderValue::default()
-    };
     let metadata_context = subset.map(|addrs| {
         let list = ListValue {
             values: addrs
@@ -562,11 +566,7 @@ async fn streams_that_end_early_leak_nothing() {
     let (tx, mut rx) = open.pop().unwrap();
     let mut resp = headers("/", false, BodySendMode::FullDuplexStreamed, None);
     if let Some(Req::RequestHeaders(hh)) = &mut resp.request {
-        hh.headers.as_mut().unwrap().headers = vec![HeaderValue {
-            key: ":status".into(),
-            raw_value: b"200".to_vec(),
-            ..HeaderValue::default()
-        }];
+        hh.headers.as_mut().unwrap().headers = vec![hv(":status", "200")];
         resp.request = Some(Req::ResponseHeaders(hh.clone()));
     }
     tx.send(resp).await.unwrap();
@@ -752,11 +752,7 @@ async fn in_flight_moves_to_the_endpoint_a_retry_served() {
     let msg = ProcessingRequest {
         request: Some(Req::ResponseHeaders(HttpHeaders {
             headers: Some(HeaderMap {
-                headers: vec![HeaderValue {
-                    key: ":status".into(),
-                    raw_value: b"200".to_vec(),
-                    ..HeaderValue::default()
-                }],
+                headers: vec![hv(":status", "200")],
             }),
             ..HttpHeaders::default()
         })),
@@ -781,11 +777,6 @@ async fn in_flight_moves_to_the_endpoint_a_retry_served() {
 }
 
 fn response_headers(content_type: &str) -> ProcessingRequest {
-    let hv = |k: &str, v: &str| HeaderValue {
-        key: k.to_string(),
-        raw_value: v.as_bytes().to_vec(),
-        ..HeaderValue::default()
-    };
     ProcessingRequest {
         request: Some(Req::ResponseHeaders(HttpHeaders {
             headers: Some(HeaderMap {
@@ -908,11 +899,7 @@ fn with_headers(mut req: ProcessingRequest, extra: &[(&str, &str)]) -> Processin
         && let Some(map) = h.headers.as_mut()
     {
         for (k, v) in extra {
-            map.headers.push(HeaderValue {
-                key: k.to_string(),
-                raw_value: v.as_bytes().to_vec(),
-                ..HeaderValue::default()
-            });
+            map.headers.push(hv(k, v));
         }
     }
     req
