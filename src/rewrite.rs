@@ -62,6 +62,15 @@ impl Rewrites {
     pub fn is_empty(&self) -> bool {
         self.by_model.is_empty()
     }
+
+    /// Every (client-facing name, target) a request may be served as.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.by_model.iter().flat_map(|(model, t)| {
+            t.cumulative
+                .iter()
+                .map(move |(target, _)| (model.as_str(), target.as_str()))
+        })
+    }
 }
 
 /// Largest JSON response body held to restore the model name; a larger one passes unchanged

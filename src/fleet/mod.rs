@@ -592,6 +592,11 @@ impl Fleet {
             .copied()
     }
 
+    /// Every model name served (base models and adapters of imported pools).
+    pub fn served_models(&self) -> impl Iterator<Item = &str> {
+        self.model_pool.keys().map(String::as_str)
+    }
+
     /// Whether `model` is one of its pool's LoRA adapters.
     pub fn is_adapter(&self, model: &str) -> bool {
         self.model_pool.get(model).is_some_and(|&(_, a)| a)

@@ -7,6 +7,7 @@
 //! Counters on the request path are made once at start for every (pool, cluster, label) and
 //! found by index, so counting a pick is one atomic add: no label strings built, no lock.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -187,6 +188,10 @@ struct GieMetrics {
     pool_queue: Family<NameLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pool_ready: Family<NameLabels, Gauge>,
     scheduler: Histogram,
+    /// The request and running series of every (model, target) a picked request can have,
+    /// made at start: counting a request is a map lookup by `&str` and atomic adds, no label
+    /// strings built on the request path.
+    by_model: HashMap<String, HashMap<String, (Counter, Gauge)>>,
 }
 
 fn seconds_histogram(start: f64) -> Histogram {
@@ -194,8 +199,8 @@ fn seconds_histogram(start: f64) -> Histogram {
 }
 
 impl GieMetrics {
-    fn register(root: &mut Registry) -> GieMetrics {
-        let g = GieMetrics {
+    fn register(root: &mut Registry, fleet: &Fleet) -> GieMetrics {
+        let mut g = GieMetrics {
             requests: Family::default(),
             errors: Family::default(),
             running: Family::default(),
@@ -204,6 +209,7 @@ impl GieMetrics {
             pool_ready: Family::default(),
             // 10 µs to about 0.3 s.
             scheduler: seconds_histogram(0.000_01),
+            by_model: HashMap::new(),
         };
         root.register(
             "inference_objective_request",
@@ -240,14 +246,49 @@ impl GieMetrics {
             "Time to pick an endpoint for one request",
             g.scheduler.clone(),
         );
+        let pairs: Vec<(&str, &str)> = fleet
+            .served_models()
+            .map(|m| (m, m))
+            .chain(fleet.rewrites.pairs())
+            .collect();
+        for (model, target) in pairs {
+            let labels = ModelLabels {
+                model_name: model.to_string(),
+                target_model_name: target.to_string(),
+            };
+            let handles = (
+                g.requests.get_or_create_owned(&labels),
+                g.running.get_or_create_owned(&labels),
+            );
+            g.by_model
+                .entry(model.to_string())
+                .or_default()
+                .insert(target.to_string(), handles);
+        }
         g
+    }
+
+    /// The series of a picked request: made at start (see `by_model`), or now for a pair
+    /// nobody foresaw.
+    fn handles(&self, model: &str, target: &str) -> (Counter, Gauge) {
+        if let Some(h) = self.by_model.get(model).and_then(|t| t.get(target)) {
+            return h.clone();
+        }
+        let labels = ModelLabels {
+            model_name: model.to_string(),
+            target_model_name: target.to_string(),
+        };
+        (
+            self.requests.get_or_create_owned(&labels),
+            self.running.get_or_create_owned(&labels),
+        )
     }
 }
 
 impl Metrics {
     pub fn new(fleet: &Fleet) -> Metrics {
         let mut root = Registry::default();
-        let gie = GieMetrics::register(&mut root);
+        let gie = GieMetrics::register(&mut root, fleet);
         let ttft = Family::<PoolLabels, Histogram>::new_with_constructor(
             ttft_histogram as fn() -> Histogram,
         );
@@ -472,24 +513,15 @@ impl Metrics {
 
     /// A request picked for: `model` as the client named it, `target` as it is served.
     pub fn request_started(&self, model: &str, target: &str, pick_time: std::time::Duration) {
-        let labels = ModelLabels {
-            model_name: model.to_string(),
-            target_model_name: target.to_string(),
-        };
-        self.gie.requests.get_or_create(&labels).inc();
-        self.gie.running.get_or_create(&labels).inc();
+        let (requests, running) = self.gie.handles(model, target);
+        requests.inc();
+        running.inc();
         self.gie.scheduler.observe(pick_time.as_secs_f64());
     }
 
     /// The end of a request counted by [`Metrics::request_started`].
     pub fn request_ended(&self, model: &str, target: &str) {
-        self.gie
-            .running
-            .get_or_create(&ModelLabels {
-                model_name: model.to_string(),
-                target_model_name: target.to_string(),
-            })
-            .dec();
+        self.gie.handles(model, target).1.dec();
     }
 
     /// A request that failed: refused by fleetpick (`code` its reason) or answered with an
