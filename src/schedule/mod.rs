@@ -349,10 +349,6 @@ struct Candidate {
     in_tier: bool,
     /// Leading prompt blocks this endpoint holds, by the prefix index.
     matched: u32,
-    /// The `lora` scorer's value (0 for requests that name no adapter).
-    lora: f64,
-    /// The request's session is bound here.
-    bound: bool,
     score: f64,
 }
 
@@ -480,8 +476,6 @@ pub fn pick(
             dry: view.dry.map(|d| d.classify(&load, in_flight, awaiting)),
             in_tier: false,
             matched: 0,
-            lora: adapter.map_or(0.0, |a| lora_score(ep.lora.load().as_deref(), a)),
-            bound: req.session == Some(index),
             score: 0.0,
         };
         if !cluster.health().serves() {
@@ -540,7 +534,14 @@ pub fn pick(
             c.matched = m;
         }
     }
-    score(&mut cands, weights, req.prefix.len());
+    // The `lora` scorer reads the endpoint's adapters only for requests naming one; the
+    // candidate record stays as small as the scoring passes need.
+    let lora_of = |index: usize| {
+        adapter.map_or(0.0, |a| {
+            lora_score(fleet.endpoints[index].lora.load().as_deref(), a)
+        })
+    };
+    score(&mut cands, weights, req.prefix.len(), req.session, lora_of);
     // Selects rather than filters, so that these passes do not branch on each candidate.
     let in_tier_score = |c: &Candidate| {
         if c.in_tier {
@@ -677,7 +678,15 @@ const PREFIX_FULL_BLOCKS: f64 = 64.0;
 /// holder of the prefix.
 const PREFIX_GUARD_QUEUE: u32 = 3;
 
-fn score(cands: &mut [Candidate], w: &Weights, prompt_blocks: usize) {
+/// Scores every candidate. `session`: the endpoint the request's session is bound to;
+/// `lora_of`: the `lora` scorer's value of an endpoint.
+fn score(
+    cands: &mut [Candidate],
+    w: &Weights,
+    prompt_blocks: usize,
+    session: Option<usize>,
+    lora_of: impl Fn(usize) -> f64,
+) {
     let queue = Scale::of(cands.iter().map(|c| c.waiting));
     let flight = Scale::of(cands.iter().map(|c| c.in_flight));
     let prefill = Scale::of(cands.iter().map(|c| c.awaiting));
@@ -708,11 +717,11 @@ fn score(cands: &mut [Candidate], w: &Weights, prompt_blocks: usize) {
             + w.prefill * prefill.at(c.awaiting)
             + w.rtt * c.rtt_score
             + w.prefix * prefix
-            + w.lora * c.lora)
+            + w.lora * lora_of(c.index))
             * inv_total;
         // Validated weights keep this finite; if it is not, rank the endpoint last rather than
         // let a NaN break the comparison.
-        c.score = if c.bound && !guarded {
+        c.score = if session == Some(c.index) && !guarded {
             SESSION_SCORE
         } else if score.is_finite() {
             score
