@@ -147,6 +147,8 @@ pub struct FlowQueue {
     pub joined: tokio::sync::Notify,
     /// Released requests whose tickets are not dropped yet (they are being picked).
     in_transit: AtomicU32,
+    /// Replaced by a reload: requests are released as they come (no dispatcher runs for it).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// A place in the queue. Await [`Ticket::wait`]; dropping the ticket leaves the queue.
@@ -217,7 +219,21 @@ impl FlowQueue {
             state: Mutex::new(State::default()),
             joined: tokio::sync::Notify::new(),
             in_transit: AtomicU32::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The queue's bounds.
+    pub fn limits(&self) -> QueueLimits {
+        self.limits
+    }
+
+    /// Retires the queue (a reload replaced it, or switched flow control off): every request
+    /// waiting, and any that a stream still on the old fleet queues later, is released to be
+    /// picked now rather than failed, since no dispatcher runs for it any more.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        while self.release_next() {}
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -263,6 +279,9 @@ impl FlowQueue {
             id
         };
         self.joined.notify_one();
+        if self.closed.load(Ordering::Acquire) {
+            self.close();
+        }
         Ok(Ticket {
             queue: self.clone(),
             priority,

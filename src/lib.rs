@@ -11,7 +11,9 @@
 //!   (scorers): which endpoint serves a request.
 //! - [`extproc`]: the Envoy `ExternalProcessor` service (the Endpoint Picker Protocol).
 //! - [`flow`]: flow control's queues (priority bands, fair flows, bounds, time to live).
-//! - [`serve`]: `fleetpick serve`, wiring the above with gRPC health.
+//! - [`serve`]: `fleetpick serve`, wiring the above with gRPC health, and the fleet file's
+//!   reload.
+//! - [`tls`]: TLS and mutual TLS on the ext_proc listener, certificates re-read on change.
 //! - [`telemetry`]: fleetpick's own Prometheus metrics (picks, dry-run verdicts, refusals,
 //!   cluster health, in-flight counts).
 //! - [`envoy`]: the Envoy configurations fleetpick ships and tests with.
@@ -48,3 +50,4 @@ pub mod serve;
 pub mod session;
 pub mod sim;
 pub mod telemetry;
+pub mod tls;

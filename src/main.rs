@@ -263,10 +263,9 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = FleetConfig::load(&args.config)?;
-    let loaded = cfg.file.clone();
-    if let Some(region) = args.region {
-        cfg.check_region(&region)?;
-        cfg.file.picker.region = Some(region);
+    if let Some(region) = &args.region {
+        cfg.check_region(region)?;
+        cfg.file.picker.region = Some(region.clone());
     }
     let addr = fleetpick::serve::listen_addr(&cfg, args.listen);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -296,12 +295,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     }
+    let tls = match &cfg.file.server.tls {
+        Some(t) => {
+            let base = args.config.parent().unwrap_or(std::path::Path::new(""));
+            let tls = fleetpick::tls::Tls::load(t, base)?;
+            tracing::info!(mutual = tls.mutual(), "ext_proc listener: TLS");
+            Some(std::sync::Arc::new(tls))
+        }
+        None => None,
+    };
     let io = fleetpick::serve::Io {
         grpc: listener,
+        tls,
         metrics,
         config_file: Some(fleetpick::serve::ConfigSource {
             path: args.config.clone(),
-            loaded,
+            region: args.region,
+            loaded: cfg.clone(),
         }),
     };
     fleetpick::serve::serve(cfg, io, shutdown_signal()).await?;

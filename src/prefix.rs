@@ -89,6 +89,42 @@ impl PrefixIndex {
         }
     }
 
+    /// The index for the next generation of the fleet, of `endpoints` endpoints: `moved[old]`
+    /// is the new index of old endpoint `old` (`None`: it left, and what it held is forgotten).
+    /// Picks recorded in this index while the copy is made may be missed: the index is an
+    /// approximation anyway, and a reload is rare.
+    pub fn carried(&self, moved: &[Option<usize>], endpoints: usize) -> PrefixIndex {
+        let next = PrefixIndex::new(endpoints);
+        next.clock
+            .store(self.clock.load(Ordering::Relaxed), Ordering::Relaxed);
+        for (old, new) in moved.iter().enumerate() {
+            let Some(new) = *new else { continue };
+            if let (Some(from), Some(to)) = (self.lrus.get(old), next.lrus.get(new)) {
+                let from = from.lock().unwrap_or_else(|p| p.into_inner());
+                let mut to = to.lock().unwrap_or_else(|p| p.into_inner());
+                to.queue.clone_from(&from.queue);
+                to.live = from.live;
+            }
+            if let (Some(from), Some(to)) = (self.capacity.get(old), next.capacity.get(new)) {
+                to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+        for entry in &self.holders {
+            let holders: Vec<(u32, u64)> = entry
+                .value()
+                .iter()
+                .filter_map(|&(e, stamp)| {
+                    let new = moved.get(e as usize).copied().flatten()?;
+                    Some((new as u32, stamp))
+                })
+                .collect();
+            if !holders.is_empty() {
+                next.holders.insert(*entry.key(), holders);
+            }
+        }
+        next
+    }
+
     /// Sizes `endpoint`'s memory from its reported cache: `num_blocks` of `block_size` tokens.
     pub fn set_capacity(&self, endpoint: usize, block_size: u32, num_blocks: u32) {
         let tokens = u64::from(block_size) * u64::from(num_blocks);
@@ -203,6 +239,23 @@ mod tests {
         let mut q = p.clone();
         q[2] = 7;
         assert_eq!(idx.matched(&q, &[0, 1]), vec![2, 2]);
+    }
+
+    #[test]
+    fn a_carried_index_follows_endpoints_to_their_new_places() {
+        let idx = PrefixIndex::new(3);
+        let p = prompt_hashes("m", None, &[b'x'; 320]);
+        idx.record(0, &p);
+        idx.record(2, &p[..2]);
+        idx.set_capacity(2, 16, 8);
+        // Endpoint 0 left; 2 is now 0; a new endpoint is 1.
+        let next = idx.carried(&[None, None, Some(0)], 2);
+        assert_eq!(next.matched(&p, &[0, 1]), vec![2, 0]);
+        assert_eq!(next.held(0), 2);
+        assert_eq!(next.capacity[0].load(Ordering::Relaxed), 8);
+        // The moved endpoint's LRU still evicts what it held.
+        next.record(0, &prompt_hashes("m", None, &[b'y'; 64 * 8]));
+        assert_eq!(next.matched(&p, &[0]), vec![0]);
     }
 
     #[test]

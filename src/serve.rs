@@ -1,6 +1,13 @@
 //! `fleetpick serve`: puts the parts together. The fleet from the fleet file, one poller task per
 //! endpoint, the ext_proc service and gRPC health on one listener, until `shutdown` resolves.
 //!
+//! Reload: the fleet file is re-read every [`RELOAD_EVERY`] and on SIGHUP. A valid change
+//! becomes the fleet's next generation ([`Fleet::successor`]): new streams take it, open ones
+//! finish on the one they started with, and endpoints that stay keep their load and in-flight
+//! counts. Pollers and flow-control dispatchers are restarted for it. A file that does not
+//! validate, or that changes the `server` section (listeners, body mode, TLS: they need a
+//! restart), is refused with a logged reason and the last good fleet stays.
+//!
 //! Health: `grpc.health.v1` answers for `envoy.service.ext_proc.v3.ExternalProcessor` (and the
 //! empty service name): SERVING while at least one endpoint is eligible, NOT_SERVING otherwise,
 //! so that Envoy's active health check can fail open when the picker has nothing to offer.
@@ -19,7 +26,7 @@ use tonic_health::ServingStatus;
 use crate::collect::poller;
 use crate::config::{FleetConfig, FleetFile};
 use crate::extproc::{Picker, Settings};
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, FleetCell};
 use crate::telemetry::{self, Metrics};
 
 /// The gRPC service name Envoy's health check asks about.
@@ -42,7 +49,7 @@ pub async fn serve(
     io: Io,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let fleet = Arc::new(Fleet::new(&cfg));
+    let fleet = Arc::new(FleetCell::from_pointee(Fleet::new(&cfg)));
     run(fleet, &cfg, io, shutdown).await
 }
 
@@ -51,18 +58,50 @@ pub async fn serve(
 #[derive(Debug)]
 pub struct Io {
     pub grpc: TcpListener,
+    /// TLS on `grpc` (none: plaintext).
+    pub tls: Option<Arc<crate::tls::Tls>>,
     pub metrics: Option<TcpListener>,
-    /// The fleet file to re-read every [`RELOAD_EVERY`]: a change confined to the imports'
-    /// backend policies is applied at once; any other change is refused (it needs a restart).
+    /// The fleet file to re-read every [`RELOAD_EVERY`] and on SIGHUP.
     pub config_file: Option<ConfigSource>,
 }
 
-/// A fleet file and its contents as loaded (before command-line overrides): what a re-read is
-/// compared with.
+/// A fleet file, the command-line override re-applied to each re-read, and the configuration
+/// as loaded (overrides applied): what a re-read is compared with.
 #[derive(Debug)]
 pub struct ConfigSource {
     pub path: PathBuf,
-    pub loaded: FleetFile,
+    /// `--region`, which overrides the file's `picker.region`.
+    pub region: Option<String>,
+    pub loaded: FleetConfig,
+}
+
+impl ConfigSource {
+    /// Reads and validates the file, with the override applied.
+    fn read(&self) -> Result<FleetConfig, String> {
+        let mut cfg = FleetConfig::load(&self.path).map_err(|e| e.to_string())?;
+        if let Some(region) = &self.region {
+            cfg.check_region(region).map_err(|e| e.to_string())?;
+            cfg.file.picker.region = Some(region.clone());
+        }
+        Ok(cfg)
+    }
+}
+
+/// The tasks that serve one generation of the fleet: a poller per endpoint, the cluster-health
+/// watcher and the flow-control dispatchers. Dropping it stops them.
+#[derive(Debug)]
+struct Workers {
+    _pollers: tokio::task::JoinSet<()>,
+    _dispatchers: tokio::task::JoinSet<()>,
+}
+
+impl Workers {
+    fn start(fleet: &Arc<Fleet>) -> Result<Workers, reqwest::Error> {
+        Ok(Workers {
+            _pollers: poller::spawn(fleet)?,
+            _dispatchers: crate::flow::spawn_dispatchers(fleet),
+        })
+    }
 }
 
 /// How often the fleet file is re-read.
@@ -70,14 +109,13 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 /// Serves the picker for `fleet` (built from `cfg`), which the caller may keep watching.
 pub async fn run(
-    fleet: Arc<Fleet>,
+    fleet: Arc<FleetCell>,
     cfg: &FleetConfig,
     io: Io,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let _pollers = poller::spawn(&fleet)?;
-    let _dispatchers = crate::flow::spawn_dispatchers(&fleet);
-    let metrics = Arc::new(Metrics::new(&fleet));
+    let workers = Workers::start(&fleet.load_full())?;
+    let metrics = Arc::new(Metrics::new(&fleet.load()));
     // Set once shutdown begins: health says NOT_SERVING from then on, while open streams end.
     let draining = Arc::new(AtomicBool::new(false));
     // Stopped (aborted) when this function returns: a scrape has nothing to finish.
@@ -98,12 +136,13 @@ pub async fn run(
         let mut tick = tokio::time::interval(HEALTH_EVERY);
         loop {
             tick.tick().await;
-            let status =
-                if !health_draining.load(Ordering::Relaxed) && health_fleet.eligible_count() > 0 {
-                    ServingStatus::Serving
-                } else {
-                    ServingStatus::NotServing
-                };
+            let status = if !health_draining.load(Ordering::Relaxed)
+                && health_fleet.load().eligible_count() > 0
+            {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
             if last != Some(status) {
                 tracing::info!(?status, "ext_proc health");
                 reporter.set_service_status(EXT_PROC_SERVICE, status).await;
@@ -112,29 +151,24 @@ pub async fn run(
             }
         }
     });
-    let watcher = io.config_file.map(|source| {
-        AbortOnDrop(tokio::spawn(watch_config(
-            source,
-            fleet.clone(),
-            metrics.clone(),
-        )))
-    });
+    // The watcher owns the workers from here: a reload replaces them.
+    let (_workers, watcher) = match io.config_file {
+        Some(source) => {
+            let watch = watch_config(source, fleet.clone(), metrics.clone(), workers);
+            (None, Some(AbortOnDrop(tokio::spawn(watch))))
+        }
+        None => (Some(workers), None),
+    };
     let file = &cfg.file;
     let grace = Duration::from_millis(file.server.shutdown_grace_ms);
     let picker = Picker::new(
         fleet,
         Settings {
-            weights: file.scheduler.weights,
-            fallbacks: file.scheduler.fallbacks,
             max_body_bytes: file.server.max_body_bytes,
             body_mode: file.server.body_mode,
         },
         metrics,
     );
-    // Nodelay on the accepted sockets themselves (the builder's setting does not reach a
-    // listener we bound): with Nagle's algorithm, small ext_proc answers waited for delayed
-    // ACKs and requests stalled about 40 ms.
-    let incoming = TcpIncoming::from(io.grpc).with_nodelay(Some(true));
     // On the signal: NOT_SERVING at once (Envoy's health check stops sending new requests
     // here), no new connections, open streams go on until they end or the grace runs out.
     let signalled = Arc::new(tokio::sync::Notify::new());
@@ -156,10 +190,27 @@ pub async fn run(
             signalled.notify_one();
         }
     };
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(picker.into_service())
-        .serve_with_incoming_shutdown(incoming, stop);
+        .add_service(picker.into_service());
+    let (server, _tls_watch) = match io.tls {
+        Some(tls) => {
+            let watch = AbortOnDrop(tokio::spawn(tls.clone().watch()));
+            let incoming = tls.incoming(io.grpc);
+            let server: std::pin::Pin<Box<dyn Future<Output = _> + Send>> =
+                Box::pin(router.serve_with_incoming_shutdown(incoming, stop));
+            (server, Some(watch))
+        }
+        None => {
+            // Nodelay on the accepted sockets themselves (the builder's setting does not reach
+            // a listener we bound): with Nagle's algorithm, small ext_proc answers waited for
+            // delayed ACKs and requests stalled about 40 ms.
+            let incoming = TcpIncoming::from(io.grpc).with_nodelay(Some(true));
+            let server: std::pin::Pin<Box<dyn Future<Output = _> + Send>> =
+                Box::pin(router.serve_with_incoming_shutdown(incoming, stop));
+            (server, None)
+        }
+    };
     let result = tokio::select! {
         r = server => r,
         () = async {
@@ -175,72 +226,99 @@ pub async fn run(
     Ok(result?)
 }
 
-/// Re-reads the fleet file every [`RELOAD_EVERY`] and applies a change confined to the
-/// imports' backend policies. A file that does not parse, or changes anything else, is refused
-/// with a log line and changes nothing. Contents are compared, not bytes or times, so a change
-/// made between the first load and the first re-read is not missed.
-async fn watch_config(source: ConfigSource, fleet: Arc<Fleet>, metrics: Arc<Metrics>) {
-    let ConfigSource { path, mut loaded } = source;
-    let mut last_text: Option<Vec<u8>> = None;
+/// Re-reads the fleet file every [`RELOAD_EVERY`] and on SIGHUP, and applies a valid change as
+/// the fleet's next generation (see the module's docs). Contents are compared, not bytes or
+/// times, so a change made between the first load and the first re-read is not missed, and a
+/// change to a manifest the file names counts too. A refusal is logged and counted once per
+/// reason (again on SIGHUP), not every second.
+async fn watch_config(
+    source: ConfigSource,
+    fleet: Arc<FleetCell>,
+    metrics: Arc<Metrics>,
+    mut workers: Workers,
+) {
+    let mut hangups = hangup_signals();
     let mut tick = tokio::time::interval(RELOAD_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut loaded = source.loaded.clone();
+    let mut refused: Option<String> = None;
+    let file = source.path.display().to_string();
     loop {
-        tick.tick().await;
-        let Ok(text) = tokio::fs::read(&path).await else {
-            continue;
-        };
-        if last_text.as_deref() == Some(&text[..]) {
-            continue;
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(()) = next_hangup(&mut hangups) => {
+                tracing::info!(%file, "SIGHUP: re-reading the fleet file");
+                refused = None;
+            }
         }
-        last_text = Some(text.clone());
-        let parsed = std::str::from_utf8(&text)
-            .map_err(|e| format!("{}: not UTF-8: {e}", path.display()))
-            .and_then(|t| {
-                FleetConfig::parse(t, &path.display().to_string()).map_err(|e| e.to_string())
-            });
-        let cfg = match parsed {
-            Ok(cfg) if cfg.file == loaded => continue,
-            Ok(cfg) => cfg,
+        let next = source
+            .read()
+            .and_then(|cfg| restart_only_unchanged(&loaded.file, &cfg.file).map(|()| cfg));
+        let next = match next {
+            Ok(next) if next == loaded => {
+                refused = None;
+                continue;
+            }
+            Ok(next) => next,
             Err(why) => {
-                metrics.reloaded(false);
-                tracing::error!(file = %path.display(), %why, "fleet file not reloaded");
+                if refused.as_ref() != Some(&why) {
+                    metrics.reloaded(false);
+                    tracing::error!(%file, %why, "fleet file not reloaded; the last good one stays");
+                    refused = Some(why);
+                }
                 continue;
             }
         };
-        let applied = only_policies_changed(&loaded, &cfg.file)
-            .and_then(|()| fleet.reload_policies(&cfg))
-            .map_err(|why| format!("{why}: restart fleetpick to apply this file"));
-        metrics.reloaded(applied.is_ok());
-        match applied {
-            Ok(()) => {
-                loaded = cfg.file;
-                tracing::info!(file = %path.display(), "backend policies reloaded");
+        let current = fleet.load_full();
+        let successor = Arc::new(current.successor(&next));
+        let started = match Workers::start(&successor) {
+            Ok(w) => w,
+            Err(e) => {
+                metrics.reloaded(false);
+                tracing::error!(%file, error = %e, "fleet file not reloaded: cannot start its pollers");
+                continue;
             }
-            Err(why) => tracing::error!(file = %path.display(), %why, "fleet file not reloaded"),
+        };
+        metrics.adopt(&successor);
+        fleet.store(successor.clone());
+        current.retire(&successor);
+        // The old generation's pollers and dispatchers stop here.
+        drop(std::mem::replace(&mut workers, started));
+        metrics.reloaded(true);
+        tracing::info!(
+            %file,
+            generation = successor.generation,
+            endpoints = successor.endpoints.len(),
+            "fleet file reloaded"
+        );
+        loaded = next;
+        refused = None;
+    }
+}
+
+/// SIGHUP, where there is such a signal and a handler can be installed.
+fn hangup_signals() -> Option<tokio::signal::unix::Signal> {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler: the fleet file is re-read every second only");
+            None
         }
     }
 }
 
-/// Whether `new` differs from `old` only in the imports' policies (the pools imported stay).
-fn only_policies_changed(old: &FleetFile, new: &FleetFile) -> Result<(), String> {
-    // The pools imported (no `imports` section: every pool), in a stable order.
-    let pools = |f: &FleetFile| {
-        let mut names: Vec<String> = match &f.imports {
-            Some(i) => i.iter().map(|imp| imp.pool.clone()).collect(),
-            None => f.pools.iter().map(|p| p.name.clone()).collect(),
-        };
-        names.sort();
-        names
-    };
-    if pools(old) != pools(new) {
-        return Err("the pools imported changed".into());
+async fn next_hangup(signals: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signals {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
     }
-    let strip = |f: &FleetFile| FleetFile {
-        imports: None,
-        ..f.clone()
-    };
-    if strip(old) != strip(new) {
-        return Err("more than the backend policies changed".into());
+}
+
+/// Refuses a change to what only a restart can apply: the `server` section (the listeners are
+/// bound, the body mode is in Envoy's config too).
+fn restart_only_unchanged(old: &FleetFile, new: &FleetFile) -> Result<(), String> {
+    if old.server != new.server {
+        return Err("the server section changed: restart fleetpick to apply it".into());
     }
     Ok(())
 }
@@ -253,6 +331,7 @@ fn only_policies_changed(old: &FleetFile, new: &FleetFile) -> Result<(), String>
 pub struct InProcess {
     /// The ext_proc listener's address.
     pub addr: SocketAddr,
+    /// The fleet it serves (it does not watch a file: this stays its only generation).
     pub fleet: Arc<Fleet>,
     stop: tokio::sync::watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -278,19 +357,20 @@ impl InProcess {
             TcpListener::from_std(std_listener)?
         };
         let fleet = Arc::new(Fleet::new(&cfg));
+        let cell = Arc::new(FleetCell::new(fleet.clone()));
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let mut grace = stopped.clone();
-        let run_fleet = fleet.clone();
         let thread = std::thread::Builder::new()
             .name("fleetpick".into())
             .spawn(move || {
                 rt.block_on(async move {
                     let io = Io {
                         grpc: listener,
+                        tls: None,
                         metrics: None,
                         config_file: None,
                     };
-                    let served = run(run_fleet, &cfg, io, async move {
+                    let served = run(cell, &cfg, io, async move {
                         let _ = stopped.wait_for(|s| *s).await;
                     });
                     // A client that keeps its connection open must not hold the stop forever.
@@ -360,30 +440,17 @@ mod tests {
     }
 
     #[test]
-    fn only_a_policy_change_may_be_applied_while_running() {
+    fn the_server_section_needs_a_restart_and_the_rest_does_not() {
         let base = file("imports: [{pool: p}]\n");
         let drained = file("imports: [{pool: p, policy: {capacity_scaler: 0}}]\n");
-        assert!(only_policies_changed(&base, &drained).is_ok());
-        let weights = file("imports: [{pool: p}]\nscheduler: {weights: {queue: 5}}\n");
+        assert!(restart_only_unchanged(&base, &drained).is_ok());
+        let weights = file("scheduler: {weights: {queue: 5}}\nflow_control: {enabled: true}\n");
+        assert!(restart_only_unchanged(&base, &weights).is_ok());
+        let moved = file("server: {listen: 127.0.0.1:9100}\n");
         assert!(
-            only_policies_changed(&base, &weights)
+            restart_only_unchanged(&base, &moved)
                 .unwrap_err()
-                .contains("more than the backend policies")
-        );
-        // No imports section imports every pool: the same set.
-        assert!(only_policies_changed(&file(""), &drained).is_ok());
-        let two = |imports: &str| {
-            FleetConfig::parse(
-                &format!("clusters: [{{name: a}}]\npools: [{{name: p, models: [m], target_port: 80, endpoints: {{a: [10.0.0.1]}}}}, {{name: q, models: [n], target_port: 80, endpoints: {{a: [10.0.0.2]}}}}]\n{imports}"),
-                "t",
-            )
-            .unwrap()
-            .file
-        };
-        assert!(
-            only_policies_changed(&two(""), &two("imports: [{pool: p}]\n"))
-                .unwrap_err()
-                .contains("pools imported")
+                .contains("server section")
         );
     }
 }

@@ -50,6 +50,30 @@ impl Sessions {
         }
     }
 
+    /// The sessions of the next generation of the fleet, for `spec` (as reloaded): the bindings
+    /// to endpoints that stay, at their new indices (`moved[old]`); none when the key changed.
+    pub fn carried(&self, spec: &SessionAffinity, moved: &[Option<usize>]) -> Sessions {
+        let next = Sessions::new(spec);
+        if next.key != self.key {
+            return next;
+        }
+        let remap = |m: &HashMap<u64, u32>| -> HashMap<u64, u32> {
+            m.iter()
+                .filter_map(|(&h, &e)| {
+                    let new = moved.get(e as usize).copied().flatten()?;
+                    Some((h, u32::try_from(new).ok()?))
+                })
+                .collect()
+        };
+        {
+            let old = self.lock();
+            let mut g = next.lock();
+            g.current = remap(&old.current);
+            g.previous = remap(&old.previous);
+        }
+        next
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Generations> {
         // The maps hold no invariant a panic elsewhere could break: use them as they are.
         self.maps.lock().unwrap_or_else(|e| e.into_inner())
@@ -165,6 +189,26 @@ mod tests {
         }
         assert_eq!(s.get("s0"), None, "the idle session is forgotten");
         assert_eq!(s.get("s999"), Some(999 % 5));
+    }
+
+    #[test]
+    fn carried_sessions_follow_their_endpoints_or_are_forgotten() {
+        let s = sessions(100);
+        s.bind("stays", 2);
+        s.bind("left", 0);
+        let spec = SessionAffinity {
+            header: Some("x-session-id".into()),
+            cookie: None,
+            max_sessions: 100,
+        };
+        let next = s.carried(&spec, &[None, Some(5), Some(1)]);
+        assert_eq!(next.get("stays"), Some(1));
+        assert_eq!(next.get("left"), None);
+        let other = SessionAffinity {
+            header: Some("x-conversation".into()),
+            ..spec
+        };
+        assert!(s.carried(&other, &[None, Some(5), Some(1)]).is_empty());
     }
 
     #[test]

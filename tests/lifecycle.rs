@@ -171,3 +171,155 @@ async fn every_documented_metric_appears_after_traffic() {
         "{page}"
     );
 }
+
+/// What the clients saw: (status, the server that answered), in order.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(u16, Option<String>)>>>;
+
+/// One client sending completions back to back through `url` until `stop` (at most 3,000, at
+/// most 120 s), recording each (status, server).
+fn traffic(
+    url: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seen: Seen,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let c = client();
+        let began = std::time::Instant::now();
+        for _ in 0..3000 {
+            if stop.load(std::sync::atomic::Ordering::Relaxed)
+                || began.elapsed() > Duration::from_secs(120)
+            {
+                break;
+            }
+            let r = common::complete(&c, &url, &[]).await;
+            seen.lock().unwrap().push(r);
+        }
+    })
+}
+
+#[tokio::test]
+async fn reload_swaps_endpoints_and_refuses_a_bad_file_while_traffic_flows() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let sim = Sim::start(&["--servers", "3", "--time-scale", "20"]).await;
+    let (a, b, c) = (&sim.entries[0], &sim.entries[1], &sim.entries[2]);
+    let picker = Picker::start(&fleet_yaml(&[a.clone(), b.clone()], POLL)).await;
+    let envoy =
+        envoy::in_front_of(Flavor::OriginalDst, BodyMode::FullDuplex, picker.grpc, &sim).await;
+    envoy::until_routing(&envoy).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen: Seen = Arc::new(Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..4)
+        .map(|_| traffic(envoy.url("/v1/completions"), stop.clone(), seen.clone()))
+        .collect();
+    let served_by = |name: &str, from: usize| {
+        let seen = seen.lock().unwrap();
+        seen[from.min(seen.len())..]
+            .iter()
+            .filter(|(_, s)| s.as_deref() == Some(name))
+            .count()
+    };
+    wait_for(
+        "traffic on both first endpoints",
+        Duration::from_secs(30),
+        || async { (served_by(&a.name, 0) > 0 && served_by(&b.name, 0) > 0).then_some(()) },
+    )
+    .await;
+
+    // C joins and A leaves, in one valid change.
+    picker.rewrite_config(&fleet_yaml(&[b.clone(), c.clone()], POLL));
+    wait_for("the reload applied", Duration::from_secs(20), || async {
+        let page = picker.metrics_page().await;
+        (common::metric(&page, "fleetpick_config_reloads_total{result=\"applied\"}") == Some(1.0))
+            .then_some(())
+    })
+    .await;
+    let after_reload = seen.lock().unwrap().len();
+    wait_for(
+        "requests on the endpoint that joined",
+        Duration::from_secs(30),
+        || async { (served_by(&c.name, after_reload) >= 5).then_some(()) },
+    )
+    .await;
+
+    // A file that does not validate: refused, the last good fleet stays.
+    std::fs::write(
+        &picker.config,
+        "clusters: [{name: a}]\npools: [{name: p, models: [m]}]\n",
+    )
+    .unwrap();
+    let refused = |n: f64| {
+        let picker = &picker;
+        async move {
+            let page = picker.metrics_page().await;
+            (common::metric(&page, "fleetpick_config_reloads_total{result=\"refused\"}") == Some(n))
+                .then_some(())
+        }
+    };
+    wait_for("the bad file refused", Duration::from_secs(20), || {
+        refused(1.0)
+    })
+    .await;
+    // SIGHUP re-reads at once, and reports the refusal again.
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &picker.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    wait_for(
+        "the bad file refused again on SIGHUP",
+        Duration::from_secs(20),
+        || refused(2.0),
+    )
+    .await;
+    let after_refusal = seen.lock().unwrap().len();
+    wait_for(
+        "traffic after the refusal",
+        Duration::from_secs(30),
+        || async { (seen.lock().unwrap().len() >= after_refusal + 40).then_some(()) },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for t in clients {
+        t.await.unwrap();
+    }
+
+    let seen = seen.lock().unwrap().clone();
+    let failed: Vec<_> = seen.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        seen.len()
+    );
+    // After the reload had settled, nothing went to the endpoint that left; the bad file
+    // changed nothing.
+    let settled = after_reload + 20;
+    assert_eq!(served_by_in(&seen[settled..], &a.name), 0);
+    assert!(served_by_in(&seen[after_refusal..], &c.name) > 0);
+    assert!(served_by_in(&seen[after_refusal..], &b.name) > 0);
+    // No in-flight count lost or leaked: every endpoint of the fleet is back at 0, and the one
+    // that left is no longer reported.
+    let page = picker.metrics_page().await;
+    for e in [b, c] {
+        let series = format!(
+            "fleetpick_endpoint_in_flight{{pool=\"pool\",cluster=\"{}\",endpoint=\"{}\"}}",
+            e.cluster, e.address
+        );
+        assert_eq!(
+            common::metric(&page, &series),
+            Some(0.0),
+            "{series}\n{page}"
+        );
+    }
+    assert!(
+        !page.contains(&format!("endpoint=\"{}\"", a.address)),
+        "{page}"
+    );
+}
+
+fn served_by_in(seen: &[(u16, Option<String>)], name: &str) -> usize {
+    seen.iter()
+        .filter(|(_, s)| s.as_deref() == Some(name))
+        .count()
+}

@@ -7,6 +7,10 @@
 //!   max_body_bytes: 8388608   # larger request bodies get 413
 //!   metrics_listen: 127.0.0.1:9090   # fleetpick's own /metrics, /healthz, /readyz (default: none)
 //!   shutdown_grace_ms: 30000  # on SIGTERM: NOT_SERVING, open streams may finish this long
+//!   tls:                      # TLS on the ext_proc listener (default: plaintext); re-read on change
+//!     cert_file: tls/fleetpick.crt
+//!     key_file: tls/fleetpick.key
+//!     client_ca_file: tls/ca.crt   # mutual TLS: clients need a certificate from this CA
 //! picker:
 //!   region: us-east1          # the picker's region: clusters there are preferred
 //! clusters:
@@ -60,16 +64,18 @@
 //!   backoff_max_ms: 1000
 //! ```
 //!
-//! A running picker re-reads the file every second and applies changed backend policies
-//! (`imports[].policy`) at once; other changes need a restart (see
-//! [`Fleet::reload_policies`](crate::fleet::Fleet::reload_policies)).
+//! A running picker re-reads the file every second (and on SIGHUP) and applies a valid change
+//! at once, as the next generation of the fleet (see
+//! [`Fleet::successor`](crate::fleet::Fleet::successor)); the `server` and `flow_control`
+//! sections need a restart. A file that does not validate is refused and the last good one
+//! stays.
 //!
 //! Unknown fields are errors. Every error names the field (`pools[0].endpoints.us-west`) and,
 //! where it can be found, the line in the file.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -91,6 +97,22 @@ pub struct ServerSettings {
     pub metrics_listen: Option<SocketAddr>,
     /// On SIGTERM, how long open streams may go on before fleetpick exits anyway.
     pub shutdown_grace_ms: u64,
+    /// TLS (and with `client_ca_file`, mutual TLS) on the ext_proc listener; none: plaintext.
+    pub tls: Option<TlsSettings>,
+}
+
+/// The ext_proc listener's TLS files, PEM, relative to the fleet file's directory. They are
+/// re-read when they change (see [`crate::tls`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// The certificate chain the listener presents (leaf first).
+    pub cert_file: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// The CA bundle client certificates must chain to; set, a client without one is refused.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 impl Default for ServerSettings {
@@ -102,6 +124,7 @@ impl Default for ServerSettings {
             max_body_bytes: 8 * 1024 * 1024,
             metrics_listen: None,
             shutdown_grace_ms: 30_000,
+            tls: None,
         }
     }
 }
@@ -535,7 +558,7 @@ impl ClusterPolicy {
 }
 
 /// A validated fleet file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FleetConfig {
     pub file: FleetFile,
     /// The endpoints served: those of imported pools, in clusters that export them.

@@ -50,8 +50,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::config::{BodyMode, Weights};
-use crate::fleet::{Fleet, InFlight};
+use crate::config::BodyMode;
+use crate::fleet::{Fleet, FleetCell, InFlight};
 use crate::flow::{FlowQueue, Outcome, Ticket};
 use crate::openai::{Api, ApiError, InferenceRequest};
 use crate::rewrite::Restorer;
@@ -82,11 +82,9 @@ pub const MAX_PIECE: usize = 62_000;
 /// in-flight cap first (each lost race leaves that endpoint full, so the next pick avoids it).
 const PICK_ATTEMPTS: usize = 8;
 
-/// What the service needs besides the fleet.
+/// What the service needs besides the fleet: the `server` section, fixed for the process's life.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub weights: Weights,
-    pub fallbacks: usize,
     pub max_body_bytes: usize,
     pub body_mode: BodyMode,
 }
@@ -94,13 +92,14 @@ pub struct Settings {
 /// The ext_proc service.
 #[derive(Debug, Clone)]
 pub struct Picker {
-    fleet: Arc<Fleet>,
+    /// The current generation; each stream takes the one current at its start.
+    fleet: Arc<FleetCell>,
     settings: Arc<Settings>,
     metrics: Arc<Metrics>,
 }
 
 impl Picker {
-    pub fn new(fleet: Arc<Fleet>, settings: Settings, metrics: Arc<Metrics>) -> Picker {
+    pub fn new(fleet: Arc<FleetCell>, settings: Settings, metrics: Arc<Metrics>) -> Picker {
         Picker {
             fleet,
             settings: Arc::new(settings),
@@ -241,6 +240,9 @@ fn internal() -> Status {
 #[derive(Debug)]
 struct StreamState {
     picker: Picker,
+    /// The fleet's generation at the stream's start, used to its end: the indices a pick
+    /// leaves (pool, endpoint) mean the same thing throughout, however a reload goes.
+    fleet: Arc<Fleet>,
     mode: BodyMode,
     path: String,
     subset: Option<Vec<SocketAddr>>,
@@ -306,6 +308,7 @@ impl StreamState {
     fn new(picker: Picker) -> StreamState {
         StreamState {
             mode: picker.settings.body_mode,
+            fleet: picker.fleet.load_full(),
             picker,
             path: String::new(),
             subset: None,
@@ -337,7 +340,7 @@ impl StreamState {
             if let Some(first) = self.first_token_at
                 && self.events >= 2
             {
-                let pool = self.picker.fleet.pool_name(Some(guard.endpoint().pool));
+                let pool = self.fleet.pool_name(Some(guard.endpoint().pool));
                 self.picker
                     .metrics
                     .time_per_output_token(pool, first.elapsed() / (self.events - 1));
@@ -367,13 +370,7 @@ impl StreamState {
         if guard.endpoint().addr_text == served {
             return;
         }
-        if let Some(ep) = self
-            .picker
-            .fleet
-            .endpoints
-            .iter()
-            .find(|e| e.addr_text == served)
-        {
+        if let Some(ep) = self.fleet.endpoints.iter().find(|e| e.addr_text == served) {
             // The new guard is taken before the old one is dropped: one release each.
             self.in_flight = Some(InFlight::new(ep.clone()));
         }
@@ -490,7 +487,7 @@ impl StreamState {
                     && let Some(guard) = self.in_flight.as_mut()
                     && guard.first_token()
                 {
-                    let pool = self.picker.fleet.pool_name(Some(guard.endpoint().pool));
+                    let pool = self.fleet.pool_name(Some(guard.endpoint().pool));
                     self.picker
                         .metrics
                         .first_token(pool, self.picked_at.elapsed());
@@ -563,8 +560,7 @@ impl StreamState {
         hold: bool,
         sheddable: bool,
     ) -> Result<Option<(schedule::Pick, InFlight)>, PickError> {
-        let settings = &self.picker.settings;
-        let fleet = &self.picker.fleet;
+        let fleet = &self.fleet;
         let req = PickRequest {
             model,
             subset: self.subset.as_deref(),
@@ -574,8 +570,7 @@ impl StreamState {
             sheddable,
         };
         for _ in 0..PICK_ATTEMPTS {
-            let pick = match schedule::pick(fleet, &req, &settings.weights, settings.fallbacks, rng)
-            {
+            let pick = match schedule::pick(fleet, &req, &fleet.weights, fleet.fallbacks, rng) {
                 // In `in-flight` mode a full pool is at capacity rather than saturated: the
                 // same "no room now" to admission and flow control.
                 Err(PickError::AtCapacity) if hold => return Ok(None),
@@ -602,7 +597,7 @@ impl StreamState {
     fn answer(&mut self, body_end: bool) -> Vec<ProcessingResponse> {
         self.answered = true;
         let has_body = !self.body.is_empty() || body_end;
-        let fleet = self.picker.fleet.clone();
+        let fleet = self.fleet.clone();
         let mut rng = fastrand::Rng::new();
         let mut hashes = Vec::new();
         let model = match Api::from_path(&self.path) {
@@ -632,7 +627,7 @@ impl StreamState {
                     // cache is the one that holds the prefix.
                     if let Some(first) = req.prompts.first()
                         && fleet
-                            .weights_for(fleet.pool_for(&model), &self.picker.settings.weights)
+                            .weights_for(fleet.pool_for(&model), &fleet.weights)
                             .prefix
                             > 0.0
                     {
@@ -691,7 +686,7 @@ impl StreamState {
         released: bool,
         rng: &mut fastrand::Rng,
     ) -> Vec<ProcessingResponse> {
-        let fleet = self.picker.fleet.clone();
+        let fleet = self.fleet.clone();
         let (pool, priority) = (pending.pool, pending.priority);
         let pool_name = fleet.pool_name(pool);
         let waiting = pool
@@ -799,9 +794,13 @@ impl StreamState {
             destination.push_str(&endpoints[f].addr_text);
         }
         let primary = &endpoints[pick.primary];
-        self.picker
-            .metrics
-            .picked(primary.pool, primary.cluster, pick.tier, pick.dry_run);
+        self.picker.metrics.picked(
+            &fleet,
+            primary.pool,
+            primary.cluster,
+            pick.tier,
+            pick.dry_run,
+        );
         match &pick.explain {
             Some(why) => tracing::debug!(
                 model = model.as_deref().unwrap_or(""),
@@ -875,7 +874,7 @@ impl StreamState {
 
     /// Puts the request in `queue`; the stream's task waits for its release.
     fn enqueue(&mut self, queue: &Arc<FlowQueue>, pending: Pending) -> Vec<ProcessingResponse> {
-        let pool_name = self.picker.fleet.pool_name(pending.pool).to_string();
+        let pool_name = self.fleet.pool_name(pending.pool).to_string();
         match queue.enqueue(pending.priority, &pending.flow, self.body.len()) {
             Ok(ticket) => {
                 self.picker
@@ -898,7 +897,7 @@ impl StreamState {
 
     /// The client left while its request waited in the queue.
     fn cancelled(&mut self, queued: Queued) {
-        let pool_name = self.picker.fleet.pool_name(queued.pending.pool);
+        let pool_name = self.fleet.pool_name(queued.pending.pool);
         self.picker
             .metrics
             .flow(pool_name, queued.pending.priority, FlowOutcome::Cancelled);
@@ -907,7 +906,7 @@ impl StreamState {
     /// Goes on with a request the queue let go (or answers 503 if it waited too long).
     fn resume(&mut self, queued: Queued, outcome: Outcome) -> Vec<ProcessingResponse> {
         let Queued { ticket, pending } = queued;
-        let pool_name = self.picker.fleet.pool_name(pending.pool).to_string();
+        let pool_name = self.fleet.pool_name(pending.pool).to_string();
         let waited = ticket.enqueued.elapsed();
         match outcome {
             Outcome::Released => {

@@ -1,6 +1,6 @@
-//! The live model of the fleet: clusters, pools and endpoints (fixed when the fleet file is
-//! loaded), and each endpoint's load as last scraped plus the requests this picker has in flight
-//! there.
+//! The live model of the fleet: clusters, pools and endpoints (as the fleet file says; a reload
+//! makes the next generation, see [`Fleet::successor`]), and each endpoint's load as last
+//! scraped plus the requests this picker has in flight there.
 //!
 //! The request path never waits on the poller: each endpoint's scraped load is one 64-bit word
 //! (KV use, queue, batch) and one timestamp, replaced atomically by the poller, so a pick reads a
@@ -130,7 +130,8 @@ impl LoadCell {
 /// time a request spends in the engine.
 pub const RTT_QUANTUM_MS: f64 = 5.0;
 
-/// One model-server endpoint.
+/// One model-server endpoint, in one generation of the fleet (its indices are that
+/// generation's).
 #[derive(Debug)]
 pub struct Endpoint {
     /// Its position in [`Fleet::endpoints`].
@@ -142,6 +143,15 @@ pub struct Endpoint {
     pub pool: usize,
     pub engine: EngineKind,
     pub metrics_url: String,
+    /// What it carries from one generation of the fleet to the next (see [`Fleet::successor`]).
+    pub state: Arc<EndpointState>,
+}
+
+/// An endpoint's live state: shared by every generation of the fleet that has the endpoint (same
+/// address, same pool), so that a reload keeps its load and loses no in-flight count: a request
+/// picked before the reload releases the very counter the new generation reads.
+#[derive(Debug, Default)]
+pub struct EndpointState {
     pub load: LoadCell,
     /// Requests this picker sent here that have not ended.
     pub in_flight: AtomicU32,
@@ -153,9 +163,17 @@ pub struct Endpoint {
     pub lora: arc_swap::ArcSwapOption<LoraInfo>,
 }
 
-impl Endpoint {
-    /// Folds one scrape's round trip into the smoothed value (weight 1/8 for the new one, as
-    /// TCP's SRTT does): one slow scrape does not make a near cluster look far.
+/// An endpoint reads as its live state (`ep.load`, `ep.in_flight`): the state is what every
+/// reader of an endpoint wants, and it sits behind an `Arc` only so it can outlive a generation.
+impl std::ops::Deref for Endpoint {
+    type Target = EndpointState;
+
+    fn deref(&self) -> &EndpointState {
+        &self.state
+    }
+}
+
+impl EndpointState {
     /// Keeps the LoRA state of a scrape; replaced only when it changed, so steady state costs
     /// no allocation.
     pub fn store_lora(&self, lora: Option<&LoraInfo>) {
@@ -164,6 +182,8 @@ impl Endpoint {
         }
     }
 
+    /// Folds one scrape's round trip into the smoothed value (weight 1/8 for the new one, as
+    /// TCP's SRTT does): one slow scrape does not make a near cluster look far.
     pub fn observe_rtt(&self, rtt: std::time::Duration) {
         let us = u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX).max(1);
         let old = self.scrape_rtt_us.load(Ordering::Relaxed);
@@ -273,8 +293,7 @@ pub struct Objective {
     pub priority: i32,
 }
 
-/// The backend policy of every pool, per cluster: replaced whole when the fleet file is
-/// reloaded, read once per pick.
+/// The backend policy of every pool, per cluster.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policies {
     /// By pool index; `None` when the pool is not imported (it serves nothing then).
@@ -314,9 +333,13 @@ pub fn default_cluster_policy() -> ClusterPolicy {
     }
 }
 
-/// The fleet: topology from the fleet file, live load per endpoint.
+/// The fleet: topology from the fleet file, live load per endpoint. One value per generation:
+/// a reloaded fleet file makes the next one ([`Fleet::successor`]), and readers hold the
+/// generation they started with (a request keeps its indices consistent to its end).
 #[derive(Debug)]
 pub struct Fleet {
+    /// 0 for the fleet of the first load, one more for each reload applied.
+    pub generation: u64,
     pub clusters: Vec<Cluster>,
     pub pools: Vec<Pool>,
     pub endpoints: Vec<Arc<Endpoint>>,
@@ -335,23 +358,62 @@ pub struct Fleet {
     /// The picker's region, if it has one.
     pub region: Option<String>,
     pub cluster_recovery_ms: u64,
-    pub policies: arc_swap::ArcSwap<Policies>,
+    /// The scheduler's weights (a pool may have its own, see [`Fleet::weights_for`]).
+    pub weights: Weights,
+    /// Endpoints listed after the primary for Envoy's retries.
+    pub fallbacks: usize,
+    pub policies: Policies,
     /// Which endpoint holds which prompt prefix, as this picker's picks left them.
     pub prefix: crate::prefix::PrefixIndex,
 }
+
+/// The current generation of the fleet, replaced whole on reload.
+pub type FleetCell = arc_swap::ArcSwap<Fleet>;
 
 impl Fleet {
     /// The fleet of `cfg`, for a picker in the region the file names (none: every cluster is
     /// local).
     pub fn new(cfg: &FleetConfig) -> Fleet {
+        Fleet::build(cfg, None)
+    }
+
+    /// The fleet of a reloaded `cfg`, taking over what this generation learned and holds: each
+    /// endpoint that stays (same address, same pool) keeps its [`EndpointState`] (load,
+    /// in-flight counts), each cluster that stays (same name) its health, the prefix index and
+    /// header sessions their entries for the endpoints that stay, each pool that keeps flow
+    /// control its queue (with the requests waiting in it). The clock is the same, so load
+    /// timestamps stay comparable.
+    pub fn successor(&self, cfg: &FleetConfig) -> Fleet {
+        Fleet::build(cfg, Some(self))
+    }
+
+    fn build(cfg: &FleetConfig, prev: Option<&Fleet>) -> Fleet {
         let region = cfg.file.picker.region.clone();
         let file = &cfg.file;
+        // The endpoints of the previous generation, by identity.
+        let before: HashMap<(SocketAddr, &str), &Arc<Endpoint>> = prev
+            .map(|f| {
+                f.endpoints
+                    .iter()
+                    .map(|e| ((e.addr, f.pools[e.pool].name.as_str()), e))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Old endpoint index -> new one, for the structures indexed by endpoint.
+        let mut moved: Vec<Option<usize>> = vec![None; prev.map_or(0, |f| f.endpoints.len())];
         let endpoints: Vec<Arc<Endpoint>> = cfg
             .endpoints
             .iter()
             .enumerate()
             .map(|(index, e)| {
                 let pool = &file.pools[e.pool];
+                let state = match before.get(&(e.addr, pool.name.as_str())) {
+                    Some(old) => {
+                        moved[old.index] = Some(index);
+                        old.state.clone()
+                    }
+                    None => Arc::default(),
+                };
                 Arc::new(Endpoint {
                     index,
                     addr: e.addr,
@@ -360,32 +422,41 @@ impl Fleet {
                     pool: e.pool,
                     engine: pool.engine,
                     metrics_url: format!("http://{}{}", e.addr, pool.metrics_path),
-                    load: LoadCell::default(),
-                    in_flight: AtomicU32::new(0),
-                    awaiting_first_token: AtomicU32::new(0),
-                    scrape_rtt_us: AtomicU32::new(0),
-                    lora: arc_swap::ArcSwapOption::empty(),
+                    state,
                 })
             })
             .collect();
+        let old_pool = |name: &str| prev.and_then(|f| f.pools.iter().find(|p| p.name == name));
+        let limits = QueueLimits {
+            max_requests_per_band: file.flow_control.max_requests_per_band,
+            max_bytes_per_band: file.flow_control.max_bytes_per_band,
+            ttl: std::time::Duration::from_millis(file.flow_control.ttl_ms),
+        };
         let pools = file
             .pools
             .iter()
             .enumerate()
-            .map(|(p, spec)| Pool {
-                name: spec.name.clone(),
-                endpoints: (0..endpoints.len())
-                    .filter(|&i| endpoints[i].pool == p)
-                    .collect(),
-                weights: spec.weights,
-                sessions: spec.session_affinity.as_ref().map(Sessions::new),
-                queue: file.flow_control.enabled.then(|| {
-                    FlowQueue::new(QueueLimits {
-                        max_requests_per_band: file.flow_control.max_requests_per_band,
-                        max_bytes_per_band: file.flow_control.max_bytes_per_band,
-                        ttl: std::time::Duration::from_millis(file.flow_control.ttl_ms),
-                    })
-                }),
+            .map(|(p, spec)| {
+                let old = old_pool(&spec.name);
+                Pool {
+                    name: spec.name.clone(),
+                    endpoints: (0..endpoints.len())
+                        .filter(|&i| endpoints[i].pool == p)
+                        .collect(),
+                    weights: spec.weights,
+                    sessions: spec.session_affinity.as_ref().map(|s| {
+                        match old.and_then(|o| o.sessions.as_ref()) {
+                            Some(o) => o.carried(s, &moved),
+                            None => Sessions::new(s),
+                        }
+                    }),
+                    queue: file.flow_control.enabled.then(|| {
+                        match old.and_then(|o| o.queue.as_ref()) {
+                            Some(q) if q.limits() == limits => q.clone(),
+                            _ => FlowQueue::new(limits),
+                        }
+                    }),
+                }
             })
             .collect();
         let by_token = endpoints
@@ -405,20 +476,37 @@ impl Fleet {
                 model_pool.insert(m.clone(), (p, true));
             }
         }
+        let old_cluster =
+            |name: &str| prev.and_then(|f| f.clusters.iter().find(|c| c.name == name));
         Fleet {
+            generation: prev.map_or(0, |f| f.generation + 1),
             clusters: file
                 .clusters
                 .iter()
-                .map(|c| Cluster {
-                    name: c.name.clone(),
-                    region: c.region.clone(),
-                    zone: c.zone.clone(),
-                    labels: c.labels.clone(),
-                    rtt_ms: c.rtt_ms,
-                    local: region.as_ref().is_none_or(|r| *r == c.region),
-                    measured_rtt_us: AtomicU32::new(0),
-                    health: AtomicU8::new(ClusterHealth::Starting as u8),
-                    health_since_ms: AtomicU64::new(0),
+                .map(|c| {
+                    let old = old_cluster(&c.name);
+                    let carried =
+                        |read: fn(&Cluster) -> u64, default: u64| old.map_or(default, read);
+                    Cluster {
+                        name: c.name.clone(),
+                        region: c.region.clone(),
+                        zone: c.zone.clone(),
+                        labels: c.labels.clone(),
+                        rtt_ms: c.rtt_ms,
+                        local: region.as_ref().is_none_or(|r| *r == c.region),
+                        measured_rtt_us: AtomicU32::new(carried(
+                            |c| u64::from(c.measured_rtt_us.load(Ordering::Relaxed)),
+                            0,
+                        ) as u32),
+                        health: AtomicU8::new(carried(
+                            |c| u64::from(c.health.load(Ordering::Acquire)),
+                            ClusterHealth::Starting as u64,
+                        ) as u8),
+                        health_since_ms: AtomicU64::new(carried(
+                            |c| c.health_since_ms.load(Ordering::Relaxed),
+                            0,
+                        )),
+                    }
                 })
                 .collect(),
             pools,
@@ -446,60 +534,36 @@ impl Fleet {
                 .iter()
                 .flat_map(|o| o.models.iter().map(|m| (m.clone(), o.name.clone())))
                 .collect(),
-            clock: Clock::new(),
+            clock: prev.map_or_else(Clock::new, |f| f.clock),
             poller: file.poller.clone(),
             region,
             cluster_recovery_ms: file.scheduler.cluster_recovery_ms,
-            policies: arc_swap::ArcSwap::from_pointee(Policies {
+            weights: file.scheduler.weights,
+            fallbacks: file.scheduler.fallbacks,
+            policies: Policies {
                 pools: cfg.policies.clone(),
-            }),
-            prefix: crate::prefix::PrefixIndex::new(cfg.endpoints.len()),
+            },
+            prefix: match prev {
+                Some(f) => f.prefix.carried(&moved, cfg.endpoints.len()),
+                None => crate::prefix::PrefixIndex::new(cfg.endpoints.len()),
+            },
         }
     }
 
-    /// Takes the backend policies of a reloaded fleet file, if the file describes the same
-    /// fleet (clusters, pools, models, endpoints, imports); anything else needs a restart, and
-    /// the reason is returned.
-    pub fn reload_policies(&self, cfg: &FleetConfig) -> Result<(), String> {
-        let same_clusters = cfg.file.clusters.len() == self.clusters.len()
-            && cfg
-                .file
-                .clusters
-                .iter()
-                .zip(&self.clusters)
-                .all(|(a, b)| a.name == b.name && a.region == b.region);
-        if !same_clusters {
-            return Err("the clusters changed".into());
-        }
-        let same_pools = cfg.file.pools.len() == self.pools.len()
-            && cfg
-                .file
+    /// Ends what this generation holds that its successor does not take over: requests waiting
+    /// in the queue of a pool that lost flow control (or is gone) are answered now (expired)
+    /// rather than at their time to live.
+    pub fn retire(&self, successor: &Fleet) {
+        for pool in &self.pools {
+            let Some(q) = &pool.queue else { continue };
+            let kept = successor
                 .pools
                 .iter()
-                .zip(&self.pools)
-                .all(|(a, b)| a.name == b.name)
-            && cfg.file.pools.iter().enumerate().all(|(p, spec)| {
-                spec.models
-                    .iter()
-                    .chain(&spec.lora_adapters)
-                    .all(|m| self.pool_for(m) == cfg.policies[p].as_ref().map(|_| p))
-            });
-        if !same_pools {
-            return Err("the pools, their models or the imports changed".into());
+                .any(|p| p.queue.as_ref().is_some_and(|n| Arc::ptr_eq(n, q)));
+            if !kept {
+                q.close();
+            }
         }
-        let same_endpoints = cfg.endpoints.len() == self.endpoints.len()
-            && cfg
-                .endpoints
-                .iter()
-                .zip(&self.endpoints)
-                .all(|(a, b)| a.addr == b.addr && a.cluster == b.cluster && a.pool == b.pool);
-        if !same_endpoints {
-            return Err("the endpoints changed".into());
-        }
-        self.policies.store(Arc::new(Policies {
-            pools: cfg.policies.clone(),
-        }));
-        Ok(())
     }
 
     /// Moves each cluster's health on (see [`ClusterHealth`]); the poller calls it after every
@@ -716,6 +780,54 @@ mod tests {
         assert_eq!(cell.fail(), 2);
         cell.store(&sample, 700);
         assert_eq!(cell.failures(), 0);
+    }
+
+    #[test]
+    fn a_successor_keeps_the_state_of_endpoints_that_stay() {
+        let parse = |endpoints: &str| {
+            crate::config::FleetConfig::parse(
+                &format!("clusters: [{{name: a}}, {{name: b}}]\npools: [{{name: p, models: [m], target_port: 80, endpoints: {endpoints}}}]\n"),
+                "t",
+            )
+            .unwrap()
+        };
+        let first = Fleet::new(&parse("{a: [10.0.0.1, 10.0.0.2], b: [10.0.0.3]}"));
+        first.clusters[1]
+            .health
+            .store(ClusterHealth::Down as u8, Ordering::Release);
+        let held = InFlight::new(first.endpoints[1].clone());
+        first.endpoints[1].load.store(
+            &LoadSample {
+                waiting: 4,
+                ..LoadSample::default()
+            },
+            first.clock.now_ms(),
+        );
+        // 10.0.0.1 leaves, 10.0.0.4 comes, 10.0.0.2 moves to index 0.
+        let next = first.successor(&parse("{a: [10.0.0.2, 10.0.0.4], b: [10.0.0.3]}"));
+        assert_eq!(next.generation, 1);
+        let moved = &next.endpoints[0];
+        assert_eq!(moved.addr_text, "10.0.0.2:80");
+        assert_eq!(moved.in_flight.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            moved
+                .load
+                .fresh(next.clock.now_ms(), 10_000)
+                .map(|l| l.waiting),
+            Some(4)
+        );
+        assert_eq!(next.endpoints[1].in_flight.load(Ordering::Relaxed), 0);
+        assert!(
+            next.endpoints[1]
+                .load
+                .fresh(next.clock.now_ms(), 10_000)
+                .is_none()
+        );
+        assert_eq!(next.clusters[1].health(), ClusterHealth::Down);
+        // The request picked before the reload releases the count the new generation reads.
+        drop(held);
+        assert_eq!(moved.in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(moved.awaiting_first_token.load(Ordering::Relaxed), 0);
     }
 
     #[test]

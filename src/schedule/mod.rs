@@ -292,7 +292,7 @@ pub fn free_slots(fleet: &Fleet, pool: usize) -> u32 {
 pub fn free_slots_per_cluster(fleet: &Fleet, pool: usize) -> Vec<u32> {
     let now = fleet.clock.now_ms();
     let stale_after = fleet.poller.stale_after_ms;
-    let policies = fleet.policies.load();
+    let policies = &fleet.policies;
     let mut free = vec![0u32; fleet.clusters.len()];
     for &index in &fleet.pools[pool].endpoints {
         let ep = &fleet.endpoints[index];
@@ -404,7 +404,7 @@ pub fn pick(
         .filter(|m| weights.lora > 0.0 && fleet.is_adapter(m));
     let now = fleet.clock.now_ms();
     let stale_after = fleet.poller.stale_after_ms;
-    let policies = fleet.policies.load();
+    let policies = &fleet.policies;
     let mut tally: Vec<ClusterTally> = if req.explain {
         fleet
             .clusters

@@ -4,8 +4,10 @@
 //! beside `/healthz` (the process answers) and `/readyz` (it has an eligible endpoint and is
 //! not shutting down).
 //!
-//! Counters on the request path are made once at start for every (pool, cluster, label) and
-//! found by index, so counting a pick is one atomic add: no label strings built, no lock.
+//! Counters on the request path are made once per generation of the fleet (at start and on each
+//! reload) for every (pool, cluster, label) and found by index, so counting a pick is one
+//! atomic add: no label strings built, no lock. A reload keeps every counter's value (the same
+//! labels find the same series) and drops the gauges of what left the fleet.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::fleet::{ClusterHealth, Fleet};
+use crate::fleet::{ClusterHealth, Fleet, FleetCell};
 use crate::schedule::{Tier, Verdict};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -135,11 +137,10 @@ const HEALTHS: [ClusterHealth; 4] = [
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    clusters: usize,
-    /// By `(pool * clusters + cluster) * TIERS.len() + tier`.
-    picks: Vec<Counter>,
-    /// By `(pool * clusters + cluster) * VERDICTS.len() + verdict`.
-    verdicts: Vec<Counter>,
+    /// The handles made for the current generation of the fleet.
+    layout: arc_swap::ArcSwap<Layout>,
+    picks: Family<PickLabels, Counter>,
+    verdicts: Family<VerdictLabels, Counter>,
     refusals: Family<ReasonLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     health: Family<ClusterLabels, Gauge>,
@@ -156,6 +157,21 @@ pub struct Metrics {
     scrape_failures: Family<EndpointLabels, Gauge>,
     data_age: Family<EndpointLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     cluster_ready: Family<PoolClusterLabels, Gauge>,
+}
+
+/// The request path's handles for one generation of the fleet, found by index.
+#[derive(Debug, Default)]
+struct Layout {
+    /// The fleet generation they were made for (`None`: none yet).
+    generation: Option<u64>,
+    clusters: usize,
+    /// By `(pool * clusters + cluster) * TIERS.len() + tier`.
+    picks: Vec<Counter>,
+    /// By `(pool * clusters + cluster) * VERDICTS.len() + verdict`.
+    verdicts: Vec<Counter>,
+    /// The request and running series of every (model, target) a picked request can have:
+    /// counting a request is a map lookup by `&str` and atomic adds, no label strings built.
+    by_model: HashMap<String, HashMap<String, (Counter, Gauge)>>,
 }
 
 /// Labels of the Gateway API Inference Extension's request metrics.
@@ -188,10 +204,6 @@ struct GieMetrics {
     pool_queue: Family<NameLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pool_ready: Family<NameLabels, Gauge>,
     scheduler: Histogram,
-    /// The request and running series of every (model, target) a picked request can have,
-    /// made at start: counting a request is a map lookup by `&str` and atomic adds, no label
-    /// strings built on the request path.
-    by_model: HashMap<String, HashMap<String, (Counter, Gauge)>>,
 }
 
 fn seconds_histogram(start: f64) -> Histogram {
@@ -199,8 +211,8 @@ fn seconds_histogram(start: f64) -> Histogram {
 }
 
 impl GieMetrics {
-    fn register(root: &mut Registry, fleet: &Fleet) -> GieMetrics {
-        let mut g = GieMetrics {
+    fn register(root: &mut Registry) -> GieMetrics {
+        let g = GieMetrics {
             requests: Family::default(),
             errors: Family::default(),
             running: Family::default(),
@@ -209,7 +221,6 @@ impl GieMetrics {
             pool_ready: Family::default(),
             // 10 µs to about 0.3 s.
             scheduler: seconds_histogram(0.000_01),
-            by_model: HashMap::new(),
         };
         root.register(
             "inference_objective_request",
@@ -246,49 +257,14 @@ impl GieMetrics {
             "Time to pick an endpoint for one request",
             g.scheduler.clone(),
         );
-        let pairs: Vec<(&str, &str)> = fleet
-            .served_models()
-            .map(|m| (m, m))
-            .chain(fleet.rewrites.pairs())
-            .collect();
-        for (model, target) in pairs {
-            let labels = ModelLabels {
-                model_name: model.to_string(),
-                target_model_name: target.to_string(),
-            };
-            let handles = (
-                g.requests.get_or_create_owned(&labels),
-                g.running.get_or_create_owned(&labels),
-            );
-            g.by_model
-                .entry(model.to_string())
-                .or_default()
-                .insert(target.to_string(), handles);
-        }
         g
-    }
-
-    /// The series of a picked request: made at start (see `by_model`), or now for a pair
-    /// nobody foresaw.
-    fn handles(&self, model: &str, target: &str) -> (Counter, Gauge) {
-        if let Some(h) = self.by_model.get(model).and_then(|t| t.get(target)) {
-            return h.clone();
-        }
-        let labels = ModelLabels {
-            model_name: model.to_string(),
-            target_model_name: target.to_string(),
-        };
-        (
-            self.requests.get_or_create_owned(&labels),
-            self.running.get_or_create_owned(&labels),
-        )
     }
 }
 
 impl Metrics {
     pub fn new(fleet: &Fleet) -> Metrics {
         let mut root = Registry::default();
-        let gie = GieMetrics::register(&mut root, fleet);
+        let gie = GieMetrics::register(&mut root);
         let ttft = Family::<PoolLabels, Histogram>::new_with_constructor(
             ttft_histogram as fn() -> Histogram,
         );
@@ -393,6 +369,52 @@ impl Metrics {
             "Requests this picker has in flight at each endpoint",
             in_flight.clone(),
         );
+        let m = Metrics {
+            registry: root,
+            layout: arc_swap::ArcSwap::from_pointee(Layout::default()),
+            picks: picks_family,
+            verdicts: verdict_family,
+            gie,
+            ttft,
+            tpot,
+            scrape_failures,
+            data_age,
+            cluster_ready,
+            refusals,
+            reloads,
+            health,
+            in_flight,
+            flow,
+            waits,
+            queued,
+            bands_seen: std::sync::Mutex::new(Vec::new()),
+            free_slots,
+            cluster_free_slots,
+        };
+        m.adopt(fleet);
+        m
+    }
+
+    /// Makes the request path's handles for `fleet` (a new generation) and drops the gauges of
+    /// the generation before (rendered afresh from the fleet at each scrape, so a pool, cluster
+    /// or endpoint that left does not linger). Counters keep their values.
+    pub fn adopt(&self, fleet: &Fleet) {
+        let gauges_of_the_fleet = [
+            &self.in_flight as &dyn Clear,
+            &self.scrape_failures,
+            &self.data_age,
+            &self.cluster_ready,
+            &self.health,
+            &self.gie.pool_kv,
+            &self.gie.pool_queue,
+            &self.gie.pool_ready,
+            &self.free_slots,
+            &self.cluster_free_slots,
+            &self.queued,
+        ];
+        for g in gauges_of_the_fleet {
+            g.clear_all();
+        }
         // The bands a queue may have, present (at 0) from the start: priority 0 and the
         // priorities of the pool's objectives.
         let mut bands = Vec::new();
@@ -414,55 +436,77 @@ impl Metrics {
                     pool: pool.name.clone(),
                     priority: priority.to_string(),
                 };
-                queued.get_or_create(&labels).set(0);
+                self.queued.get_or_create(&labels).set(0);
                 bands.push(labels);
             }
             // Present (empty) before the first wait, like the bands.
-            drop(waits.get_or_create(&PoolLabels {
+            drop(self.waits.get_or_create(&PoolLabels {
                 pool: pool.name.clone(),
             }));
         }
-        let mut picks = Vec::new();
-        let mut verdicts = Vec::new();
+        *self.bands_seen.lock().unwrap_or_else(|e| e.into_inner()) = bands;
+        let mut layout = Layout {
+            generation: Some(fleet.generation),
+            clusters: fleet.clusters.len(),
+            ..Layout::default()
+        };
         for pool in &fleet.pools {
             for cluster in &fleet.clusters {
                 for t in TIERS {
-                    picks.push(picks_family.get_or_create_owned(&PickLabels {
-                        pool: pool.name.clone(),
-                        cluster: cluster.name.clone(),
-                        tier: t.as_str().into(),
-                    }));
+                    layout
+                        .picks
+                        .push(self.picks.get_or_create_owned(&PickLabels {
+                            pool: pool.name.clone(),
+                            cluster: cluster.name.clone(),
+                            tier: t.as_str().into(),
+                        }));
                 }
                 for v in VERDICTS {
-                    verdicts.push(verdict_family.get_or_create_owned(&VerdictLabels {
-                        pool: pool.name.clone(),
-                        cluster: cluster.name.clone(),
-                        verdict: v.as_str().into(),
-                    }));
+                    layout
+                        .verdicts
+                        .push(self.verdicts.get_or_create_owned(&VerdictLabels {
+                            pool: pool.name.clone(),
+                            cluster: cluster.name.clone(),
+                            verdict: v.as_str().into(),
+                        }));
                 }
             }
         }
-        Metrics {
-            registry: root,
-            gie,
-            ttft,
-            tpot,
-            scrape_failures,
-            data_age,
-            cluster_ready,
-            clusters: fleet.clusters.len(),
-            picks,
-            verdicts,
-            refusals,
-            reloads,
-            health,
-            in_flight,
-            flow,
-            waits,
-            queued,
-            bands_seen: std::sync::Mutex::new(bands),
-            free_slots,
-            cluster_free_slots,
+        let pairs: Vec<(&str, &str)> = fleet
+            .served_models()
+            .map(|m| (m, m))
+            .chain(fleet.rewrites.pairs())
+            .collect();
+        for (model, target) in pairs {
+            let handles = self.model_series(model, target);
+            layout
+                .by_model
+                .entry(model.to_string())
+                .or_default()
+                .insert(target.to_string(), handles);
+        }
+        self.layout.store(Arc::new(layout));
+    }
+
+    /// The request and running series of (`model`, `target`), made now.
+    fn model_series(&self, model: &str, target: &str) -> (Counter, Gauge) {
+        let labels = ModelLabels {
+            model_name: model.to_string(),
+            target_model_name: target.to_string(),
+        };
+        (
+            self.gie.requests.get_or_create_owned(&labels),
+            self.gie.running.get_or_create_owned(&labels),
+        )
+    }
+
+    /// The series of a picked request: made with the layout (see [`Layout::by_model`]), or now
+    /// for a pair nobody foresaw.
+    fn handles(&self, model: &str, target: &str) -> (Counter, Gauge) {
+        let layout = self.layout.load();
+        match layout.by_model.get(model).and_then(|t| t.get(target)) {
+            Some(h) => h.clone(),
+            None => self.model_series(model, target),
         }
     }
 
@@ -486,17 +530,47 @@ impl Metrics {
             .observe(wait.as_secs_f64());
     }
 
-    /// Counts a pick of an endpoint of `pool` in `cluster`.
-    pub fn picked(&self, pool: usize, cluster: usize, tier: Tier, verdict: Option<Verdict>) {
-        let at = pool * self.clusters + cluster;
+    /// Counts a pick of an endpoint of `pool` in `cluster` (indices in `fleet`, the generation
+    /// the request was picked in).
+    pub fn picked(
+        &self,
+        fleet: &Fleet,
+        pool: usize,
+        cluster: usize,
+        tier: Tier,
+        verdict: Option<Verdict>,
+    ) {
+        let layout = self.layout.load();
+        if layout.generation != Some(fleet.generation) {
+            // Picked in the generation before a reload, counted after it: by name.
+            let (pool, cluster) = (fleet.pool_name(Some(pool)), &fleet.clusters[cluster].name);
+            self.picks
+                .get_or_create(&PickLabels {
+                    pool: pool.to_string(),
+                    cluster: cluster.clone(),
+                    tier: tier.as_str().into(),
+                })
+                .inc();
+            if let Some(v) = verdict {
+                self.verdicts
+                    .get_or_create(&VerdictLabels {
+                        pool: pool.to_string(),
+                        cluster: cluster.clone(),
+                        verdict: v.as_str().into(),
+                    })
+                    .inc();
+            }
+            return;
+        }
+        let at = pool * layout.clusters + cluster;
         if let Some(t) = TIERS.iter().position(|&x| x == tier)
-            && let Some(c) = self.picks.get(at * TIERS.len() + t)
+            && let Some(c) = layout.picks.get(at * TIERS.len() + t)
         {
             c.inc();
         }
         if let Some(v) = verdict
             && let Some(i) = VERDICTS.iter().position(|&x| x == v)
-            && let Some(c) = self.verdicts.get(at * VERDICTS.len() + i)
+            && let Some(c) = layout.verdicts.get(at * VERDICTS.len() + i)
         {
             c.inc();
         }
@@ -513,7 +587,7 @@ impl Metrics {
 
     /// A request picked for: `model` as the client named it, `target` as it is served.
     pub fn request_started(&self, model: &str, target: &str, pick_time: std::time::Duration) {
-        let (requests, running) = self.gie.handles(model, target);
+        let (requests, running) = self.handles(model, target);
         requests.inc();
         running.inc();
         self.gie.scheduler.observe(pick_time.as_secs_f64());
@@ -521,7 +595,7 @@ impl Metrics {
 
     /// The end of a request counted by [`Metrics::request_started`].
     pub fn request_ended(&self, model: &str, target: &str) {
-        self.gie.handles(model, target).1.dec();
+        self.handles(model, target).1.dec();
     }
 
     /// A request that failed: refused by fleetpick (`code` its reason) or answered with an
@@ -690,6 +764,21 @@ impl Metrics {
     }
 }
 
+/// A family whose series can all be dropped, whatever its labels and metric.
+trait Clear {
+    fn clear_all(&self);
+}
+
+impl<S, M, C> Clear for Family<S, M, C>
+where
+    S: Clone + std::hash::Hash + Eq,
+    C: prometheus_client::metrics::family::MetricConstructor<M>,
+{
+    fn clear_all(&self) {
+        self.clear();
+    }
+}
+
 fn tpot_histogram() -> Histogram {
     // 0.1 ms to about 3 s.
     seconds_histogram(0.000_1)
@@ -708,7 +797,7 @@ fn wait_histogram() -> Histogram {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
-    fleet: Arc<Fleet>,
+    fleet: Arc<FleetCell>,
     draining: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<()> {
     use axum::http::{StatusCode, header};
@@ -721,7 +810,8 @@ pub async fn serve(
         .route(
             "/readyz",
             axum::routing::get(move || {
-                let ready = !draining.load(Ordering::Relaxed) && ready_fleet.eligible_count() > 0;
+                let ready =
+                    !draining.load(Ordering::Relaxed) && ready_fleet.load().eligible_count() > 0;
                 async move {
                     if ready {
                         (StatusCode::OK, "ready\n")
@@ -736,7 +826,7 @@ pub async fn serve(
             axum::routing::get(move || {
                 let (metrics, fleet) = (metrics.clone(), fleet.clone());
                 async move {
-                    match metrics.render(&fleet) {
+                    match metrics.render(&fleet.load()) {
                         Ok(text) => (
                             StatusCode::OK,
                             [(
@@ -771,8 +861,8 @@ mod tests {
         .unwrap();
         let fleet = Fleet::new(&cfg);
         let m = Metrics::new(&fleet);
-        m.picked(0, 1, Tier::Spill, Some(Verdict::Drained));
-        m.picked(0, 1, Tier::Spill, None);
+        m.picked(&fleet, 0, 1, Tier::Spill, Some(Verdict::Drained));
+        m.picked(&fleet, 0, 1, Tier::Spill, None);
         m.refused("at-capacity");
         let text = m.render(&fleet).unwrap();
         assert!(
