@@ -118,6 +118,7 @@ pub async fn run(time_scale: f64) -> anyhow::Result<()> {
             endpoints: Vec::new(),
             body_mode: BodyMode::FullDuplex,
             localities: Vec::new(),
+            extproc_tls: None,
         },
     ))
     .await

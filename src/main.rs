@@ -83,6 +83,11 @@ enum Command {
         /// separate with commas.
         #[arg(long = "endpoint", value_delimiter = ',')]
         endpoints: Vec<SocketAddr>,
+        /// Reach fleetpick over mutual TLS with the files in this directory: ca.crt (the CA of
+        /// fleetpick's certificate), envoy.crt and envoy.key (Envoy's client certificate), as
+        /// envoy/envoy-tls.yaml does with /etc/fleetpick/tls.
+        #[arg(long)]
+        tls_dir: Option<PathBuf>,
     },
     /// Validate a fleet file and summarize it.
     CheckConfig {
@@ -231,8 +236,17 @@ fn main() -> anyhow::Result<()> {
                 admin,
                 extproc,
                 endpoints,
+                tls_dir,
             } => {
                 let d = fleetpick::envoy::user_defaults();
+                let extproc_tls = tls_dir.map(|dir| {
+                    let file = |name: &str| dir.join(name).display().to_string();
+                    fleetpick::envoy::ExtProcTls {
+                        ca_file: file("ca.crt"),
+                        client_cert: Some((file("envoy.crt"), file("envoy.key"))),
+                        ..fleetpick::envoy::user_tls()
+                    }
+                });
                 let params = EnvoyParams {
                     listen: listen.unwrap_or(d.listen),
                     admin: admin.unwrap_or(d.admin),
@@ -244,6 +258,7 @@ fn main() -> anyhow::Result<()> {
                     },
                     body_mode,
                     localities: Vec::new(),
+                    extproc_tls,
                 };
                 print!("{}", fleetpick::envoy::render(flavor, &params));
                 Ok(())

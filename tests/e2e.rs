@@ -309,6 +309,7 @@ async fn large_bodies_arrive_intact_in_both_body_modes() {
             endpoints: Vec::new(),
             body_mode: mode,
             localities: Vec::new(),
+            extproc_tls: None,
         };
         let envoy = envoy::start(&render(Flavor::OriginalDst, &params)).await;
         envoy::until_routing(&envoy).await;

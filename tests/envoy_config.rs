@@ -29,6 +29,7 @@ fn test_params(extproc: SocketAddr, endpoints: Vec<SocketAddr>) -> EnvoyParams {
         endpoints,
         body_mode: BodyMode::FullDuplex,
         localities: Vec::new(),
+        extproc_tls: None,
     }
 }
 
@@ -108,6 +109,7 @@ fn every_flavor_and_body_mode_validates() {
                     let p = EnvoyParams {
                         body_mode,
                         localities: Vec::new(),
+                        extproc_tls: None,
                         ..p.clone()
                     };
                     validate(&render(flavor, &p));
@@ -140,6 +142,14 @@ fn checked_in_configs_are_rendered_from_the_code_and_validate() {
             Flavor::Fallback,
             fleetpick::envoy::compose::params(),
         ),
+        (
+            "envoy/envoy-tls.yaml",
+            Flavor::OriginalDst,
+            fleetpick::envoy::EnvoyParams {
+                extproc_tls: Some(fleetpick::envoy::user_tls()),
+                ..user_defaults()
+            },
+        ),
     ] {
         let want = render(flavor, &params);
         let path = repo.join(file);
@@ -152,7 +162,24 @@ fn checked_in_configs_are_rendered_from_the_code_and_validate() {
             "{file} differs from what src/envoy/mod.rs renders (flavor {flavor}); regenerate it with \
              FLEETPICK_BLESS=1 cargo test --test envoy_config"
         );
-        validate(&have);
+        match &params.extproc_tls {
+            // Envoy reads the TLS files to validate: the same text, pointing at real ones.
+            Some(tls) => {
+                let dir = common::TempDir::new("tls-files");
+                let key = rcgen::KeyPair::generate().unwrap();
+                let cert = rcgen::CertificateParams::new(vec!["envoy".to_string()])
+                    .unwrap()
+                    .self_signed(&key)
+                    .unwrap();
+                for name in ["ca.crt", "envoy.crt"] {
+                    std::fs::write(dir.0.join(name), cert.pem()).unwrap();
+                }
+                std::fs::write(dir.0.join("envoy.key"), key.serialize_pem()).unwrap();
+                let shipped_dir = Path::new(&tls.ca_file).parent().unwrap().to_str().unwrap();
+                validate(&have.replace(shipped_dir, dir.0.to_str().unwrap()));
+            }
+            None => validate(&have),
+        }
     }
 }
 

@@ -703,6 +703,7 @@ async fn drive_cell(
             .collect(),
         body_mode: BodyMode::FullDuplex,
         localities: Vec::new(),
+        extproc_tls: None,
     };
     let shape = &scenario.fleet;
     let region_of = |cluster: &str| shape.regions.get(cluster).map_or("default", |r| r.as_str());

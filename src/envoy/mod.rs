@@ -90,6 +90,33 @@ pub struct EnvoyParams {
     /// checks (`GET /health`), so that Envoy fails over between priorities on its own. This is
     /// Envoy's own locality-aware balancing, the baseline for multi-cluster scenarios.
     pub localities: Vec<Locality>,
+    /// TLS to fleetpick (none: plaintext), for a fleetpick with `server.tls`.
+    pub extproc_tls: Option<ExtProcTls>,
+}
+
+/// The files Envoy uses to reach a TLS fleetpick: the CA its certificate chains to and, for
+/// mutual TLS, Envoy's own client certificate and key. Envoy reads them at start (rotating
+/// them needs SDS or a restart on Envoy's side; fleetpick's side reloads on its own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtProcTls {
+    pub ca_file: String,
+    /// Envoy's client certificate and key; `None` when fleetpick does not ask for one.
+    pub client_cert: Option<(String, String)>,
+    /// The name fleetpick's certificate must carry (sent as SNI and checked as a DNS SAN).
+    pub server_name: String,
+}
+
+/// The TLS files of the checked-in `envoy/envoy-tls.yaml`, mounted under `/etc/fleetpick/tls`,
+/// and the name in fleetpick's certificate.
+pub fn user_tls() -> ExtProcTls {
+    ExtProcTls {
+        ca_file: "/etc/fleetpick/tls/ca.crt".into(),
+        client_cert: Some((
+            "/etc/fleetpick/tls/envoy.crt".into(),
+            "/etc/fleetpick/tls/envoy.key".into(),
+        )),
+        server_name: "fleetpick".into(),
+    }
 }
 
 /// A group of model servers in one place (a cluster), for Envoy's locality-aware balancing.
@@ -116,6 +143,7 @@ pub fn user_defaults() -> EnvoyParams {
         endpoints: vec![local(8000), local(8001)],
         body_mode: BodyMode::FullDuplex,
         localities: Vec::new(),
+        extproc_tls: None,
     }
 }
 
@@ -145,6 +173,7 @@ pub mod compose {
                 .collect(),
             body_mode: super::BodyMode::FullDuplex,
             localities: Vec::new(),
+            extproc_tls: None,
         }
     }
 }
@@ -298,12 +327,19 @@ baseline."
     for line in what.lines() {
         put(y, &format!("# {line}\n"));
     }
+    if p.extproc_tls.is_some() {
+        put(
+            y,
+            "#\n# fleetpick is reached over TLS (mutual, when a client certificate is given): set
+# fleetpick's server.tls to match (see src/config/mod.rs). The files are read at Envoy's start.\n",
+        );
+    }
     put(
         y,
         r#"
 #
 # Produced by `fleetpick envoy-config` (rendered by src/envoy/mod.rs: change that, not this file).
-# Regenerate the checked-in envoy/envoy.yaml and envoy/envoy-fallback.yaml with
+# Regenerate the checked-in files in envoy/ with
 #   FLEETPICK_BLESS=1 cargo test --test envoy_config
 # Check a configuration without starting Envoy: envoy --mode validate -c FILE
 
@@ -711,6 +747,9 @@ fn picker_cluster(y: &mut String, flavor: Flavor, p: &EnvoyParams) {
         ),
     );
     circuit_breakers(y, "fleetpick admits or sheds load itself");
+    if let Some(tls) = &p.extproc_tls {
+        extproc_tls(y, tls);
+    }
     if flavor == Flavor::Fallback {
         put(
             y,
@@ -736,6 +775,46 @@ fn picker_cluster(y: &mut String, flavor: Flavor, p: &EnvoyParams) {
         );
     }
     load_assignment(y, PICKER_CLUSTER, &[p.extproc]);
+}
+
+/// The picker cluster's TLS: fleetpick's certificate checked against the CA and the name, Envoy's
+/// own certificate presented for mutual TLS, HTTP/2 by ALPN.
+fn extproc_tls(y: &mut String, tls: &ExtProcTls) {
+    let ExtProcTls {
+        ca_file,
+        client_cert,
+        server_name,
+    } = tls;
+    put(
+        y,
+        &format!(
+            r#"
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: {server_name}
+        common_tls_context:
+          alpn_protocols: [h2]
+          validation_context:
+            trusted_ca: {{filename: {ca_file}}}
+            match_typed_subject_alt_names:
+            - san_type: DNS
+              matcher: {{exact: {server_name}}}
+"#
+        ),
+    );
+    if let Some((cert, key)) = client_cert {
+        put(
+            y,
+            &format!(
+                r#"          tls_certificates:
+          - certificate_chain: {{filename: {cert}}}
+            private_key: {{filename: {key}}}
+"#
+            ),
+        );
+    }
 }
 
 fn circuit_breakers(y: &mut String, what: &str) {

@@ -39,6 +39,7 @@ pub async fn in_front_of(
             .collect(),
         body_mode,
         localities: Vec::new(),
+        extproc_tls: None,
     };
     start(&fleetpick::envoy::render(flavor, &params)).await
 }
