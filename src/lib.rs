@@ -13,6 +13,7 @@
 //! - [`flow`]: flow control's queues (priority bands, fair flows, bounds, time to live).
 //! - [`serve`]: `fleetpick serve`, wiring the above with gRPC health, and the fleet file's
 //!   reload.
+//! - [`trace`]: W3C `traceparent`: the pick as a span of the request's trace, passed upstream.
 //! - [`tls`]: TLS and mutual TLS on the ext_proc listener, certificates re-read on change.
 //! - [`telemetry`]: fleetpick's own Prometheus metrics (picks, dry-run verdicts, refusals,
 //!   cluster health, in-flight counts).
@@ -51,3 +52,4 @@ pub mod session;
 pub mod sim;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;

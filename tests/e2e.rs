@@ -129,6 +129,53 @@ async fn a_client_sent_destination_header_is_ignored() {
     }
 }
 
+/// The `traceparent` the model server received for one completion through `url` sent with
+/// `traceparent` (if any).
+async fn traceparent_upstream(url: &str, traceparent: Option<&str>) -> String {
+    let mut req = client()
+        .post(url)
+        .json(&json!({"model": MODEL, "prompt": "hello", "max_tokens": 2}));
+    if let Some(t) = traceparent {
+        req = req.header("traceparent", t);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.headers()
+        .get("x-sim-traceparent")
+        .expect("the model server got a traceparent")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn the_pick_is_a_span_of_the_request_trace_in_both_body_modes() {
+    let sim = Sim::start(&["--servers", "2", "--time-scale", "20"]).await;
+    let picker = Picker::start(&fleet_yaml(&sim.entries, FAST_POLL)).await;
+    let sent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for mode in [BodyMode::FullDuplex, BodyMode::Buffered] {
+        let envoy = envoy::in_front_of(Flavor::OriginalDst, mode, picker.grpc, &sim).await;
+        envoy::until_routing(&envoy).await;
+        let url = envoy.url("/v1/completions");
+        // The same trace and sampling decision, a new parent: fleetpick's span.
+        let got = traceparent_upstream(&url, Some(sent)).await;
+        assert_eq!(got.len(), 55, "{mode}: {got}");
+        assert_eq!(&got[..36], &sent[..36], "{mode}: {got}");
+        assert_ne!(&got[36..52], &sent[36..52], "{mode}: {got}");
+        assert_eq!(&got[52..], "-01", "{mode}: {got}");
+        // Every request's pick is its own span.
+        let again = traceparent_upstream(&url, Some(sent)).await;
+        assert_ne!(&again[36..52], &got[36..52], "{mode}");
+        // None sent, or an invalid one: a new trace, not sampled.
+        for sent in [None, Some("00-XYZ-bad-01")] {
+            let got = traceparent_upstream(&url, sent).await;
+            let parsed = fleetpick::trace::TraceContext::parse(&got).expect("a valid traceparent");
+            assert_eq!(parsed.flags, 0, "{mode}: {got}");
+            assert!(!got.contains("4bf92f3577b34da6a3ce929d0e0e4736"));
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_stopped_endpoint_leaves_within_a_second() {
     let sim = Sim::start(&["--servers", "3", "--time-scale", "10"]).await;

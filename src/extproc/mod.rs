@@ -60,6 +60,7 @@ use crate::schedule::{self, PickError, PickRequest};
 use crate::session::{SessionKey, cookie_value, endpoint_token};
 use crate::telemetry::FlowOutcome;
 use crate::telemetry::Metrics;
+use crate::trace::{TRACEPARENT, TraceContext};
 
 /// The header (and `envoy.lb` metadata key) naming the destination.
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
@@ -276,6 +277,8 @@ struct StreamState {
     /// The response is an event stream, and how many JSON events it has carried.
     event_stream: bool,
     events: u32,
+    /// The pick's span in the request's trace (see [`crate::trace`]).
+    trace: Option<TraceContext>,
 }
 
 /// What a request needs to be picked, kept while it waits in the queue.
@@ -330,6 +333,7 @@ impl StreamState {
             first_token_at: None,
             event_stream: false,
             events: 0,
+            trace: None,
         }
     }
 
@@ -351,6 +355,7 @@ impl StreamState {
                 .request_ended(self.client_model.as_deref().unwrap_or(target), target);
             tracing::debug!(
                 model = self.model.as_deref().unwrap_or(""),
+                trace_id = %self.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
                 endpoint = %guard.endpoint().addr,
                 served = self.served.as_deref().unwrap_or(""),
                 status = self.status.unwrap_or(0),
@@ -801,16 +806,19 @@ impl StreamState {
             pick.tier,
             pick.dry_run,
         );
+        let trace = TraceContext::for_request(self.request_header(TRACEPARENT).as_deref(), rng);
+        self.trace = Some(trace);
         match &pick.explain {
             Some(why) => tracing::debug!(
                 model = model.as_deref().unwrap_or(""),
                 %destination,
+                trace_id = %trace.trace_id_hex(),
                 tier = pick.tier.as_str(),
                 dry_run = pick.dry_run.map(|v| v.as_str()),
                 candidates = %why,
                 "picked"
             ),
-            None => tracing::trace!(%destination, "picked"),
+            None => tracing::trace!(%destination, trace_id = %trace.trace_id_hex(), "picked"),
         }
         self.in_flight = Some(guard);
         self.model = model;
@@ -821,7 +829,11 @@ impl StreamState {
             target,
             pick_started.elapsed(),
         );
-        let mutation = destination_mutation(&destination);
+        let mut mutation = destination_mutation(&destination);
+        // The model server's spans hang under the pick's.
+        mutation
+            .set_headers
+            .push(set_header(TRACEPARENT, &trace.to_string()));
         let metadata = Some(lb_metadata(&destination));
         if !has_body {
             let mut r = headers_response(Resp::RequestHeaders, Some(mutation));
@@ -830,7 +842,6 @@ impl StreamState {
         }
         match self.mode {
             BodyMode::Buffered => {
-                let mut mutation = mutation;
                 let body_mutation = self.restore.is_some().then(|| {
                     // The rewritten body replaces the buffered one, with its own length.
                     let body = std::mem::take(&mut self.body);

@@ -4,7 +4,8 @@
 //! Every response carries `x-sim-server` (and `x-sim-cluster`) naming who served it, so tests
 //! and benchmarks can see where a request went without asking the picker; a generation's
 //! response carries `x-sim-model`, the model it was asked for (what a rewrite made of it), and
-//! `x-sim-queue-ahead`, the requests it found waiting for the batch.
+//! `x-sim-queue-ahead`, the requests it found waiting for the batch. `x-sim-traceparent` echoes
+//! the W3C `traceparent` the request arrived with, as a traced server would record it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -41,6 +42,8 @@ pub const MODEL_HEADER: &str = "x-sim-model";
 pub const QUEUE_AHEAD_HEADER: &str = "x-sim-queue-ahead";
 /// The header naming that server's cluster.
 pub const CLUSTER_HEADER: &str = "x-sim-cluster";
+/// The `traceparent` the request came with (absent: none).
+pub const TRACEPARENT_HEADER: &str = "x-sim-traceparent";
 
 /// Largest request body accepted; far above any real prompt, it only bounds memory.
 const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
@@ -409,8 +412,12 @@ async fn network_and_identity(
     if delay_us > 0 {
         tokio::time::sleep(server.clock.wall(Duration::from_micros(delay_us))).await;
     }
+    let traceparent = request.headers().get(crate::trace::TRACEPARENT).cloned();
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
+    if let Some(v) = traceparent {
+        headers.insert(TRACEPARENT_HEADER, v);
+    }
     if let Ok(v) = HeaderValue::from_str(&server.name) {
         headers.insert(SERVER_HEADER, v);
     }
