@@ -212,19 +212,15 @@ struct LoadArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Human => logs.init(),
-        LogFormat::Json => logs.json().init(),
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    // Inside the runtime: the OTLP exporter's gRPC client lives on it.
+    let _otlp = {
+        let _entered = runtime.enter();
+        init_logs(cli.log_format)?
+    };
     runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
@@ -274,6 +270,44 @@ fn main() -> anyhow::Result<()> {
             Command::Probe { url, timeout } => probe(&url, timeout).await,
         }
     })
+}
+
+/// What must live as long as the process for logs and traces (the OTLP exporter, flushed when
+/// it drops).
+#[cfg(feature = "otlp")]
+type LogGuard = Option<fleetpick::trace::otlp::Guard>;
+#[cfg(not(feature = "otlp"))]
+type LogGuard = ();
+
+/// Logs to stderr in `format`, levels from `RUST_LOG` (default `info`); with the `otlp`
+/// feature and `OTEL_EXPORTER_OTLP_ENDPOINT` set, request spans exported too.
+fn init_logs(format: LogFormat) -> anyhow::Result<LogGuard> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Human => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let logs = tracing_subscriber::registry().with(fmt.with_filter(filter));
+    #[cfg(feature = "otlp")]
+    {
+        let (layer, guard) = fleetpick::trace::otlp::layer()?.unzip();
+        let exporting = layer.is_some();
+        logs.with(layer).init();
+        fleetpick::trace::otlp::ENABLED.store(exporting, std::sync::atomic::Ordering::Relaxed);
+        if exporting {
+            tracing::info!("exporting request spans over OTLP");
+        }
+        Ok(guard)
+    }
+    #[cfg(not(feature = "otlp"))]
+    {
+        logs.init();
+        Ok(())
+    }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

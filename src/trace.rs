@@ -92,6 +92,146 @@ impl fmt::Display for TraceContext {
     }
 }
 
+/// One request's place in its trace, kept for the request's life in fleetpick: with OTLP export
+/// (the `otlp` feature, and `OTEL_EXPORTER_OTLP_ENDPOINT` set) it holds the exported span,
+/// which ends when this drops.
+#[derive(Debug)]
+pub struct RequestTrace {
+    pub context: TraceContext,
+    #[cfg(feature = "otlp")]
+    _span: Option<tracing::Span>,
+}
+
+impl RequestTrace {
+    /// The trace of a request that came with `traceparent` (if any): see
+    /// [`TraceContext::for_request`]; with OTLP export on, the context is the exported span's,
+    /// whose sampling the tracer decides (parent-based).
+    pub fn start(traceparent: Option<&str>, rng: &mut fastrand::Rng) -> RequestTrace {
+        #[cfg(feature = "otlp")]
+        if otlp::ENABLED.load(std::sync::atomic::Ordering::Relaxed) {
+            let parent = traceparent.and_then(TraceContext::parse);
+            if let Some((span, context)) = otlp::span(parent) {
+                return RequestTrace {
+                    context,
+                    _span: Some(span),
+                };
+            }
+        }
+        RequestTrace {
+            context: TraceContext::for_request(traceparent, rng),
+            #[cfg(feature = "otlp")]
+            _span: None,
+        }
+    }
+}
+
+/// OTLP export of fleetpick's request spans (gRPC, the standard `OTEL_EXPORTER_OTLP_*`
+/// environment), through `tracing-opentelemetry`: each request is a span named `request`,
+/// child of the client's `traceparent`, from the pick to the end of the response.
+#[cfg(feature = "otlp")]
+pub mod otlp {
+    use std::sync::atomic::AtomicBool;
+
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider,
+    };
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::{Filtered, Targets};
+
+    use super::TraceContext;
+
+    /// The spans exported: this module's.
+    pub const TARGET: &str = "fleetpick::trace";
+
+    /// Set once the layer is installed: until then a span would have no OTel context.
+    pub static ENABLED: AtomicBool = AtomicBool::new(false);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot build the OTLP exporter: {0}")]
+    pub struct OtlpError(#[from] opentelemetry_otlp::ExporterBuildError);
+
+    /// Flushes and stops the exporter when dropped (at exit).
+    #[derive(Debug)]
+    pub struct Guard(SdkTracerProvider);
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if let Err(e) = self.0.shutdown() {
+                eprintln!("fleetpick: OTLP exporter shutdown: {e}");
+            }
+        }
+    }
+
+    /// The tracing layer exporting request spans, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set
+    /// (else `None`: nothing is exported). Call inside the Tokio runtime (the gRPC client
+    /// lives on it), and mark it installed with [`ENABLED`] once the subscriber is set.
+    #[allow(clippy::type_complexity)]
+    pub fn layer<S>() -> Result<
+        Option<(
+            Filtered<
+                tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>,
+                Targets,
+                S,
+            >,
+            Guard,
+        )>,
+        OtlpError,
+    >
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_none() {
+            return Ok(None);
+        }
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()?;
+        let resource = opentelemetry_sdk::Resource::builder()
+            .with_service_name("fleetpick")
+            .build();
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build();
+        let tracer = provider.tracer("fleetpick");
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(Targets::new().with_target(TARGET, tracing::Level::INFO));
+        Ok(Some((layer, Guard(provider))))
+    }
+
+    /// A new request span, child of `parent` (a remote span) if any, and its context.
+    pub(super) fn span(parent: Option<TraceContext>) -> Option<(tracing::Span, TraceContext)> {
+        let span = tracing::info_span!(target: TARGET, "request");
+        if let Some(p) = parent {
+            let remote = SpanContext::new(
+                TraceId::from(p.trace_id),
+                SpanId::from(p.span_id),
+                TraceFlags::new(p.flags),
+                true,
+                TraceState::default(),
+            );
+            let cx = opentelemetry::Context::new().with_remote_span_context(remote);
+            span.set_parent(cx).ok()?;
+        }
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        if !sc.is_valid() {
+            return None;
+        }
+        Some((
+            span,
+            TraceContext {
+                trace_id: u128::from_be_bytes(sc.trace_id().to_bytes()),
+                span_id: u64::from_be_bytes(sc.span_id().to_bytes()),
+                flags: sc.trace_flags().to_u8(),
+            },
+        ))
+    }
+}
+
 /// A field of lowercase hex digits (uppercase is invalid in `traceparent`).
 fn hex_field(s: &str) -> Option<u128> {
     if s.is_empty() || !s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {

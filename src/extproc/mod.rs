@@ -60,7 +60,7 @@ use crate::schedule::{self, PickError, PickRequest};
 use crate::session::{SessionKey, cookie_value, endpoint_token};
 use crate::telemetry::FlowOutcome;
 use crate::telemetry::Metrics;
-use crate::trace::{TRACEPARENT, TraceContext};
+use crate::trace::{RequestTrace, TRACEPARENT};
 
 /// The header (and `envoy.lb` metadata key) naming the destination.
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
@@ -277,8 +277,8 @@ struct StreamState {
     /// The response is an event stream, and how many JSON events it has carried.
     event_stream: bool,
     events: u32,
-    /// The pick's span in the request's trace (see [`crate::trace`]).
-    trace: Option<TraceContext>,
+    /// The pick's span in the request's trace (see [`crate::trace`]); ends as it drops.
+    trace: Option<RequestTrace>,
 }
 
 /// What a request needs to be picked, kept while it waits in the queue.
@@ -355,7 +355,7 @@ impl StreamState {
                 .request_ended(self.client_model.as_deref().unwrap_or(target), target);
             tracing::debug!(
                 model = self.model.as_deref().unwrap_or(""),
-                trace_id = %self.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+                trace_id = %self.trace.as_ref().map(|t| t.context.trace_id_hex()).unwrap_or_default(),
                 endpoint = %guard.endpoint().addr,
                 served = self.served.as_deref().unwrap_or(""),
                 status = self.status.unwrap_or(0),
@@ -806,8 +806,9 @@ impl StreamState {
             pick.tier,
             pick.dry_run,
         );
-        let trace = TraceContext::for_request(self.request_header(TRACEPARENT).as_deref(), rng);
-        self.trace = Some(trace);
+        let request_trace = RequestTrace::start(self.request_header(TRACEPARENT).as_deref(), rng);
+        let trace = request_trace.context;
+        self.trace = Some(request_trace);
         match &pick.explain {
             Some(why) => tracing::debug!(
                 model = model.as_deref().unwrap_or(""),

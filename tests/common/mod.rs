@@ -178,6 +178,11 @@ impl Drop for Picker {
 impl Picker {
     /// Starts `fleetpick serve` on the fleet file text `yaml`, on a free port.
     pub async fn start(yaml: &str) -> Picker {
+        Picker::start_with_env(yaml, &[]).await
+    }
+
+    /// [`Picker::start`] with environment variables added to fleetpick's.
+    pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Picker {
         let dir = TempDir::new("picker");
         let config = dir.0.join("fleet.yaml");
         std::fs::write(&config, yaml).unwrap();
@@ -194,6 +199,7 @@ impl Picker {
             .arg(&config)
             .arg("--ready-file")
             .arg(&ready)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
