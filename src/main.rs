@@ -277,7 +277,7 @@ fn main() -> anyhow::Result<()> {
 #[cfg(feature = "otlp")]
 type LogGuard = Option<fleetpick::trace::otlp::Guard>;
 #[cfg(not(feature = "otlp"))]
-type LogGuard = ();
+struct LogGuard;
 
 /// Logs to stderr in `format`, levels from `RUST_LOG` (default `info`); with the `otlp`
 /// feature and `OTEL_EXPORTER_OTLP_ENDPOINT` set, request spans exported too.
@@ -306,7 +306,7 @@ fn init_logs(format: LogFormat) -> anyhow::Result<LogGuard> {
     #[cfg(not(feature = "otlp"))]
     {
         logs.init();
-        Ok(())
+        Ok(LogGuard)
     }
 }
 
