@@ -1,5 +1,5 @@
 //! Micro-benchmarks of the request path: picking an endpoint among 10 to 10,000, and reading a
-//! large chat body.
+//! large chat body; and of fleetpick's `/metrics` page, rendered for 64 and 1,000 endpoints.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark set-up may panic
 
@@ -182,8 +182,25 @@ fn parse_chat_256k(c: &mut Criterion) {
     );
 }
 
+/// One `/metrics` render (the gauges read from the fleet, then the text encoding): what a
+/// scrape costs fleetpick beside the HTTP exchange.
+fn metrics_render(c: &mut Criterion) {
+    let mut group = c.benchmark_group("metrics_render");
+    for n in [64, 1_000] {
+        let f = fleet(n);
+        let m = fleetpick::telemetry::Metrics::new(&f);
+        let bytes = m.render(&f).unwrap().len();
+        eprintln!("metrics_render/{n}: {bytes} bytes");
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| black_box(m.render(&f).unwrap()))
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    metrics_render,
     pick_latency,
     pick_tail,
     pick_prefix,

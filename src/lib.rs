@@ -24,6 +24,7 @@
 //! - [`rewrite`]: model rewrites (client-facing names served as weighted targets) and the
 //!   restoring of the client's name in responses.
 //! - [`session`]: session affinity's bounded memory of which endpoint serves each session.
+//! - [`cpu`]: CPU time of processes and threads, from `/proc`.
 //! - [`scratch`]: scratch directories removed on drop.
 //! - [`sim`]: the model-server simulator (engine model, OpenAI API, `/metrics`, faults) that
 //!   every test, demo and benchmark runs on.
@@ -36,6 +37,7 @@
 pub mod bench;
 pub mod collect;
 pub mod config;
+pub mod cpu;
 pub mod demo;
 pub mod envoy;
 pub mod extproc;

@@ -333,6 +333,10 @@ pub struct InProcess {
     pub addr: SocketAddr,
     /// The fleet it serves (it does not watch a file: this stays its only generation).
     pub fleet: Arc<Fleet>,
+    /// Its `/metrics` listener, when started with one.
+    pub metrics: Option<SocketAddr>,
+    /// Its threads (Linux tids), for [`InProcess::cpu_seconds`].
+    threads: Arc<std::sync::Mutex<Vec<u32>>>,
     stop: tokio::sync::watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -345,16 +349,52 @@ pub const IN_PROCESS_GRACE: Duration = Duration::from_millis(200);
 impl InProcess {
     /// Starts fleetpick on `cfg`, listening on a free loopback port.
     pub fn start(cfg: FleetConfig) -> std::io::Result<InProcess> {
+        InProcess::launch(cfg, false)
+    }
+
+    /// [`InProcess::start`], with a `/metrics` listener on another free loopback port.
+    pub fn start_with_metrics(cfg: FleetConfig) -> std::io::Result<InProcess> {
+        InProcess::launch(cfg, true)
+    }
+
+    /// CPU seconds its threads have used (those still running: a Tokio blocking thread that
+    /// exited takes its time along, and fleetpick hardly uses any); `None` without `/proc`.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        let times: Vec<f64> = threads
+            .iter()
+            .filter_map(|&t| crate::cpu::thread_cpu_seconds(t))
+            .collect();
+        (!times.is_empty()).then(|| times.iter().sum())
+    }
+
+    fn launch(cfg: FleetConfig, metrics: bool) -> std::io::Result<InProcess> {
+        let threads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = threads.clone();
+        let record_thread = move || {
+            if let Some(tid) = crate::cpu::current_thread_id() {
+                record.lock().unwrap_or_else(|e| e.into_inner()).push(tid);
+            }
+        };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .thread_name("fleetpick")
+            .on_thread_start(record_thread.clone())
             .enable_all()
             .build()?;
-        let std_listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-        std_listener.set_nonblocking(true)?;
-        let addr = std_listener.local_addr()?;
-        let listener = {
+        let bind = || -> std::io::Result<(TcpListener, SocketAddr)> {
+            let std_listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+            std_listener.set_nonblocking(true)?;
+            let addr = std_listener.local_addr()?;
             let _guard = rt.enter();
-            TcpListener::from_std(std_listener)?
+            Ok((TcpListener::from_std(std_listener)?, addr))
+        };
+        let (listener, addr) = bind()?;
+        let (metrics_listener, metrics) = match metrics {
+            true => {
+                let (l, a) = bind()?;
+                (Some(l), Some(a))
+            }
+            false => (None, None),
         };
         let fleet = Arc::new(Fleet::new(&cfg));
         let cell = Arc::new(FleetCell::new(fleet.clone()));
@@ -363,11 +403,12 @@ impl InProcess {
         let thread = std::thread::Builder::new()
             .name("fleetpick".into())
             .spawn(move || {
+                record_thread();
                 rt.block_on(async move {
                     let io = Io {
                         grpc: listener,
                         tls: None,
-                        metrics: None,
+                        metrics: metrics_listener,
                         config_file: None,
                     };
                     let served = run(cell, &cfg, io, async move {
@@ -392,6 +433,8 @@ impl InProcess {
         Ok(InProcess {
             addr,
             fleet,
+            metrics,
+            threads,
             stop,
             thread: Some(thread),
         })

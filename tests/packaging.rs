@@ -198,3 +198,91 @@ fn the_kubernetes_manifests_agree_with_each_other_and_the_fleet_file() {
         u64::from(cfg.file.pools[0].target_port.unwrap())
     );
 }
+
+#[test]
+fn the_sidecar_manifest_puts_fleetpick_where_the_shipped_envoy_looks() {
+    let docs = yaml_documents(&repo("examples/k8s/envoy-sidecar.yaml"));
+    let find = |kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("a {kind}"))
+    };
+    let cm = find("ConfigMap");
+    let cfg = FleetConfig::parse(cm["data"]["fleet.yaml"].as_str().unwrap(), "configmap").unwrap();
+    // envoy/envoy.yaml, which the manifest mounts, reaches fleetpick at its user default.
+    let envoy_yaml = yaml(&repo("envoy/envoy.yaml"));
+    let picker = envoy_yaml["static_resources"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "fleetpick")
+        .unwrap();
+    let addr = &picker["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        ["socket_address"];
+    assert_eq!(
+        format!(
+            "{}:{}",
+            addr["address"].as_str().unwrap(),
+            addr["port_value"]
+        ),
+        cfg.file.server.listen.to_string()
+    );
+    assert!(
+        cfg.file.server.listen.ip().is_loopback(),
+        "only the Pod reaches it"
+    );
+    let dep = find("Deployment");
+    let pod = &dep["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let containers = pod["containers"].as_array().unwrap();
+    let named = |n: &str| containers.iter().find(|c| c["name"] == n).unwrap();
+    let (envoy, fleetpick) = (named("envoy"), named("fleetpick"));
+    // Each container's configuration is mounted where its arguments look.
+    let mount = |c: &Value| {
+        c["volumeMounts"][0]["mountPath"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        strings(&fleetpick["args"]),
+        [
+            "serve",
+            "--config",
+            &format!("{}/fleet.yaml", mount(fleetpick))
+        ]
+    );
+    assert_eq!(
+        strings(&envoy["args"])[..2],
+        ["-c".to_string(), format!("{}/envoy.yaml", mount(envoy))]
+    );
+    let volume = |name: &str| {
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap()["configMap"]["name"]
+            .clone()
+    };
+    assert_eq!(volume("fleet"), cm["metadata"]["name"]);
+    assert_eq!(volume("envoy"), "envoy");
+    // The client-facing port is Envoy's listener; fleetpick's health is on its metrics port.
+    let listen =
+        envoy_yaml["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+            .as_u64()
+            .unwrap();
+    assert_eq!(envoy["ports"][0]["containerPort"].as_u64().unwrap(), listen);
+    assert_eq!(
+        fleetpick["ports"][0]["containerPort"].as_u64().unwrap(),
+        u64::from(cfg.file.server.metrics_listen.unwrap().port())
+    );
+    assert_eq!(fleetpick["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(grace * 1000 > cfg.file.server.shutdown_grace_ms);
+    let svc = find("Service");
+    assert_eq!(
+        svc["spec"]["selector"],
+        dep["spec"]["template"]["metadata"]["labels"]
+    );
+}

@@ -150,6 +150,10 @@ pub enum StrategySpec {
         /// Flow control on (see [`crate::config::FlowControlSettings`]).
         #[serde(default)]
         flow_control: bool,
+        /// fleetpick's own `/metrics` scraped this often during each cell, as Prometheus
+        /// would (to measure what the scrapes cost).
+        #[serde(default)]
+        scrape_metrics_ms: Option<u64>,
     },
 }
 
@@ -163,6 +167,8 @@ pub struct Strategy {
     pub locality: bool,
     /// fleetpick holds requests while the pool is saturated.
     pub flow_control: bool,
+    /// fleetpick's `/metrics` is scraped this often during each cell.
+    pub scrape_metrics_ms: Option<u64>,
 }
 
 impl StrategySpec {
@@ -187,19 +193,29 @@ impl StrategySpec {
                     weights,
                     locality,
                     flow_control: false,
+                    scrape_metrics_ms: None,
                 })
             }
             StrategySpec::Variant {
                 name,
                 weights,
                 flow_control,
-            } => Ok(Strategy {
-                name: name.clone(),
-                flavor: Flavor::OriginalDst,
-                weights: Some(*weights),
-                locality: false,
-                flow_control: *flow_control,
-            }),
+                scrape_metrics_ms,
+            } => {
+                if *scrape_metrics_ms == Some(0) {
+                    return Err(BenchError::Scenario(format!(
+                        "strategies: {name}: scrape_metrics_ms must be above 0"
+                    )));
+                }
+                Ok(Strategy {
+                    name: name.clone(),
+                    flavor: Flavor::OriginalDst,
+                    weights: Some(*weights),
+                    locality: false,
+                    flow_control: *flow_control,
+                    scrape_metrics_ms: *scrape_metrics_ms,
+                })
+            }
         }
     }
 }
@@ -542,6 +558,13 @@ pub struct CellResult {
     /// Per workload class, when the scenario has classes.
     #[serde(default)]
     pub classes: Vec<ClassResult>,
+    /// CPU seconds fleetpick's threads used over the cell's load (warm-up included), when
+    /// fleetpick is in the path.
+    #[serde(default)]
+    pub picker_cpu_seconds: Option<f64>,
+    /// Good scrapes of fleetpick's `/metrics` during the cell, when the strategy scrapes.
+    #[serde(default)]
+    pub metrics_scrapes: Option<usize>,
 }
 
 /// What one workload class of a cell measured.
@@ -770,7 +793,11 @@ async fn drive_cell(
             ),
             "bench fleet",
         )?;
-        let picker = crate::serve::InProcess::start(cfg).map_err(|source| BenchError::Io {
+        let started = match strategy.scrape_metrics_ms {
+            Some(_) => crate::serve::InProcess::start_with_metrics(cfg),
+            None => crate::serve::InProcess::start(cfg),
+        };
+        let picker = started.map_err(|source| BenchError::Io {
             what: "cannot start fleetpick".into(),
             source,
         })?;
@@ -908,7 +935,23 @@ async fn drive_cell(
             watch_pid: None,
         })
     });
+    let cpu_before = _picker.as_ref().and_then(|p| p.cpu_seconds());
+    let scraper = match (&_picker, strategy.scrape_metrics_ms) {
+        (Some(p), Some(ms)) => p.metrics.map(|a| scrape_metrics(a, ms)),
+        _ => None,
+    };
     let reports = futures_util::future::join_all(runs).await;
+    let picker_cpu = cpu_before.and_then(|b| {
+        let after = _picker.as_ref().and_then(|p| p.cpu_seconds())?;
+        Some(after - b)
+    });
+    let scrapes = match scraper {
+        Some((task, count)) => {
+            task.abort();
+            Some(count.load(std::sync::atomic::Ordering::Relaxed))
+        }
+        None => None,
+    };
     faults.abort();
     drop(envoy);
     let warm_us = warmup.as_micros() as u64;
@@ -942,7 +985,44 @@ async fn drive_cell(
         },
     );
     cell.classes = per_class;
+    cell.picker_cpu_seconds = picker_cpu;
+    cell.metrics_scrapes = scrapes;
     Ok(cell)
+}
+
+/// Scrapes `http://addr/metrics` every `every_ms` (as Prometheus would), counting good scrapes,
+/// until the task is aborted.
+fn scrape_metrics(
+    addr: std::net::SocketAddr,
+    every_ms: u64,
+) -> (
+    tokio::task::JoinHandle<()>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    let task = tokio::spawn(async move {
+        let Ok(client) = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()
+        else {
+            return;
+        };
+        let url = format!("http://{addr}/metrics");
+        let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Ok(r) = client.get(&url).send().await
+                && r.status().is_success()
+                && r.bytes().await.is_ok()
+            {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    (task, count)
 }
 
 /// One class's part of a cell.
@@ -1109,6 +1189,8 @@ fn cell_result(
         per_server: s.per_server.clone(),
         max_share_over_even: if even > 0.0 { busiest / even } else { 0.0 },
         classes: Vec::new(),
+        picker_cpu_seconds: None,
+        metrics_scrapes: None,
         windows: scenario
             .windows
             .iter()

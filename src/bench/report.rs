@@ -154,6 +154,48 @@ pub fn overhead_comparison(r: &Results) -> Option<String> {
     Some(out)
 }
 
+/// fleetpick's own CPU per cell: seconds over the cell's load, per request, the `/metrics`
+/// scrapes made, and the ratio to the first strategy with fleetpick at the same rate (with the
+/// difference spread over the scrapes, when the cell scraped and the baseline did not).
+pub fn picker_cpu_comparison(r: &Results) -> Option<String> {
+    let with_cpu: Vec<&CellResult> = r
+        .cells
+        .iter()
+        .filter(|c| c.picker_cpu_seconds.is_some() && c.concurrency.is_none())
+        .collect();
+    let first = with_cpu.first()?.strategy.clone();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| strategy | offered/s | requests | fleetpick CPU (s) | per request (µs) | /metrics scrapes | CPU / {first} | per scrape over {first} (µs) |\n|---|---|---|---|---|---|---|---|"
+    );
+    for c in &with_cpu {
+        let cpu = c.picker_cpu_seconds.unwrap_or(0.0);
+        let base = with_cpu
+            .iter()
+            .find(|b| b.strategy == first && b.rate == c.rate)
+            .and_then(|b| b.picker_cpu_seconds);
+        let ratio = base.map_or("-".to_string(), |b| format!("{:.3}", cpu / b.max(1e-9)));
+        let per_scrape = match (base, c.metrics_scrapes) {
+            (Some(b), Some(n)) if n > 0 && c.strategy != first => {
+                format!("{:.0}", (cpu - b) / n as f64 * 1e6)
+            }
+            _ => "-".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {} | {:.2} | {:.0} | {} | {ratio} | {per_scrape} |",
+            c.strategy,
+            c.rate,
+            c.requests,
+            cpu,
+            cpu / c.requests.max(1) as f64 * 1e6,
+            c.metrics_scrapes.map_or("-".to_string(), |n| n.to_string()),
+        );
+    }
+    Some(out)
+}
+
 /// Each part (window or workload class) of each rate cell, in the first cell's order, with the
 /// part's time-to-first-token p90 as a ratio to the first strategy's for the same part and rate
 /// ("-" when either has none). `row` gets the part's cell, the part and the ratio.
@@ -331,6 +373,9 @@ pub fn markdown(r: &Results, command: &str) -> String {
             "\n## Against round robin: added latency, highest rate\n\n{o}"
         );
     }
+    if let Some(c) = picker_cpu_comparison(r) {
+        let _ = writeln!(out, "\n## fleetpick's CPU\n\n{c}");
+    }
     if let Some(k) = knee_comparison(r) {
         let _ = writeln!(out, "\n## At round robin's knee\n\n{k}");
     }
@@ -424,6 +469,8 @@ mod tests {
             max_share_over_even: 1.0,
             windows: Vec::new(),
             classes: Vec::new(),
+            picker_cpu_seconds: None,
+            metrics_scrapes: None,
         }
     }
 
