@@ -127,16 +127,25 @@ fn the_dockerfile_builds_in_one_stage_and_runs_unprivileged_in_another() {
     );
 }
 
+/// The one document of `kind` among a manifest's.
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("a {kind}"))
+}
+
+/// A manifest's ConfigMap and the fleet file in it, validated.
+fn fleet_config_map(docs: &[Value]) -> (&Value, FleetConfig) {
+    let cm = of_kind(docs, "ConfigMap");
+    let cfg = FleetConfig::parse(cm["data"]["fleet.yaml"].as_str().unwrap(), "configmap").unwrap();
+    (cm, cfg)
+}
+
 #[test]
 fn the_kubernetes_manifests_agree_with_each_other_and_the_fleet_file() {
     let docs = yaml_documents(&repo("examples/k8s/fleetpick.yaml"));
-    let find = |kind: &str| {
-        docs.iter()
-            .find(|d| d["kind"] == kind)
-            .unwrap_or_else(|| panic!("a {kind}"))
-    };
-    let cm = find("ConfigMap");
-    let cfg = FleetConfig::parse(cm["data"]["fleet.yaml"].as_str().unwrap(), "configmap").unwrap();
+    let find = |kind: &str| of_kind(&docs, kind);
+    let (cm, cfg) = fleet_config_map(&docs);
     let dep = find("Deployment");
     let svc = find("Service");
     let pool = find("InferencePool");
@@ -202,13 +211,8 @@ fn the_kubernetes_manifests_agree_with_each_other_and_the_fleet_file() {
 #[test]
 fn the_sidecar_manifest_puts_fleetpick_where_the_shipped_envoy_looks() {
     let docs = yaml_documents(&repo("examples/k8s/envoy-sidecar.yaml"));
-    let find = |kind: &str| {
-        docs.iter()
-            .find(|d| d["kind"] == kind)
-            .unwrap_or_else(|| panic!("a {kind}"))
-    };
-    let cm = find("ConfigMap");
-    let cfg = FleetConfig::parse(cm["data"]["fleet.yaml"].as_str().unwrap(), "configmap").unwrap();
+    let find = |kind: &str| of_kind(&docs, kind);
+    let (cm, cfg) = fleet_config_map(&docs);
     // envoy/envoy.yaml, which the manifest mounts, reaches fleetpick at its user default.
     let envoy_yaml = yaml(&repo("envoy/envoy.yaml"));
     let picker = envoy_yaml["static_resources"]["clusters"]
