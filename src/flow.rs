@@ -141,7 +141,8 @@ struct State {
 /// One pool's queue.
 #[derive(Debug)]
 pub struct FlowQueue {
-    limits: QueueLimits,
+    /// Changed in place by a reload (the requests waiting stay, under the new bounds).
+    limits: Mutex<QueueLimits>,
     state: Mutex<State>,
     /// Woken when a request joins (the dispatcher sleeps while the queue is empty).
     pub joined: tokio::sync::Notify,
@@ -170,7 +171,7 @@ impl Ticket {
         let Some(rx) = self.rx.as_mut() else {
             return Outcome::Expired;
         };
-        let deadline = self.enqueued + self.queue.limits.ttl;
+        let deadline = self.enqueued + self.queue.limits().ttl;
         let outcome = match tokio::time::timeout_at(deadline, &mut *rx).await {
             Ok(Ok(o)) => o,
             Ok(Err(_)) => Outcome::Expired,
@@ -215,7 +216,7 @@ impl Drop for Ticket {
 impl FlowQueue {
     pub fn new(limits: QueueLimits) -> Arc<FlowQueue> {
         Arc::new(FlowQueue {
-            limits,
+            limits: Mutex::new(limits),
             state: Mutex::new(State::default()),
             joined: tokio::sync::Notify::new(),
             in_transit: AtomicU32::new(0),
@@ -225,7 +226,13 @@ impl FlowQueue {
 
     /// The queue's bounds.
     pub fn limits(&self) -> QueueLimits {
-        self.limits
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// New bounds (a reload changed them): the size bounds apply to requests queued from now on;
+    /// a waiting request leaves at the earlier of its old deadline and the new time to live.
+    pub fn set_limits(&self, limits: QueueLimits) {
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = limits;
     }
 
     /// Retires the queue (a reload replaced it, or switched flow control off): every request
@@ -251,13 +258,14 @@ impl FlowQueue {
         let (tx, rx) = oneshot::channel();
         let now = Instant::now();
         let flow: Arc<str> = Arc::from(flow);
+        let limits = self.limits();
         let id = {
             let mut s = self.lock();
             s.next_id += 1;
             let id = s.next_id;
             let band = s.bands.entry(priority).or_default();
-            if band.len >= self.limits.max_requests_per_band
-                || band.bytes.saturating_add(bytes) > self.limits.max_bytes_per_band
+            if band.len >= limits.max_requests_per_band
+                || band.bytes.saturating_add(bytes) > limits.max_bytes_per_band
             {
                 if band.len == 0 {
                     s.bands.remove(&priority);
@@ -323,7 +331,7 @@ impl FlowQueue {
     /// [`Outcome::Expired`]); returns how many.
     pub fn expire(&self, now: Instant) -> usize {
         let mut s = self.lock();
-        let ttl = self.limits.ttl;
+        let ttl = self.limits().ttl;
         let mut n = 0;
         for band in s.bands.values_mut() {
             let mut expired = Vec::new();

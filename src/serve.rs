@@ -251,15 +251,24 @@ async fn watch_config(
                 refused = None;
             }
         }
-        let next = source
+        let prepared = source
             .read()
-            .and_then(|cfg| restart_only_unchanged(&loaded.file, &cfg.file).map(|()| cfg));
-        let next = match next {
-            Ok(next) if next == loaded => {
+            .and_then(|cfg| restart_only_unchanged(&loaded.file, &cfg.file).map(|()| cfg))
+            .and_then(|next| {
+                if next == loaded {
+                    return Ok(None);
+                }
+                let successor = Arc::new(fleet.load().successor(&next));
+                let started = Workers::start(&successor)
+                    .map_err(|e| format!("cannot start its pollers: {e}"))?;
+                Ok(Some((next, successor, started)))
+            });
+        let (next, successor, started) = match prepared {
+            Ok(Some(p)) => p,
+            Ok(None) => {
                 refused = None;
                 continue;
             }
-            Ok(next) => next,
             Err(why) => {
                 if refused.as_ref() != Some(&why) {
                     metrics.reloaded(false);
@@ -270,17 +279,7 @@ async fn watch_config(
             }
         };
         let current = fleet.load_full();
-        let successor = Arc::new(current.successor(&next));
-        let started = match Workers::start(&successor) {
-            Ok(w) => w,
-            Err(e) => {
-                metrics.reloaded(false);
-                tracing::error!(%file, error = %e, "fleet file not reloaded: cannot start its pollers");
-                continue;
-            }
-        };
-        metrics.adopt(&successor);
-        fleet.store(successor.clone());
+        metrics.switch(&fleet, successor.clone());
         current.retire(&successor);
         // The old generation's pollers and dispatchers stop here.
         drop(std::mem::replace(&mut workers, started));

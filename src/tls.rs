@@ -5,8 +5,10 @@
 //! that does not load (a half-written file, a key that does not match) is logged and the last
 //! good configuration stays.
 //!
-//! Handshakes run in their own tasks, bounded by [`HANDSHAKE_TIMEOUT`], so that a slow or silent
-//! client holds up nobody; the established streams go to tonic as its incoming connections.
+//! Handshakes run in their own tasks, bounded in time ([`HANDSHAKE_TIMEOUT`]) and number
+//! ([`MAX_HANDSHAKES`]), so that a slow or silent client holds up nobody; the established
+//! streams go to tonic as its incoming connections. Failed handshakes are logged at debug level
+//! (`RUST_LOG=fleetpick::tls=debug`): a scanner must not flood the log.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,6 +27,10 @@ use crate::config::TlsSettings;
 
 /// How long a client has to complete its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes under way at once, at most: a connection that comes while this many wait is
+/// closed at once, so that silent clients cannot hold every file descriptor (Envoy opens a few
+/// long-lived connections and is never near it).
+pub const MAX_HANDSHAKES: usize = 256;
 /// How often the files are compared with what was loaded.
 pub const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
@@ -125,6 +131,7 @@ impl Tls {
         listener: TcpListener,
     ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -140,17 +147,24 @@ impl Tls {
                         continue;
                     }
                 };
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    tracing::debug!(%peer, "too many TLS handshakes under way: connection closed");
+                    continue;
+                };
                 // Small ext_proc answers must not wait for delayed ACKs (see `serve`).
                 let _ = tcp.set_nodelay(true);
                 let acceptor = TlsAcceptor::from(self.current.load_full());
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                    drop(permit);
+                    match handshake {
                         Ok(Ok(tls)) => {
                             let _ = tx.send(Ok(tls)).await;
                         }
-                        Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 });
             }

@@ -13,6 +13,11 @@ use std::fmt;
 
 /// The header's name.
 pub const TRACEPARENT: &str = "traceparent";
+/// Vendor entries that go with a `traceparent`: dropped when fleetpick starts a new trace (they
+/// belong to no trace then).
+pub const TRACESTATE: &str = "tracestate";
+/// Trace flags passed on: sampled (bit 0) and random trace id (bit 1).
+const KNOWN_FLAGS: u8 = 0x03;
 
 /// One span's place in a trace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,10 +63,12 @@ impl TraceContext {
         }
     }
 
-    /// A child span in the same trace, with the same flags.
+    /// A child span in the same trace, with the flags this version defines (sampled, and
+    /// Level 2's random trace id); others are cleared, as the W3C text asks.
     pub fn child(&self, rng: &mut fastrand::Rng) -> TraceContext {
         TraceContext {
             span_id: rng.u64(1..),
+            flags: self.flags & KNOWN_FLAGS,
             ..*self
         }
     }
@@ -98,6 +105,9 @@ impl fmt::Display for TraceContext {
 #[derive(Debug)]
 pub struct RequestTrace {
     pub context: TraceContext,
+    /// It continues the client's trace (else it is a new one, and the client's `tracestate`,
+    /// if any, goes).
+    pub continued: bool,
     #[cfg(feature = "otlp")]
     _span: Option<tracing::Span>,
 }
@@ -113,12 +123,17 @@ impl RequestTrace {
             if let Some((span, context)) = otlp::span(parent) {
                 return RequestTrace {
                     context,
+                    continued: parent.is_some(),
                     _span: Some(span),
                 };
             }
         }
+        let context = TraceContext::for_request(traceparent, rng);
         RequestTrace {
-            context: TraceContext::for_request(traceparent, rng),
+            continued: traceparent
+                .and_then(TraceContext::parse)
+                .is_some_and(|p| p.trace_id == context.trace_id),
+            context,
             #[cfg(feature = "otlp")]
             _span: None,
         }
@@ -256,6 +271,9 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(7);
         let child = TraceContext::for_request(Some(EXAMPLE), &mut rng);
         assert_eq!((child.trace_id, child.flags), (c.trace_id, 1));
+        // Flags this version does not define are not passed on.
+        let odd = TraceContext::parse(&EXAMPLE.replace("-01", "-ff")).unwrap();
+        assert_eq!(odd.child(&mut rng).flags, 0x03);
         assert_ne!(child.span_id, c.span_id);
         assert_eq!(TraceContext::parse(&child.to_string()), Some(child));
         assert_eq!(child.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");

@@ -130,22 +130,33 @@ async fn a_client_sent_destination_header_is_ignored() {
 }
 
 /// The `traceparent` the model server received for one completion through `url` sent with
-/// `traceparent` (if any).
-async fn traceparent_upstream(url: &str, traceparent: Option<&str>) -> String {
+/// `traceparent` (if any) and `tracestate: vendor=1`, and whether the `tracestate` reached it.
+async fn traceparent_upstream(url: &str, traceparent: Option<&str>) -> (String, bool) {
     let mut req = client()
         .post(url)
+        .header("tracestate", "vendor=1")
         .json(&json!({"model": MODEL, "prompt": "hello", "max_tokens": 2}));
     if let Some(t) = traceparent {
         req = req.header("traceparent", t);
     }
     let resp = req.send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    resp.headers()
-        .get("x-sim-traceparent")
-        .expect("the model server got a traceparent")
-        .to_str()
-        .unwrap()
-        .to_string()
+    let h = resp.headers();
+    let state = h
+        .get("x-sim-tracestate")
+        .map(|v| v.to_str().unwrap().to_string());
+    assert!(
+        state.is_none() || state.as_deref() == Some("vendor=1"),
+        "{state:?}"
+    );
+    (
+        h.get("x-sim-traceparent")
+            .expect("the model server got a traceparent")
+            .to_str()
+            .unwrap()
+            .to_string(),
+        state.is_some(),
+    )
 }
 
 #[tokio::test]
@@ -157,18 +168,22 @@ async fn the_pick_is_a_span_of_the_request_trace_in_both_body_modes() {
         let envoy = envoy::in_front_of(Flavor::OriginalDst, mode, picker.grpc, &sim).await;
         envoy::until_routing(&envoy).await;
         let url = envoy.url("/v1/completions");
-        // The same trace and sampling decision, a new parent: fleetpick's span.
-        let got = traceparent_upstream(&url, Some(sent)).await;
+        // The same trace and sampling decision, a new parent: fleetpick's span; the vendors'
+        // tracestate goes along.
+        let (got, state) = traceparent_upstream(&url, Some(sent)).await;
+        assert!(state, "{mode}: tracestate passed on");
         assert_eq!(got.len(), 55, "{mode}: {got}");
         assert_eq!(&got[..36], &sent[..36], "{mode}: {got}");
         assert_ne!(&got[36..52], &sent[36..52], "{mode}: {got}");
         assert_eq!(&got[52..], "-01", "{mode}: {got}");
         // Every request's pick is its own span.
-        let again = traceparent_upstream(&url, Some(sent)).await;
+        let (again, _) = traceparent_upstream(&url, Some(sent)).await;
         assert_ne!(&again[36..52], &got[36..52], "{mode}");
-        // None sent, or an invalid one: a new trace, not sampled.
+        // None sent, or an invalid one: a new trace, not sampled, without the orphaned
+        // tracestate.
         for sent in [None, Some("00-XYZ-bad-01")] {
-            let got = traceparent_upstream(&url, sent).await;
+            let (got, state) = traceparent_upstream(&url, sent).await;
+            assert!(!state, "{mode}: an orphaned tracestate passed on");
             let parsed = fleetpick::trace::TraceContext::parse(&got).expect("a valid traceparent");
             assert_eq!(parsed.flags, 0, "{mode}: {got}");
             assert!(!got.contains("4bf92f3577b34da6a3ce929d0e0e4736"));

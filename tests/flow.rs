@@ -369,3 +369,69 @@ async fn priority_0_requests_find_the_queues_they_find_unloaded_while_sheddable_
         "with fleetpick chat finds {fleetpick_p90} waiting (p90); Envoy alone {alone_p90}"
     );
 }
+
+#[tokio::test]
+async fn requests_waiting_through_a_reload_are_placed_in_the_new_fleet() {
+    let sim = Sim::start_with_config(
+        &["--servers", "2", "--time-scale", "10"],
+        "defaults: {max_num_seqs: 2}\n",
+    )
+    .await;
+    let (a, b) = (&sim.entries[0], &sim.entries[1]);
+    let extra = format!(
+        "{POLL}imports: [{{pool: pool, policy: {{queue_threshold: 1}}}}]\nflow_control: {{enabled: true}}\n"
+    );
+    // fleetpick knows server A only, and A is full.
+    let picker = Picker::start(&fleet_yaml(std::slice::from_ref(a), &extra)).await;
+    let envoy =
+        envoy::in_front_of(Flavor::OriginalDst, BodyMode::FullDuplex, picker.grpc, &sim).await;
+    envoy::until_routing(&envoy).await;
+    let mut background = Vec::new();
+    for _ in 0..3 {
+        let url = sim.url(0, "/v1/completions");
+        background.push(tokio::spawn(async move {
+            if let Ok(r) = client()
+                .post(url)
+                .json(
+                    &json!({"model": MODEL, "prompt": "long", "max_tokens": 4000, "stream": true}),
+                )
+                .send()
+                .await
+            {
+                let _ = r.bytes().await;
+            }
+        }));
+    }
+    wait_for("the pool saturated", Duration::from_secs(20), || async {
+        common::metric(&picker.metrics_page().await, "fleetpick_pool_free_slots")
+            .is_some_and(|v| v == 0.0)
+            .then_some(())
+    })
+    .await;
+    // Three requests wait in fleetpick's queue.
+    let waiting: Vec<_> = (0..3)
+        .map(|_| {
+            let url = envoy.url("/v1/completions");
+            tokio::spawn(async move { common::complete(&client(), &url, &[]).await })
+        })
+        .collect();
+    wait_for("three requests queued", Duration::from_secs(20), || async {
+        picker
+            .metrics_page()
+            .await
+            .contains("fleetpick_flow_queue_length{pool=\"pool\",priority=\"0\"} 3")
+            .then_some(())
+    })
+    .await;
+    // The fleet file now names server B instead: the waiting requests go there, under the new
+    // fleet, not to the full server of the old one.
+    picker.rewrite_config(&fleet_yaml(std::slice::from_ref(b), &extra));
+    for w in waiting {
+        let (status, server) = w.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(server.as_deref(), Some(b.name.as_str()));
+    }
+    for t in background {
+        t.abort();
+    }
+}

@@ -941,9 +941,11 @@ async fn drive_cell(
         _ => None,
     };
     let reports = futures_util::future::join_all(runs).await;
+    // A thread that exited in between takes its time along: never below 0 (fleetpick's
+    // threads live as long as it, but for Tokio's idle blocking threads).
     let picker_cpu = cpu_before.and_then(|b| {
         let after = _picker.as_ref().and_then(|p| p.cpu_seconds())?;
-        Some(after - b)
+        Some((after - b).max(0.0))
     });
     let scrapes = match scraper {
         Some((task, count)) => {

@@ -171,13 +171,14 @@ pub fn picker_cpu_comparison(r: &Results) -> Option<String> {
     );
     for c in &with_cpu {
         let cpu = c.picker_cpu_seconds.unwrap_or(0.0);
-        let base = with_cpu
+        let base_cell = with_cpu
             .iter()
-            .find(|b| b.strategy == first && b.rate == c.rate)
-            .and_then(|b| b.picker_cpu_seconds);
+            .find(|b| b.strategy == first && b.rate == c.rate);
+        let base = base_cell.and_then(|b| b.picker_cpu_seconds);
+        let base_scraped = base_cell.is_some_and(|b| b.metrics_scrapes.is_some());
         let ratio = base.map_or("-".to_string(), |b| format!("{:.3}", cpu / b.max(1e-9)));
         let per_scrape = match (base, c.metrics_scrapes) {
-            (Some(b), Some(n)) if n > 0 && c.strategy != first => {
+            (Some(b), Some(n)) if n > 0 && !base_scraped => {
                 format!("{:.0}", (cpu - b) / n as f64 * 1e6)
             }
             _ => "-".to_string(),

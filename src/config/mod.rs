@@ -66,9 +66,8 @@
 //!
 //! A running picker re-reads the file every second (and on SIGHUP) and applies a valid change
 //! at once, as the next generation of the fleet (see
-//! [`Fleet::successor`](crate::fleet::Fleet::successor)); the `server` and `flow_control`
-//! sections need a restart. A file that does not validate is refused and the last good one
-//! stays.
+//! [`Fleet::successor`](crate::fleet::Fleet::successor)); only the `server` section needs a
+//! restart. A file that does not validate is refused and the last good one stays.
 //!
 //! Unknown fields are errors. Every error names the field (`pools[0].endpoints.us-west`) and,
 //! where it can be found, the line in the file.

@@ -60,7 +60,7 @@ use crate::schedule::{self, PickError, PickRequest};
 use crate::session::{SessionKey, cookie_value, endpoint_token};
 use crate::telemetry::FlowOutcome;
 use crate::telemetry::Metrics;
-use crate::trace::{RequestTrace, TRACEPARENT};
+use crate::trace::{RequestTrace, TRACEPARENT, TRACESTATE};
 
 /// The header (and `envoy.lb` metadata key) naming the destination.
 pub const DESTINATION_HEADER: &str = "x-gateway-destination-endpoint";
@@ -602,6 +602,9 @@ impl StreamState {
     fn answer(&mut self, body_end: bool) -> Vec<ProcessingResponse> {
         self.answered = true;
         let has_body = !self.body.is_empty() || body_end;
+        // The generation current now (the body may have taken a while): the pick is made in it,
+        // and its indices are what the stream keeps from here.
+        self.fleet = self.picker.fleet.load_full();
         let fleet = self.fleet.clone();
         let mut rng = fastrand::Rng::new();
         let mut hashes = Vec::new();
@@ -835,6 +838,9 @@ impl StreamState {
         mutation
             .set_headers
             .push(set_header(TRACEPARENT, &trace.to_string()));
+        if !self.trace.as_ref().is_some_and(|t| t.continued) {
+            mutation.remove_headers.push(TRACESTATE.into());
+        }
         let metadata = Some(lb_metadata(&destination));
         if !has_body {
             let mut r = headers_response(Resp::RequestHeaders, Some(mutation));
@@ -917,12 +923,22 @@ impl StreamState {
 
     /// Goes on with a request the queue let go (or answers 503 if it waited too long).
     fn resume(&mut self, queued: Queued, outcome: Outcome) -> Vec<ProcessingResponse> {
-        let Queued { ticket, pending } = queued;
+        let Queued {
+            ticket,
+            mut pending,
+        } = queued;
         let pool_name = self.fleet.pool_name(pending.pool).to_string();
         let waited = ticket.enqueued.elapsed();
         match outcome {
             Outcome::Released => {
                 self.picker.metrics.waited(&pool_name, waited);
+                // A reload while it waited: pick in the generation current now (its policies,
+                // its endpoints). Nothing of the old one is held yet but the pool's index.
+                let current = self.picker.fleet.load_full();
+                if current.generation != self.fleet.generation {
+                    pending.pool = pending.model.as_deref().and_then(|m| current.pool_for(m));
+                    self.fleet = current;
+                }
                 let mut out = self.place(pending, true, &mut fastrand::Rng::new());
                 // In transit until now: the pick counts on its endpoint from here.
                 drop(ticket);

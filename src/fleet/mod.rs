@@ -365,6 +365,10 @@ pub struct Fleet {
     pub policies: Policies,
     /// Which endpoint holds which prompt prefix, as this picker's picks left them.
     pub prefix: crate::prefix::PrefixIndex,
+    /// The state of endpoints that left the fleet while requests were still in flight there
+    /// (held by those requests' guards; an entry dies with the last of them): an endpoint that
+    /// comes back before then takes up its live counts again.
+    departed: HashMap<(SocketAddr, String), std::sync::Weak<EndpointState>>,
 }
 
 /// The current generation of the fleet, replaced whole on reload.
@@ -381,7 +385,7 @@ impl Fleet {
     /// endpoint that stays (same address, same pool) keeps its [`EndpointState`] (load,
     /// in-flight counts), each cluster that stays (same name) its health, the prefix index and
     /// header sessions their entries for the endpoints that stay, each pool that keeps flow
-    /// control its queue (with the requests waiting in it). The clock is the same, so load
+    /// control its queue (with the requests waiting in it, under the new bounds). The clock is the same, so load
     /// timestamps stay comparable.
     pub fn successor(&self, cfg: &FleetConfig) -> Fleet {
         Fleet::build(cfg, Some(self))
@@ -401,6 +405,10 @@ impl Fleet {
             .unwrap_or_default();
         // Old endpoint index -> new one, for the structures indexed by endpoint.
         let mut moved: Vec<Option<usize>> = vec![None; prev.map_or(0, |f| f.endpoints.len())];
+        let returning = |addr: SocketAddr, pool: &str| {
+            prev.and_then(|f| f.departed.get(&(addr, pool.to_string())))
+                .and_then(std::sync::Weak::upgrade)
+        };
         let endpoints: Vec<Arc<Endpoint>> = cfg
             .endpoints
             .iter()
@@ -412,7 +420,7 @@ impl Fleet {
                         moved[old.index] = Some(index);
                         old.state.clone()
                     }
-                    None => Arc::default(),
+                    None => returning(e.addr, &pool.name).unwrap_or_default(),
                 };
                 Arc::new(Endpoint {
                     index,
@@ -450,10 +458,14 @@ impl Fleet {
                             None => Sessions::new(s),
                         }
                     }),
+                    // The same queue, with the requests waiting in it, under the new bounds.
                     queue: file.flow_control.enabled.then(|| {
                         match old.and_then(|o| o.queue.as_ref()) {
-                            Some(q) if q.limits() == limits => q.clone(),
-                            _ => FlowQueue::new(limits),
+                            Some(q) => {
+                                q.set_limits(limits);
+                                q.clone()
+                            }
+                            None => FlowQueue::new(limits),
                         }
                     }),
                 }
@@ -478,6 +490,28 @@ impl Fleet {
         }
         let old_cluster =
             |name: &str| prev.and_then(|f| f.clusters.iter().find(|c| c.name == name));
+        let mut departed = HashMap::new();
+        if let Some(f) = prev {
+            let here: std::collections::HashSet<(SocketAddr, &str)> = endpoints
+                .iter()
+                .map(|e| (e.addr, file.pools[e.pool].name.as_str()))
+                .collect();
+            let left = f
+                .endpoints
+                .iter()
+                .filter(|e| moved[e.index].is_none())
+                .map(|e| {
+                    (
+                        (e.addr, f.pools[e.pool].name.clone()),
+                        Arc::downgrade(&e.state),
+                    )
+                });
+            for (key, state) in f.departed.clone().into_iter().chain(left) {
+                if state.strong_count() > 0 && !here.contains(&(key.0, key.1.as_str())) {
+                    departed.insert(key, state);
+                }
+            }
+        }
         Fleet {
             generation: prev.map_or(0, |f| f.generation + 1),
             clusters: file
@@ -547,12 +581,13 @@ impl Fleet {
                 Some(f) => f.prefix.carried(&moved, cfg.endpoints.len()),
                 None => crate::prefix::PrefixIndex::new(cfg.endpoints.len()),
             },
+            departed,
         }
     }
 
     /// Ends what this generation holds that its successor does not take over: requests waiting
-    /// in the queue of a pool that lost flow control (or is gone) are answered now (expired)
-    /// rather than at their time to live.
+    /// in the queue of a pool that lost flow control (or is gone) are released to be picked now
+    /// (no dispatcher will release them any more).
     pub fn retire(&self, successor: &Fleet) {
         for pool in &self.pools {
             let Some(q) = &pool.queue else { continue };
@@ -828,6 +863,18 @@ mod tests {
         drop(held);
         assert_eq!(moved.in_flight.load(Ordering::Relaxed), 0);
         assert_eq!(moved.awaiting_first_token.load(Ordering::Relaxed), 0);
+
+        // An endpoint that leaves with a request in flight and comes back before it ends takes
+        // up its count again; once its requests end, it is forgotten.
+        let held = InFlight::new(next.endpoints[1].clone());
+        let without = next.successor(&parse("{a: [10.0.0.2], b: [10.0.0.3]}"));
+        drop(next);
+        let back = without.successor(&parse("{a: [10.0.0.2, 10.0.0.4], b: [10.0.0.3]}"));
+        assert_eq!(back.endpoints[1].in_flight.load(Ordering::Relaxed), 1);
+        drop(held);
+        assert_eq!(back.endpoints[1].in_flight.load(Ordering::Relaxed), 0);
+        let gone = without.successor(&parse("{a: [10.0.0.2], b: [10.0.0.3]}"));
+        assert!(gone.departed.is_empty(), "{:?}", gone.departed.keys());
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! Every response carries `x-sim-server` (and `x-sim-cluster`) naming who served it, so tests
 //! and benchmarks can see where a request went without asking the picker; a generation's
 //! response carries `x-sim-model`, the model it was asked for (what a rewrite made of it), and
-//! `x-sim-queue-ahead`, the requests it found waiting for the batch. `x-sim-traceparent` echoes
-//! the W3C `traceparent` the request arrived with, as a traced server would record it.
+//! `x-sim-queue-ahead`, the requests it found waiting for the batch. `x-sim-traceparent` and
+//! `x-sim-tracestate` echo the W3C trace headers the request arrived with, as a traced server
+//! would record them.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -44,6 +45,8 @@ pub const QUEUE_AHEAD_HEADER: &str = "x-sim-queue-ahead";
 pub const CLUSTER_HEADER: &str = "x-sim-cluster";
 /// The `traceparent` the request came with (absent: none).
 pub const TRACEPARENT_HEADER: &str = "x-sim-traceparent";
+/// The `tracestate` the request came with (absent: none).
+pub const TRACESTATE_HEADER: &str = "x-sim-tracestate";
 
 /// Largest request body accepted; far above any real prompt, it only bounds memory.
 const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
@@ -412,11 +415,17 @@ async fn network_and_identity(
     if delay_us > 0 {
         tokio::time::sleep(server.clock.wall(Duration::from_micros(delay_us))).await;
     }
-    let traceparent = request.headers().get(crate::trace::TRACEPARENT).cloned();
+    let trace = [
+        (crate::trace::TRACEPARENT, TRACEPARENT_HEADER),
+        (crate::trace::TRACESTATE, TRACESTATE_HEADER),
+    ]
+    .map(|(from, to)| (to, request.headers().get(from).cloned()));
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
-    if let Some(v) = traceparent {
-        headers.insert(TRACEPARENT_HEADER, v);
+    for (name, value) in trace {
+        if let Some(v) = value {
+            headers.insert(name, v);
+        }
     }
     if let Ok(v) = HeaderValue::from_str(&server.name) {
         headers.insert(SERVER_HEADER, v);

@@ -149,6 +149,9 @@ pub struct Metrics {
     waits: Family<PoolLabels, Histogram>,
     queued: Family<BandLabels, Gauge>,
     bands_seen: std::sync::Mutex<Vec<BandLabels>>,
+    /// Held by a render and by a change of generation, so that a render never writes the
+    /// gauges of a generation that was just replaced (they would linger).
+    exposition: std::sync::Mutex<()>,
     free_slots: Family<PoolLabels, Gauge>,
     cluster_free_slots: Family<PoolClusterLabels, Gauge>,
     gie: GieMetrics,
@@ -388,6 +391,7 @@ impl Metrics {
             waits,
             queued,
             bands_seen: std::sync::Mutex::new(Vec::new()),
+            exposition: std::sync::Mutex::new(()),
             free_slots,
             cluster_free_slots,
         };
@@ -399,6 +403,18 @@ impl Metrics {
     /// the generation before (rendered afresh from the fleet at each scrape, so a pool, cluster
     /// or endpoint that left does not linger). Counters keep their values.
     pub fn adopt(&self, fleet: &Fleet) {
+        let _exposition = self.exposition.lock().unwrap_or_else(|e| e.into_inner());
+        self.adopt_unlocked(fleet);
+    }
+
+    /// Makes `next` the current generation in `cell` and adopts it, as one step for renders.
+    pub fn switch(&self, cell: &FleetCell, next: Arc<Fleet>) {
+        let _exposition = self.exposition.lock().unwrap_or_else(|e| e.into_inner());
+        self.adopt_unlocked(&next);
+        cell.store(next);
+    }
+
+    fn adopt_unlocked(&self, fleet: &Fleet) {
         let gauges_of_the_fleet = [
             &self.in_flight as &dyn Clear,
             &self.scrape_failures,
@@ -641,6 +657,17 @@ impl Metrics {
 
     /// The text exposition, with the gauges read from `fleet` now.
     pub fn render(&self, fleet: &Fleet) -> Result<String, std::fmt::Error> {
+        let _exposition = self.exposition.lock().unwrap_or_else(|e| e.into_inner());
+        self.render_unlocked(fleet)
+    }
+
+    /// The text exposition of the current generation in `cell`.
+    pub fn render_current(&self, cell: &FleetCell) -> Result<String, std::fmt::Error> {
+        let _exposition = self.exposition.lock().unwrap_or_else(|e| e.into_inner());
+        self.render_unlocked(&cell.load())
+    }
+
+    fn render_unlocked(&self, fleet: &Fleet) -> Result<String, std::fmt::Error> {
         for c in &fleet.clusters {
             let now = c.health();
             for h in HEALTHS {
@@ -826,7 +853,7 @@ pub async fn serve(
             axum::routing::get(move || {
                 let (metrics, fleet) = (metrics.clone(), fleet.clone());
                 async move {
-                    match metrics.render(&fleet.load()) {
+                    match metrics.render_current(&fleet) {
                         Ok(text) => (
                             StatusCode::OK,
                             [(
