@@ -873,8 +873,11 @@ mod tests {
         assert_eq!(back.endpoints[1].in_flight.load(Ordering::Relaxed), 1);
         drop(held);
         assert_eq!(back.endpoints[1].in_flight.load(Ordering::Relaxed), 0);
-        let gone = without.successor(&parse("{a: [10.0.0.2], b: [10.0.0.3]}"));
-        assert!(gone.departed.is_empty(), "{:?}", gone.departed.keys());
+        // Gone for good: remembered while a generation or a request holds it, pruned after.
+        let gone = back.successor(&parse("{a: [10.0.0.2], b: [10.0.0.3]}"));
+        drop((first, without, back));
+        let later = gone.successor(&parse("{a: [10.0.0.2], b: [10.0.0.3]}"));
+        assert!(later.departed.is_empty(), "{:?}", later.departed.keys());
     }
 
     #[test]
