@@ -165,6 +165,15 @@ async fn every_documented_metric_appears_after_traffic() {
         missing.is_empty(),
         "documented but absent: {missing:?}\n{page}"
     );
+    // Every request counted once, where it ended and how: six served (the first one that
+    // found Envoy routing, then five), one refused.
+    let served = format!(
+        "fleetpick_requests_total{{model=\"{MODEL}\",objective=\"\",cluster=\"local\",status=\"200\"}} 6"
+    );
+    assert!(page.contains(&served), "{served}\n{page}");
+    let refused =
+        "fleetpick_requests_total{model=\"\",objective=\"\",cluster=\"\",status=\"400\"} 1";
+    assert!(page.contains(refused), "{refused}\n{page}");
     // One time per output token for each streamed response, none for the others.
     assert!(
         page.contains("fleetpick_time_per_output_token_seconds_count{pool=\"pool\"} 5"),

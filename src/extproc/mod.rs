@@ -279,6 +279,12 @@ struct StreamState {
     events: u32,
     /// The pick's span in the request's trace (see [`crate::trace`]); ends as it drops.
     trace: Option<RequestTrace>,
+    /// The request's InferenceObjective, by name, for metrics.
+    objective: Option<String>,
+    /// The status of fleetpick's own answer, when it refused the request.
+    refused_status: Option<u16>,
+    /// Counted in the request totals (once, however it ended).
+    counted: bool,
 }
 
 /// What a request needs to be picked, kept while it waits in the queue.
@@ -334,12 +340,26 @@ impl StreamState {
             event_stream: false,
             events: 0,
             trace: None,
+            objective: None,
+            refused_status: None,
+            counted: false,
         }
     }
 
     /// The request is over (response complete, or the stream ended): release its in-flight count.
     /// Idempotent; the guard is taken, so the release happens once.
     fn finish(&mut self) {
+        if self.answered && !std::mem::replace(&mut self.counted, true) {
+            let cluster = self.in_flight.as_ref().map_or("", |g| {
+                self.fleet.clusters[g.endpoint().cluster].name.as_str()
+            });
+            self.picker.metrics.request_done(
+                self.client_model.as_deref().unwrap_or(""),
+                self.objective.as_deref().unwrap_or(""),
+                cluster,
+                self.refused_status.or(self.status).unwrap_or(0),
+            );
+        }
         if let Some(guard) = self.in_flight.take() {
             if let Some(first) = self.first_token_at
                 && self.events >= 2
@@ -668,6 +688,7 @@ impl StreamState {
             let named = self.request_header(OBJECTIVE_HEADER);
             fleet.objective(p, m, named.as_deref()).cloned()
         });
+        self.objective = objective.as_ref().map(|o| o.name.clone());
         let flow = self
             .request_header(FAIRNESS_HEADER)
             .or_else(|| objective.as_ref().map(|o| o.name.clone()))
@@ -992,6 +1013,7 @@ impl StreamState {
     fn refuse(&mut self, e: &ApiError, reason: &str) -> Vec<ProcessingResponse> {
         self.answered = true;
         self.closed = true;
+        self.refused_status = Some(e.status);
         tracing::debug!(status = e.status, reason, message = %e.message, "refused");
         self.picker.metrics.refused(reason);
         let target = self.model.as_deref().unwrap_or("");

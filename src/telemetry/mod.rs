@@ -38,6 +38,14 @@ struct VerdictLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    model: String,
+    objective: String,
+    cluster: String,
+    status: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
 }
@@ -142,6 +150,7 @@ pub struct Metrics {
     picks: Family<PickLabels, Counter>,
     verdicts: Family<VerdictLabels, Counter>,
     refusals: Family<ReasonLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     health: Family<ClusterLabels, Gauge>,
     in_flight: Family<EndpointLabels, Gauge>,
@@ -307,6 +316,12 @@ impl Metrics {
         let picks_family = Family::<PickLabels, Counter>::default();
         let verdict_family = Family::<VerdictLabels, Counter>::default();
         let refusals = Family::<ReasonLabels, Counter>::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests ended, by the model the client named, objective, the cluster that served (empty: fleetpick answered) and HTTP status (0: the client left first)",
+            requests.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         let health = Family::<ClusterLabels, Gauge>::default();
         let in_flight = Family::<EndpointLabels, Gauge>::default();
@@ -384,6 +399,7 @@ impl Metrics {
             data_age,
             cluster_ready,
             refusals,
+            requests,
             reloads,
             health,
             in_flight,
@@ -590,6 +606,19 @@ impl Metrics {
         {
             c.inc();
         }
+    }
+
+    /// Counts a request that ended: served in `cluster` ("" when fleetpick answered it) with
+    /// `status` (0 when it ended without an answer).
+    pub fn request_done(&self, model: &str, objective: &str, cluster: &str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                model: model.to_string(),
+                objective: objective.to_string(),
+                cluster: cluster.to_string(),
+                status: status.to_string(),
+            })
+            .inc();
     }
 
     /// Counts a request fleetpick answered itself.
