@@ -447,6 +447,17 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
             .as_deref()
             .unwrap_or("none (every cluster local)")
     );
+    // The TLS files load as `serve` would load them (a key that does not match its certificate
+    // is found here, not at deploy time).
+    let tls = match &f.server.tls {
+        Some(t) => {
+            let base = file.parent().unwrap_or(std::path::Path::new(""));
+            let tls = fleetpick::tls::Tls::load(t, base)?;
+            if tls.mutual() { "mutual" } else { "on" }
+        }
+        None => "off",
+    };
+    println!("ext_proc TLS: {tls}");
     Ok(())
 }
 

@@ -212,3 +212,52 @@ async fn envoy_reaches_fleetpick_over_mutual_tls_and_strangers_do_not() {
     let (status, _) = common::complete(&client(), &url, &[]).await;
     assert_eq!(status, 200, "Envoy's open connection keeps serving");
 }
+
+#[test]
+fn check_config_loads_the_tls_files_and_names_the_one_that_fails() {
+    let dir = TempDir::new("tls-check");
+    let ca = Ca::new("fleetpick test CA");
+    let (cert, key) = ca.issue(NAME, ExtendedKeyUsagePurpose::ServerAuth);
+    put(&dir.0.join("ca.crt"), &ca.pem());
+    put(&dir.0.join("fleetpick.crt"), &cert);
+    put(&dir.0.join("fleetpick.key"), &key);
+    let fleet = dir.0.join("fleet.yaml");
+    let check = |tls: &str| {
+        put(
+            &fleet,
+            &format!(
+                "server: {{tls: {tls}}}\nclusters: [{{name: a}}]\npools: [{{name: p, models: [m], target_port: 80, endpoints: {{a: [10.0.0.1]}}}}]\n"
+            ),
+        );
+        std::process::Command::new(env!("CARGO_BIN_EXE_fleetpick"))
+            .args(["check-config"])
+            .arg(&fleet)
+            .output()
+            .unwrap()
+    };
+    // Relative to the fleet file's directory.
+    let out = check("{cert_file: fleetpick.crt, key_file: fleetpick.key, client_ca_file: ca.crt}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ext_proc TLS: mutual"));
+    // A key that is not the certificate's.
+    let (_, other_key) = ca.issue(NAME, ExtendedKeyUsagePurpose::ServerAuth);
+    put(&dir.0.join("other.key"), &other_key);
+    let out = check("{cert_file: fleetpick.crt, key_file: other.key}");
+    assert!(!out.status.success(), "a mismatched key passed");
+    // A key file with no key in it (the CA's certificate), and a missing file: named.
+    let out = check("{cert_file: fleetpick.crt, key_file: ca.crt}");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ca.crt") && err.contains("no private key"),
+        "{err}"
+    );
+    let out = check("{cert_file: missing.crt, key_file: fleetpick.key}");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing.crt"), "{err}");
+}
