@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::envoy::{self, Envoy};
-use common::{MODEL, Picker, Sim, client, fleet_yaml, metric, metrics_page, wait_for};
+use common::{MODEL, Picker, Sim, client, fleet_yaml, get_text, metric, wait_for};
 use fleetpick::envoy::{BodyMode, Flavor};
 use serde_json::{Value, json};
 
@@ -100,7 +100,7 @@ async fn requests_sharing_a_long_prefix_land_together_and_hit_the_servers_cache(
     let mut hits = BTreeMap::new();
     let mut queries = BTreeMap::new();
     for (i, e) in sim.entries.iter().enumerate() {
-        let page = metrics_page(&sim.url(i, "/metrics")).await;
+        let page = get_text(&sim.url(i, "/metrics")).await;
         hits.insert(
             e.name.clone(),
             metric(&page, "vllm:prefix_cache_hits_total").unwrap(),
@@ -203,25 +203,12 @@ async fn a_rewritten_model_reaches_the_server_as_its_target_and_the_client_sees_
 async fn lora_requests_go_where_their_adapter_runs_and_not_where_slots_are_full() {
     let sim = sim(4, "{lora_adapters: [ad-1, ad-2], max_lora: 1}").await;
     // Server 2 runs ad-1 for long requests sent to it directly: its one adapter slot is taken.
-    let mut background = Vec::new();
-    for _ in 0..2 {
-        let url = sim.url(2, "/v1/completions");
-        background.push(tokio::spawn(async move {
-            if let Ok(resp) = client()
-                .post(url)
-                .json(&json!({"model": "ad-1", "prompt": "a long one", "max_tokens": 4000, "stream": true}))
-                .send()
-                .await
-            {
-                let _ = resp.bytes().await;
-            }
-        }));
-    }
+    let background = common::long_streams(&sim, 2, "ad-1", 2);
     let url = sim.url(2, "/metrics");
     wait_for("ad-1 running on server 2", Duration::from_secs(20), || {
         let url = url.clone();
         async move {
-            metrics_page(&url)
+            get_text(&url)
                 .await
                 .contains("running_lora_adapters=\"ad-1\"")
                 .then_some(())

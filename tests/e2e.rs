@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::envoy::{self, Envoy};
-use common::{MODEL, Picker, Sim, client, complete, fleet_yaml, metric, metrics_page, wait_for};
+use common::{MODEL, Picker, Sim, client, complete, fleet_yaml, get_text, metric, wait_for};
 use fleetpick::envoy::{BodyMode, EnvoyParams, Flavor, render};
 use serde_json::json;
 
@@ -27,23 +27,9 @@ async fn envoy_for(flavor: Flavor, picker: SocketAddr, sim: &Sim) -> Envoy {
 async fn requests_land_on_the_least_loaded_endpoint() {
     let sim = Sim::start_with_config(&["--servers", "3"], "defaults:\n  max_num_seqs: 2\n").await;
     // Servers 0 and 1 get long requests straight from a client: two run, four wait, each.
-    let mut background = Vec::new();
-    for i in 0..2 {
-        for _ in 0..6 {
-            let url = sim.url(i, "/v1/completions");
-            background.push(tokio::spawn(async move {
-                // Read the stream: a client that stops reading is a client that left.
-                if let Ok(resp) = client()
-                    .post(url)
-                    .json(&json!({"model": MODEL, "prompt": "a long one", "max_tokens": 4000, "stream": true}))
-                    .send()
-                    .await
-                {
-                    let _ = resp.bytes().await;
-                }
-            }));
-        }
-    }
+    let background: Vec<_> = (0..2)
+        .flat_map(|i| common::long_streams(&sim, i, MODEL, 6))
+        .collect();
     for i in 0..2 {
         let url = sim.url(i, "/metrics");
         wait_for(
@@ -52,7 +38,7 @@ async fn requests_land_on_the_least_loaded_endpoint() {
             || {
                 let url = url.clone();
                 async move {
-                    (metric(&metrics_page(&url).await, "vllm:num_requests_waiting")? >= 4.0)
+                    (metric(&get_text(&url).await, "vllm:num_requests_waiting")? >= 4.0)
                         .then_some(())
                 }
             },

@@ -72,14 +72,7 @@ async fn servers_reached(envoy: &Envoy, n: usize, headers: &[(&str, &str)]) -> B
             .map(|v| v.to_str().unwrap().to_string());
         let body = resp.text().await.unwrap();
         if status != 200 {
-            let clusters = c
-                .get(format!("http://{}/clusters", envoy.admin))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let clusters = common::get_text(&envoy.admin_url("/clusters")).await;
             panic!(
                 "status {status}: {body}\n--- envoy /clusters ---\n{clusters}\n--- envoy log ---\n{}",
                 envoy.log()

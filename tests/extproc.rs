@@ -226,8 +226,13 @@ fn headers(
 }
 
 fn body(bytes: &[u8], end_of_stream: bool) -> ProcessingRequest {
+    body_message(Req::RequestBody, bytes, end_of_stream)
+}
+
+/// A request or response body piece (`wrap` says which).
+fn body_message(wrap: fn(HttpBody) -> Req, bytes: &[u8], end_of_stream: bool) -> ProcessingRequest {
     ProcessingRequest {
-        request: Some(Req::RequestBody(HttpBody {
+        request: Some(wrap(HttpBody {
             body: bytes.to_vec(),
             end_of_stream,
             ..HttpBody::default()
@@ -749,19 +754,11 @@ async fn in_flight_moves_to_the_endpoint_a_retry_served() {
         )]
         .into(),
     };
-    let msg = ProcessingRequest {
-        request: Some(Req::ResponseHeaders(HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: vec![hv(":status", "200")],
-            }),
-            ..HttpHeaders::default()
-        })),
-        metadata_context: Some(Metadata {
-            filter_metadata: [("envoy.lb".to_string(), served)].into(),
-            ..Metadata::default()
-        }),
-        ..ProcessingRequest::default()
-    };
+    let mut msg = response_headers("application/json");
+    msg.metadata_context = Some(Metadata {
+        filter_metadata: [("envoy.lb".to_string(), served)].into(),
+        ..Metadata::default()
+    });
     tx.send(msg).await.unwrap();
     assert!(matches!(
         next(&mut rx).await.response,
@@ -793,14 +790,7 @@ fn response_headers(content_type: &str) -> ProcessingRequest {
 }
 
 fn response_body(bytes: &[u8], end_of_stream: bool) -> ProcessingRequest {
-    ProcessingRequest {
-        request: Some(Req::ResponseBody(HttpBody {
-            body: bytes.to_vec(),
-            end_of_stream,
-            ..HttpBody::default()
-        })),
-        ..ProcessingRequest::default()
-    }
+    body_message(Req::ResponseBody, bytes, end_of_stream)
 }
 
 fn streamed_body(r: ProcessingResponse) -> (Vec<u8>, bool) {

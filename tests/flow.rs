@@ -35,6 +35,16 @@ async fn overloadable(extra: &str) -> (Sim, Picker, Envoy) {
     (sim, picker, envoy)
 }
 
+/// Waits until fleetpick's saturation detector says the pool has no free slot.
+async fn until_saturated(picker: &Picker) {
+    wait_for("the pool saturated", Duration::from_secs(20), || async {
+        common::metric(&picker.metrics_page().await, "fleetpick_pool_free_slots")
+            .is_some_and(|v| v == 0.0)
+            .then_some(())
+    })
+    .await;
+}
+
 /// What one closed-loop client saw.
 #[derive(Debug, Default)]
 struct Seen {
@@ -189,32 +199,8 @@ async fn sheddable_traffic_is_shed_and_priority_traffic_is_served_at_overload() 
 async fn a_client_that_gives_up_while_queued_takes_no_slot() {
     let (sim, picker, envoy) = overloadable("flow_control: {enabled: true}\n").await;
     // Fill the server (two running, then the queue) with long requests straight to it.
-    let mut background = Vec::new();
-    for _ in 0..3 {
-        let url = sim.url(0, "/v1/completions");
-        background.push(tokio::spawn(async move {
-            if let Ok(r) = client()
-                .post(url)
-                .json(
-                    &json!({"model": MODEL, "prompt": "long", "max_tokens": 4000, "stream": true}),
-                )
-                .send()
-                .await
-            {
-                let _ = r.bytes().await;
-            }
-        }));
-    }
-    let page_url = format!("http://{}/metrics", picker.metrics);
-    wait_for("the pool saturated", Duration::from_secs(20), || {
-        let u = page_url.clone();
-        async move {
-            common::metric(&common::metrics_page(&u).await, "fleetpick_pool_free_slots")
-                .is_some_and(|v| v == 0.0)
-                .then_some(())
-        }
-    })
-    .await;
+    let background = common::long_streams(&sim, 0, MODEL, 3);
+    until_saturated(&picker).await;
     let page = picker.metrics_page().await;
     assert!(
         page.contains("fleetpick_cluster_free_slots{pool=\"pool\",cluster=\"local\"} 0"),
@@ -386,28 +372,8 @@ async fn requests_waiting_through_a_reload_are_placed_in_the_new_fleet() {
     let envoy =
         envoy::in_front_of(Flavor::OriginalDst, BodyMode::FullDuplex, picker.grpc, &sim).await;
     envoy::until_routing(&envoy).await;
-    let mut background = Vec::new();
-    for _ in 0..3 {
-        let url = sim.url(0, "/v1/completions");
-        background.push(tokio::spawn(async move {
-            if let Ok(r) = client()
-                .post(url)
-                .json(
-                    &json!({"model": MODEL, "prompt": "long", "max_tokens": 4000, "stream": true}),
-                )
-                .send()
-                .await
-            {
-                let _ = r.bytes().await;
-            }
-        }));
-    }
-    wait_for("the pool saturated", Duration::from_secs(20), || async {
-        common::metric(&picker.metrics_page().await, "fleetpick_pool_free_slots")
-            .is_some_and(|v| v == 0.0)
-            .then_some(())
-    })
-    .await;
+    let background = common::long_streams(&sim, 0, MODEL, 3);
+    until_saturated(&picker).await;
     // Three requests wait in fleetpick's queue.
     let waiting: Vec<_> = (0..3)
         .map(|_| {

@@ -301,14 +301,10 @@ async fn through_the_loss_of_near(
 
 /// Envoy's count of retries to the model servers.
 async fn envoy_retries(envoy: &Envoy) -> f64 {
-    let text = client()
-        .get(envoy.admin_url("/stats?filter=cluster.model_servers.upstream_rq_retry$"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::get_text(
+        &envoy.admin_url("/stats?filter=cluster.model_servers.upstream_rq_retry$"),
+    )
+    .await;
     text.lines()
         .find_map(|l| l.strip_prefix("cluster.model_servers.upstream_rq_retry: "))
         .map_or(0.0, |v| v.trim().parse().unwrap())

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{MODEL, Sim, client, metric, metrics_page, wait_for};
+use common::{MODEL, Sim, client, get_text, metric, wait_for};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -134,7 +134,7 @@ async fn openai_api_counts_tokens_streaming_and_not() {
     assert_eq!(v["usage"]["completion_tokens"], 6);
 
     // Generation counters on /metrics match what was served on server 0: 4 + 5 + 3 + 6.
-    let page = metrics_page(&sim.url(0, "/metrics")).await;
+    let page = get_text(&sim.url(0, "/metrics")).await;
     assert_eq!(metric(&page, "vllm:generation_tokens_total"), Some(18.0));
 
     let v: Value = c
@@ -270,14 +270,14 @@ async fn repeated_prefix_hits_the_cache() {
     };
     let first: Value = send("first question").await.unwrap().json().await.unwrap();
     assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
-    let page = metrics_page(&sim.url(0, "/metrics")).await;
+    let page = get_text(&sim.url(0, "/metrics")).await;
     let hits_before = metric(&page, "vllm:prefix_cache_hits_total").unwrap();
     let second: Value = send("second question").await.unwrap().json().await.unwrap();
     let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
         .as_f64()
         .unwrap();
     assert!(cached >= 1984.0, "cached {cached}");
-    let page = metrics_page(&sim.url(0, "/metrics")).await;
+    let page = get_text(&sim.url(0, "/metrics")).await;
     assert_eq!(
         metric(&page, "vllm:prefix_cache_hits_total").unwrap() - hits_before,
         cached
@@ -334,7 +334,7 @@ async fn kv_usage_and_queue_follow_load() {
         || {
             let metrics = metrics.clone();
             async move {
-                let page = metrics_page(&metrics).await;
+                let page = get_text(&metrics).await;
                 let kv = metric(&page, "vllm:kv_cache_usage_perc")?;
                 let running = metric(&page, "vllm:num_requests_running")?;
                 let waiting = metric(&page, "vllm:num_requests_waiting")?;
@@ -348,7 +348,7 @@ async fn kv_usage_and_queue_follow_load() {
     for s in streams {
         s.await.unwrap();
     }
-    let page = metrics_page(&metrics).await;
+    let page = get_text(&metrics).await;
     assert_eq!(metric(&page, "vllm:kv_cache_usage_perc"), Some(0.0));
     assert_eq!(metric(&page, "vllm:num_requests_running"), Some(0.0));
     assert_eq!(metric(&page, "vllm:gpu_cache_usage_perc"), Some(0.0));
@@ -461,15 +461,15 @@ async fn faults_errors_frozen_metrics_and_network_delay() {
         .send()
         .await
         .unwrap();
-    let frozen = metrics_page(&sim.url(0, "/metrics")).await;
+    let frozen = get_text(&sim.url(0, "/metrics")).await;
     assert_eq!(req(0).await.unwrap().status(), 200);
-    assert_eq!(metrics_page(&sim.url(0, "/metrics")).await, frozen);
+    assert_eq!(get_text(&sim.url(0, "/metrics")).await, frozen);
     c.post(sim.admin_url("/servers/near-0/faults"))
         .json(&json!({"metrics_frozen": false}))
         .send()
         .await
         .unwrap();
-    let live = metrics_page(&sim.url(0, "/metrics")).await;
+    let live = get_text(&sim.url(0, "/metrics")).await;
     assert_eq!(
         metric(&live, "vllm:generation_tokens_total").unwrap(),
         metric(&frozen, "vllm:generation_tokens_total").unwrap() + 1.0
@@ -481,7 +481,7 @@ async fn faults_errors_frozen_metrics_and_network_delay() {
         .send()
         .await
         .unwrap();
-    let page = metrics_page(&sim.url(0, "/metrics")).await;
+    let page = get_text(&sim.url(0, "/metrics")).await;
     assert_eq!(metric(&page, "vllm:kv_cache_usage_perc"), Some(0.95));
     assert_eq!(metric(&page, "vllm:gpu_cache_usage_perc"), Some(0.95));
     c.post(sim.admin_url("/servers/near-0/faults"))
@@ -489,7 +489,7 @@ async fn faults_errors_frozen_metrics_and_network_delay() {
         .send()
         .await
         .unwrap();
-    let page = metrics_page(&sim.url(0, "/metrics")).await;
+    let page = get_text(&sim.url(0, "/metrics")).await;
     assert_eq!(metric(&page, "vllm:kv_cache_usage_perc"), Some(0.0));
 
     // Slow /metrics and a network delay on the far cluster: lower bounds only.
@@ -499,7 +499,7 @@ async fn faults_errors_frozen_metrics_and_network_delay() {
         .await
         .unwrap();
     let t = Instant::now();
-    metrics_page(&sim.url(0, "/metrics")).await;
+    get_text(&sim.url(0, "/metrics")).await;
     assert!(t.elapsed() >= Duration::from_millis(300));
     c.post(sim.admin_url("/clusters/far/faults"))
         .json(&json!({"network_delay_ms": 250}))
@@ -542,7 +542,7 @@ async fn client_that_goes_away_frees_its_slot() {
     let mut body = resp.bytes_stream();
     assert!(body.next().await.unwrap().is_ok());
     let metrics = sim.url(0, "/metrics");
-    let page = metrics_page(&metrics).await;
+    let page = get_text(&metrics).await;
     assert_eq!(metric(&page, "vllm:num_requests_running"), Some(1.0));
     drop(body);
     wait_for(
@@ -551,7 +551,7 @@ async fn client_that_goes_away_frees_its_slot() {
         || {
             let metrics = metrics.clone();
             async move {
-                let page = metrics_page(&metrics).await;
+                let page = get_text(&metrics).await;
                 (metric(&page, "vllm:num_requests_running")? == 0.0
                     && metric(&page, "vllm:kv_cache_usage_perc")? == 0.0)
                     .then_some(())
@@ -568,9 +568,9 @@ async fn sglang_names_and_heterogeneous_config() {
         "clusters:\n  big:\n    engine: {num_blocks: 8192}\nservers:\n  small-0: {num_blocks: 512, max_model_len: 4096, lora_adapters: [sql-lora]}\n",
     )
     .await;
-    let small = metrics_page(&sim.url(0, "/metrics")).await;
+    let small = get_text(&sim.url(0, "/metrics")).await;
     assert!(small.contains("num_gpu_blocks=\"512\""));
-    let big = metrics_page(&sim.url(1, "/metrics")).await;
+    let big = get_text(&sim.url(1, "/metrics")).await;
     assert!(big.contains("num_gpu_blocks=\"8192\""));
     // The adapter is served only where it is configured.
     let c = client();
@@ -595,7 +595,7 @@ async fn sglang_names_and_heterogeneous_config() {
     );
 
     let sg = Sim::start(&["--servers", "1", "--metrics-format", "sglang"]).await;
-    let page = metrics_page(&sg.url(0, "/metrics")).await;
+    let page = get_text(&sg.url(0, "/metrics")).await;
     assert_eq!(metric(&page, "sglang:num_queue_reqs"), Some(0.0));
     assert_eq!(metric(&page, "sglang:token_usage"), Some(0.0));
     assert!(page.contains("sglang:cache_config_info{num_pages=\"2048\",page_size=\"16\"}"));

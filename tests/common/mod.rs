@@ -144,7 +144,8 @@ pub fn metric(page: &str, name: &str) -> Option<f64> {
     })
 }
 
-pub async fn metrics_page(url: &str) -> String {
+/// `GET url`, the body as text (a transport error fails the test).
+pub async fn get_text(url: &str) -> String {
     client()
         .get(url)
         .send()
@@ -156,6 +157,28 @@ pub async fn metrics_page(url: &str) -> String {
 }
 
 pub const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+
+/// Sends `n` long streamed completions for `model` straight to simulated server `i`, each read
+/// to its end (a client that stops reading is a client that left); abort the handles to stop
+/// them.
+pub fn long_streams(
+    sim: &Sim,
+    i: usize,
+    model: &str,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|_| {
+            let url = sim.url(i, "/v1/completions");
+            let body = serde_json::json!({"model": model, "prompt": "a long one", "max_tokens": 4000, "stream": true});
+            tokio::spawn(async move {
+                if let Ok(resp) = client().post(url).json(&body).send().await {
+                    let _ = resp.bytes().await;
+                }
+            })
+        })
+        .collect()
+}
 
 /// A running `fleetpick serve`, killed on drop.
 pub struct Picker {
@@ -229,7 +252,7 @@ impl Picker {
 
     /// fleetpick's own metrics page, now.
     pub async fn metrics_page(&self) -> String {
-        metrics_page(&format!("http://{}/metrics", self.metrics)).await
+        get_text(&format!("http://{}/metrics", self.metrics)).await
     }
 
     /// Replaces the fleet file (atomically, as a config map update does).
