@@ -190,12 +190,14 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        // A release may sit unread in the channel (the client left as it came).
+        // A release may sit unread in the channel (the client left as it came). Closing first
+        // settles a release racing with this drop: either it was sent (and is read here) or its
+        // send fails and the dispatcher takes its own in-transit count back.
         let released = self.released
-            || self
-                .rx
-                .as_mut()
-                .is_some_and(|rx| rx.try_recv() == Ok(Outcome::Released));
+            || self.rx.as_mut().is_some_and(|rx| {
+                rx.close();
+                rx.try_recv() == Ok(Outcome::Released)
+            });
         if released {
             self.queue.in_transit.fetch_sub(1, Ordering::Relaxed);
             return;
@@ -387,6 +389,22 @@ mod tests {
             max_bytes_per_band: bytes,
             ttl: Duration::from_millis(ttl_ms),
         })
+    }
+
+    #[test]
+    fn a_ticket_dropped_as_it_is_released_leaves_nothing_in_transit() {
+        let q = queue(10, 1 << 20, 60_000);
+        for _ in 0..5_000 {
+            let t = q.enqueue(0, "f", 1).unwrap();
+            let releaser = {
+                let q = q.clone();
+                std::thread::spawn(move || q.release_next())
+            };
+            drop(t);
+            releaser.join().unwrap();
+            assert_eq!(q.in_transit(), 0);
+            assert!(q.is_empty());
+        }
     }
 
     /// Releases everything and returns the order, by ticket label.
