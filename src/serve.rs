@@ -107,6 +107,12 @@ impl Workers {
 /// How often the fleet file is re-read.
 pub const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
+/// Whether fleetpick takes requests: it is not shutting down and some endpoint is eligible. The
+/// one rule behind gRPC health and `/readyz`.
+pub fn serving(fleet: &Fleet, draining: &AtomicBool) -> bool {
+    !draining.load(Ordering::Relaxed) && fleet.eligible_count() > 0
+}
+
 /// Serves the picker for `fleet` (built from `cfg`), which the caller may keep watching.
 pub async fn run(
     fleet: Arc<FleetCell>,
@@ -136,9 +142,7 @@ pub async fn run(
         let mut tick = tokio::time::interval(HEALTH_EVERY);
         loop {
             tick.tick().await;
-            let status = if !health_draining.load(Ordering::Relaxed)
-                && health_fleet.load().eligible_count() > 0
-            {
+            let status = if serving(&health_fleet.load(), &health_draining) {
                 ServingStatus::Serving
             } else {
                 ServingStatus::NotServing

@@ -73,15 +73,6 @@ impl TraceContext {
         }
     }
 
-    /// The span of the request `traceparent` (if any) names as its parent: a child of it, or
-    /// the root of a new trace.
-    pub fn for_request(traceparent: Option<&str>, rng: &mut fastrand::Rng) -> TraceContext {
-        match traceparent.and_then(TraceContext::parse) {
-            Some(parent) => parent.child(rng),
-            None => TraceContext::root(rng),
-        }
-    }
-
     /// The trace id as the header writes it (32 hex digits), for logs.
     pub fn trace_id_hex(&self) -> String {
         format!("{:032x}", self.trace_id)
@@ -113,13 +104,13 @@ pub struct RequestTrace {
 }
 
 impl RequestTrace {
-    /// The trace of a request that came with `traceparent` (if any): see
-    /// [`TraceContext::for_request`]; with OTLP export on, the context is the exported span's,
-    /// whose sampling the tracer decides (parent-based).
+    /// The trace of a request that came with `traceparent` (if any): a child of the span it
+    /// names, or the root of a new trace when it names none (or is invalid). With OTLP export
+    /// on, the context is the exported span's, whose sampling the tracer decides (parent-based).
     pub fn start(traceparent: Option<&str>, rng: &mut fastrand::Rng) -> RequestTrace {
+        let parent = traceparent.and_then(TraceContext::parse);
         #[cfg(feature = "otlp")]
         if otlp::ENABLED.load(std::sync::atomic::Ordering::Relaxed) {
-            let parent = traceparent.and_then(TraceContext::parse);
             if let Some((span, context)) = otlp::span(parent) {
                 return RequestTrace {
                     context,
@@ -128,12 +119,12 @@ impl RequestTrace {
                 };
             }
         }
-        let context = TraceContext::for_request(traceparent, rng);
         RequestTrace {
-            continued: traceparent
-                .and_then(TraceContext::parse)
-                .is_some_and(|p| p.trace_id == context.trace_id),
-            context,
+            context: match parent {
+                Some(p) => p.child(rng),
+                None => TraceContext::root(rng),
+            },
+            continued: parent.is_some(),
             #[cfg(feature = "otlp")]
             _span: None,
         }
@@ -269,7 +260,9 @@ mod tests {
         assert_eq!(c.flags, 1);
         assert_eq!(c.to_string(), EXAMPLE);
         let mut rng = fastrand::Rng::with_seed(7);
-        let child = TraceContext::for_request(Some(EXAMPLE), &mut rng);
+        let started = RequestTrace::start(Some(EXAMPLE), &mut rng);
+        assert!(started.continued);
+        let child = started.context;
         assert_eq!((child.trace_id, child.flags), (c.trace_id, 1));
         // Flags this version does not define are not passed on.
         let odd = TraceContext::parse(&EXAMPLE.replace("-01", "-ff")).unwrap();
@@ -298,7 +291,9 @@ mod tests {
             assert_eq!(TraceContext::parse(v), None, "{v}");
         }
         let mut rng = fastrand::Rng::with_seed(7);
-        let root = TraceContext::for_request(Some(bad[2]), &mut rng);
+        let started = RequestTrace::start(Some(bad[2]), &mut rng);
+        assert!(!started.continued);
+        let root = started.context;
         assert_eq!(root.flags, 0);
         assert_ne!(root.trace_id, 0);
         // A later version may carry more fields; the ones fleetpick knows are read.

@@ -148,6 +148,21 @@ impl Harness {
     }
 
     /// Opens a stream; returns the sender of requests and the stream of responses.
+    /// A stream whose request headers (for `path`, a body to follow, full duplex) are sent.
+    async fn open_full_duplex(
+        &self,
+        path: &str,
+    ) -> (
+        mpsc::Sender<ProcessingRequest>,
+        tonic::Streaming<ProcessingResponse>,
+    ) {
+        let (tx, rx) = self.open().await;
+        tx.send(headers(path, false, BodySendMode::FullDuplexStreamed, None))
+            .await
+            .unwrap();
+        (tx, rx)
+    }
+
     async fn open(
         &self,
     ) -> (
@@ -391,15 +406,7 @@ async fn http2_shape_one_chunk_and_a_1mb_body_byte_identical() {
         "messages": [{"role": "system", "content": fleetpick::loadgen::filler_text(9, 1_048_576)}, {"role": "user", "content": [{"type": "text", "text": "q"}]}],
     }))
     .unwrap();
-    let (tx, mut rx) = h.open().await;
-    tx.send(headers(
-        "/v1/chat/completions",
-        false,
-        BodySendMode::FullDuplexStreamed,
-        None,
-    ))
-    .await
-    .unwrap();
+    let (tx, mut rx) = h.open_full_duplex("/v1/chat/completions").await;
     for chunk in big.chunks(16_384) {
         tx.send(body(chunk, false)).await.unwrap();
     }
@@ -515,15 +522,7 @@ async fn every_error_status_in_the_openai_shape() {
         );
     }
     // Too large: refused as soon as the limit is passed, before the end of the body.
-    let (tx, mut rx) = h.open().await;
-    tx.send(headers(
-        "/v1/completions",
-        false,
-        BodySendMode::FullDuplexStreamed,
-        None,
-    ))
-    .await
-    .unwrap();
+    let (tx, mut rx) = h.open_full_duplex("/v1/completions").await;
     tx.send(body(&[b' '; 1500], false)).await.unwrap();
     tx.send(body(&[b' '; 1500], false)).await.unwrap();
     let (status, reason, _) = read_immediate(&mut rx).await;
@@ -1074,15 +1073,7 @@ async fn a_client_that_leaves_the_queue_takes_no_slot() {
 async fn a_queued_request_with_trailers_is_answered_in_order_after_its_release() {
     let h = Harness::start(1, "flow_control: {enabled: true}\n").await;
     h.saturate().await;
-    let (tx, mut rx) = h.open().await;
-    tx.send(headers(
-        "/v1/completions",
-        false,
-        BodySendMode::FullDuplexStreamed,
-        None,
-    ))
-    .await
-    .unwrap();
+    let (tx, mut rx) = h.open_full_duplex("/v1/completions").await;
     // An HTTP/1.1 client with trailers: the body without end of stream, then the trailers.
     tx.send(body(&completion("x"), false)).await.unwrap();
     tx.send(trailers()).await.unwrap();

@@ -771,9 +771,12 @@ async fn drive_cell(
         if !scenario.objectives.is_empty() {
             picker.push_str("objectives:\n");
             for o in &scenario.objectives {
+                // JSON strings are YAML's double-quoted scalars: any name survives.
+                let name = serde_json::to_string(&o.name)
+                    .map_err(|e| BenchError::Scenario(e.to_string()))?;
                 picker.push_str(&format!(
-                    "  - {{name: \"{}\", pool: pool, priority: {}}}\n",
-                    o.name, o.priority
+                    "  - {{name: {name}, pool: pool, priority: {}}}\n",
+                    o.priority
                 ));
             }
         }

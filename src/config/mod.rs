@@ -976,10 +976,19 @@ fn validate(
         });
     }
     let fc = &file.flow_control;
-    if fc.max_requests_per_band == 0 || fc.max_bytes_per_band == 0 {
+    if fc.max_requests_per_band == 0 {
         return Err(c.err(
-            &[key("flow_control")],
-            "max_requests_per_band and max_bytes_per_band must be at least 1",
+            &[key("flow_control"), key("max_requests_per_band")],
+            "must be at least 1",
+        ));
+    }
+    if fc.max_bytes_per_band < file.server.max_body_bytes {
+        return Err(c.err(
+            &[key("flow_control"), key("max_bytes_per_band")],
+            format!(
+                "must be at least server.max_body_bytes ({}), or a large request could never wait",
+                file.server.max_body_bytes
+            ),
         ));
     }
     if !(1..=3_600_000).contains(&fc.ttl_ms) {
@@ -1038,7 +1047,7 @@ fn validate(
         &[key("scheduler"), key("weights")],
         c,
     )?;
-    check_rewrites(file, &model_pool, c)?;
+    check_rewrites(file, &model_pool, &policies, c)?;
     let p = &file.poller;
     for (name, v) in [
         ("interval_ms", p.interval_ms),
@@ -1141,6 +1150,7 @@ fn check_session_affinity(
 fn check_rewrites(
     file: &FleetFile,
     served: &HashMap<&str, &str>,
+    policies: &[Option<PoolPolicy>],
     c: &Checker<'_>,
 ) -> Result<(), ConfigError> {
     let mut seen = HashSet::new();
@@ -1155,15 +1165,39 @@ fn check_rewrites(
         if r.targets.is_empty() {
             return Err(c.err(&at("targets"), "list at least one target"));
         }
-        for t in &r.targets {
-            if !served.contains_key(t.model.as_str()) {
+        for (j, t) in r.targets.iter().enumerate() {
+            let target = |f: &str| {
+                [
+                    key("rewrites"),
+                    Seg::Index(i),
+                    key("targets"),
+                    Seg::Index(j),
+                    key(f),
+                ]
+            };
+            let Some(pool) = served.get(t.model.as_str()) else {
                 return Err(c.err(
-                    &at("targets"),
-                    format!("target `{}` is not a model or adapter of any pool", t.model),
+                    &target("model"),
+                    format!("`{}` is not a model or adapter of any pool", t.model),
+                ));
+            };
+            // A pool that is not imported serves nothing: every rewritten request would fail.
+            let imported = file
+                .pools
+                .iter()
+                .zip(policies)
+                .any(|(p, policy)| p.name == *pool && policy.is_some());
+            if !imported {
+                return Err(c.err(
+                    &target("model"),
+                    format!(
+                        "`{}` is served by pool `{pool}`, which is not imported",
+                        t.model
+                    ),
                 ));
             }
             if t.weight > 1_000_000 {
-                return Err(c.err(&at("targets"), "weights must be at most 1000000"));
+                return Err(c.err(&target("weight"), "must be at most 1000000"));
             }
         }
         if r.targets.iter().all(|t| t.weight == 0) {
@@ -1456,6 +1490,18 @@ scheduler:
             let e = err(&format!("{ok}rewrites:\n  - {rewrite}\n"));
             assert!(e.contains(field) && e.contains(says), "{e}");
         }
+        // A target in a pool that is not imported: every request for it would fail.
+        let e = err(&format!(
+            "{ok}imports: [{{pool: llama}}]\nrewrites:\n  - {{model: chat, targets: [{{model: m2}}]}}\n"
+        ));
+        assert!(
+            e.contains("rewrites[0].targets[0].model") && e.contains("not imported"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{ok}rewrites:\n  - {{model: chat, targets: [{{model: m1, weight: 2000000}}]}}\n"
+        ));
+        assert!(e.contains("rewrites[0].targets[0].weight"), "{e}");
         let e = err(&format!(
             "{ok}rewrites:\n  - {{model: c, targets: [{{model: m1}}]}}\n  - {{model: c, targets: [{{model: m2}}]}}\n"
         ));
@@ -1505,6 +1551,12 @@ scheduler:
                 "max_requests_per_band: 0",
                 "flow_control",
                 "at least 1",
+            ),
+            (
+                "ttl_ms: 5000",
+                "max_bytes_per_band: 1000",
+                "flow_control.max_bytes_per_band",
+                "server.max_body_bytes",
             ),
         ] {
             let e = err(&ok.replace(from, to));

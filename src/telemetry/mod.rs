@@ -157,10 +157,10 @@ pub struct Metrics {
     flow: Family<FlowLabels, Counter>,
     waits: Family<PoolLabels, Histogram>,
     queued: Family<BandLabels, Gauge>,
-    bands_seen: std::sync::Mutex<Vec<BandLabels>>,
     /// Held by a render and by a change of generation, so that a render never writes the
-    /// gauges of a generation that was just replaced (they would linger).
-    exposition: std::sync::Mutex<()>,
+    /// gauges of a generation that was just replaced (they would linger); it guards the queue
+    /// bands seen so far, whose series stay (at 0) while they are empty.
+    exposition: std::sync::Mutex<Vec<BandLabels>>,
     free_slots: Family<PoolLabels, Gauge>,
     cluster_free_slots: Family<PoolClusterLabels, Gauge>,
     gie: GieMetrics,
@@ -406,8 +406,7 @@ impl Metrics {
             flow,
             waits,
             queued,
-            bands_seen: std::sync::Mutex::new(Vec::new()),
-            exposition: std::sync::Mutex::new(()),
+            exposition: std::sync::Mutex::new(Vec::new()),
             free_slots,
             cluster_free_slots,
         };
@@ -419,18 +418,18 @@ impl Metrics {
     /// the generation before (rendered afresh from the fleet at each scrape, so a pool, cluster
     /// or endpoint that left does not linger). Counters keep their values.
     pub fn adopt(&self, fleet: &Fleet) {
-        let _exposition = self.exposition.lock().unwrap_or_else(|e| e.into_inner());
-        self.adopt_unlocked(fleet);
+        let mut bands = self.exposition.lock().unwrap_or_else(|e| e.into_inner());
+        self.adopt_unlocked(fleet, &mut bands);
     }
 
     /// Makes `next` the current generation in `cell` and adopts it, as one step for renders.
     pub fn switch(&self, cell: &FleetCell, next: Arc<Fleet>) {
-        let _exposition = self.exposition.lock().unwrap_or_else(|e| e.into_inner());
-        self.adopt_unlocked(&next);
+        let mut bands = self.exposition.lock().unwrap_or_else(|e| e.into_inner());
+        self.adopt_unlocked(&next, &mut bands);
         cell.store(next);
     }
 
-    fn adopt_unlocked(&self, fleet: &Fleet) {
+    fn adopt_unlocked(&self, fleet: &Fleet, bands_seen: &mut Vec<BandLabels>) {
         let gauges_of_the_fleet = [
             &self.in_flight as &dyn Clear,
             &self.scrape_failures,
@@ -476,7 +475,7 @@ impl Metrics {
                 pool: pool.name.clone(),
             }));
         }
-        *self.bands_seen.lock().unwrap_or_else(|e| e.into_inner()) = bands;
+        *bands_seen = bands;
         let mut layout = Layout {
             generation: Some(fleet.generation),
             clusters: fleet.clusters.len(),
@@ -686,17 +685,21 @@ impl Metrics {
 
     /// The text exposition, with the gauges read from `fleet` now.
     pub fn render(&self, fleet: &Fleet) -> Result<String, std::fmt::Error> {
-        let _exposition = self.exposition.lock().unwrap_or_else(|e| e.into_inner());
-        self.render_unlocked(fleet)
+        let mut bands = self.exposition.lock().unwrap_or_else(|e| e.into_inner());
+        self.render_unlocked(fleet, &mut bands)
     }
 
     /// The text exposition of the current generation in `cell`.
     pub fn render_current(&self, cell: &FleetCell) -> Result<String, std::fmt::Error> {
-        let _exposition = self.exposition.lock().unwrap_or_else(|e| e.into_inner());
-        self.render_unlocked(&cell.load())
+        let mut bands = self.exposition.lock().unwrap_or_else(|e| e.into_inner());
+        self.render_unlocked(&cell.load(), &mut bands)
     }
 
-    fn render_unlocked(&self, fleet: &Fleet) -> Result<String, std::fmt::Error> {
+    fn render_unlocked(
+        &self,
+        fleet: &Fleet,
+        seen: &mut Vec<BandLabels>,
+    ) -> Result<String, std::fmt::Error> {
         for c in &fleet.clusters {
             let now = c.health();
             for h in HEALTHS {
@@ -797,7 +800,6 @@ impl Metrics {
                     per_cluster.iter().fold(0u32, |a, b| a.saturating_add(*b)),
                 ));
             if let Some(q) = &pool.queue {
-                let mut seen = self.bands_seen.lock().unwrap_or_else(|e| e.into_inner());
                 // Bands that emptied read 0 (their series stay: a queue's bands come back).
                 for labels in seen.iter().filter(|l| l.pool == pool.name) {
                     self.queued.get_or_create(labels).set(0);
@@ -866,8 +868,7 @@ pub async fn serve(
         .route(
             "/readyz",
             axum::routing::get(move || {
-                let ready =
-                    !draining.load(Ordering::Relaxed) && ready_fleet.load().eligible_count() > 0;
+                let ready = crate::serve::serving(&ready_fleet.load(), &draining);
                 async move {
                     if ready {
                         (StatusCode::OK, "ready\n")
