@@ -110,14 +110,14 @@ impl RequestTrace {
     pub fn start(traceparent: Option<&str>, rng: &mut fastrand::Rng) -> RequestTrace {
         let parent = traceparent.and_then(TraceContext::parse);
         #[cfg(feature = "otlp")]
-        if otlp::ENABLED.load(std::sync::atomic::Ordering::Relaxed) {
-            if let Some((span, context)) = otlp::span(parent) {
-                return RequestTrace {
-                    context,
-                    continued: parent.is_some(),
-                    _span: Some(span),
-                };
-            }
+        if otlp::ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+            && let Some((span, context)) = otlp::span(parent)
+        {
+            return RequestTrace {
+                context,
+                continued: parent.is_some(),
+                _span: Some(span),
+            };
         }
         RequestTrace {
             context: match parent {
