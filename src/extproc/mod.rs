@@ -364,10 +364,11 @@ impl StreamState {
             if let Some(first) = self.first_token_at
                 && self.events >= 2
             {
-                let pool = self.fleet.pool_name(Some(guard.endpoint().pool));
-                self.picker
-                    .metrics
-                    .time_per_output_token(pool, first.elapsed() / (self.events - 1));
+                self.picker.metrics.time_per_output_token(
+                    &self.fleet,
+                    guard.endpoint().pool,
+                    first.elapsed() / (self.events - 1),
+                );
             }
             let target = self.model.as_deref().unwrap_or("");
             self.picker
@@ -512,10 +513,11 @@ impl StreamState {
                     && let Some(guard) = self.in_flight.as_mut()
                     && guard.first_token()
                 {
-                    let pool = self.fleet.pool_name(Some(guard.endpoint().pool));
-                    self.picker
-                        .metrics
-                        .first_token(pool, self.picked_at.elapsed());
+                    self.picker.metrics.first_token(
+                        &self.fleet,
+                        guard.endpoint().pool,
+                        self.picked_at.elapsed(),
+                    );
                     self.first_token_at = Some(std::time::Instant::now());
                 }
                 if self.event_stream {
@@ -717,7 +719,6 @@ impl StreamState {
     ) -> Vec<ProcessingResponse> {
         let fleet = self.fleet.clone();
         let (pool, priority) = (pending.pool, pending.priority);
-        let pool_name = fleet.pool_name(pool);
         let waiting = pool
             .and_then(|p| fleet.pools[p].queue.as_ref())
             .is_some_and(|q| !released && (!q.is_empty() || q.in_transit() > 0));
@@ -759,9 +760,7 @@ impl StreamState {
                 if let Some(q) = &queue {
                     return self.enqueue(q, pending);
                 }
-                self.picker
-                    .metrics
-                    .flow(pool_name, priority, FlowOutcome::Shed);
+                self.count_flow(pool, priority, FlowOutcome::Shed);
                 return self.refuse(
                     &ApiError::new(
                         429,
@@ -787,14 +786,12 @@ impl StreamState {
                 );
             }
         };
-        if pool.is_some() {
-            let outcome = if released {
-                FlowOutcome::Released
-            } else {
-                FlowOutcome::Admitted
-            };
-            self.picker.metrics.flow(pool_name, priority, outcome);
-        }
+        let outcome = if released {
+            FlowOutcome::Released
+        } else {
+            FlowOutcome::Admitted
+        };
+        self.count_flow(pool, priority, outcome);
         let Pending {
             model,
             session_key,
@@ -913,19 +910,14 @@ impl StreamState {
 
     /// Puts the request in `queue`; the stream's task waits for its release.
     fn enqueue(&mut self, queue: &Arc<FlowQueue>, pending: Pending) -> Vec<ProcessingResponse> {
-        let pool_name = self.fleet.pool_name(pending.pool).to_string();
         match queue.enqueue(pending.priority, &pending.flow, self.body.len()) {
             Ok(ticket) => {
-                self.picker
-                    .metrics
-                    .flow(&pool_name, pending.priority, FlowOutcome::Queued);
+                self.count_flow(pending.pool, pending.priority, FlowOutcome::Queued);
                 self.queued = Some(Queued { ticket, pending });
                 Vec::new()
             }
             Err(e) => {
-                self.picker
-                    .metrics
-                    .flow(&pool_name, pending.priority, FlowOutcome::Full);
+                self.count_flow(pending.pool, pending.priority, FlowOutcome::Full);
                 self.refuse(
                     &ApiError::new(429, "rate_limit_exceeded", e.to_string()),
                     "queue-full",
@@ -936,10 +928,15 @@ impl StreamState {
 
     /// The client left while its request waited in the queue.
     fn cancelled(&mut self, queued: Queued) {
-        let pool_name = self.fleet.pool_name(queued.pending.pool);
-        self.picker
-            .metrics
-            .flow(pool_name, queued.pending.priority, FlowOutcome::Cancelled);
+        let Pending { pool, priority, .. } = queued.pending;
+        self.count_flow(pool, priority, FlowOutcome::Cancelled);
+    }
+
+    /// Counts what admission or the queue did with a request of `pool` (none: not counted).
+    fn count_flow(&self, pool: Option<usize>, priority: i32, outcome: FlowOutcome) {
+        if let Some(p) = pool {
+            self.picker.metrics.flow(&self.fleet, p, priority, outcome);
+        }
     }
 
     /// Goes on with a request the queue let go (or answers 503 if it waited too long).
@@ -948,11 +945,12 @@ impl StreamState {
             ticket,
             mut pending,
         } = queued;
-        let pool_name = self.fleet.pool_name(pending.pool).to_string();
         let waited = ticket.enqueued.elapsed();
         match outcome {
             Outcome::Released => {
-                self.picker.metrics.waited(&pool_name, waited);
+                if let Some(p) = pending.pool {
+                    self.picker.metrics.waited(&self.fleet, p, waited);
+                }
                 // A reload while it waited: pick in the generation current now (its policies,
                 // its endpoints). Nothing of the old one is held yet but the pool's index.
                 let current = self.picker.fleet.load_full();
@@ -969,9 +967,7 @@ impl StreamState {
                 out
             }
             Outcome::Expired => {
-                self.picker
-                    .metrics
-                    .flow(&pool_name, pending.priority, FlowOutcome::Expired);
+                self.count_flow(pending.pool, pending.priority, FlowOutcome::Expired);
                 self.refuse(
                     &ApiError::new(
                         503,

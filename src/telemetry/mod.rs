@@ -4,9 +4,10 @@
 //! beside `/healthz` (the process answers) and `/readyz` (it has an eligible endpoint and is
 //! not shutting down).
 //!
-//! Counters on the request path are made once per generation of the fleet (at start and on each
-//! reload) for every (pool, cluster, label) and found by index, so counting a pick is one
-//! atomic add: no label strings built, no lock. A reload keeps every counter's value (the same
+//! Series on the request and response paths (picks, admission outcomes, time to first token,
+//! per-token time, queue waits) are made once per generation of the fleet (at start and on each
+//! reload) for every (pool, cluster, label) and found by index, so counting one is an atomic
+//! add: no label strings built, no lock. A request of an older generation counts by name. A reload keeps every counter's value (the same
 //! labels find the same series) and drops the gauges of what left the fleet.
 
 use std::collections::HashMap;
@@ -126,6 +127,15 @@ struct EndpointLabels {
     endpoint: String,
 }
 
+const OUTCOMES: [FlowOutcome; 7] = [
+    FlowOutcome::Admitted,
+    FlowOutcome::Shed,
+    FlowOutcome::Queued,
+    FlowOutcome::Released,
+    FlowOutcome::Expired,
+    FlowOutcome::Full,
+    FlowOutcome::Cancelled,
+];
 const TIERS: [Tier; 4] = [Tier::Local, Tier::Spill, Tier::Saturated, Tier::LastResort];
 const VERDICTS: [Verdict; 5] = [
     Verdict::Allow,
@@ -184,6 +194,20 @@ struct Layout {
     /// The request and running series of every (model, target) a picked request can have:
     /// counting a request is a map lookup by `&str` and atomic adds, no label strings built.
     by_model: HashMap<String, HashMap<String, (Counter, Gauge)>>,
+    /// By pool index.
+    pools: Vec<PoolSeries>,
+}
+
+/// One pool's series on the request and response paths.
+#[derive(Debug)]
+struct PoolSeries {
+    ttft: Histogram,
+    tpot: Histogram,
+    /// When the pool has flow control (present, empty, before the first wait).
+    wait: Option<Histogram>,
+    /// Admission and queue outcomes per priority the pool's requests can have (0 and its
+    /// objectives'), in [`OUTCOMES`] order.
+    flow: Vec<(i32, Vec<Counter>)>,
 }
 
 /// Labels of the Gateway API Inference Extension's request metrics.
@@ -470,10 +494,6 @@ impl Metrics {
                 self.queued.get_or_create(&labels).set(0);
                 bands.push(labels);
             }
-            // Present (empty) before the first wait, like the bands.
-            drop(self.waits.get_or_create(&PoolLabels {
-                pool: pool.name.clone(),
-            }));
         }
         *bands_seen = bands;
         let mut layout = Layout {
@@ -516,6 +536,45 @@ impl Metrics {
                 .or_default()
                 .insert(target.to_string(), handles);
         }
+        for (p, pool) in fleet.pools.iter().enumerate() {
+            let labels = PoolLabels {
+                pool: pool.name.clone(),
+            };
+            let mut priorities: Vec<i32> = fleet
+                .objectives
+                .values()
+                .filter(|o| o.pool == p)
+                .map(|o| o.priority)
+                .chain([0])
+                .collect();
+            priorities.sort_unstable();
+            priorities.dedup();
+            let flow = priorities
+                .into_iter()
+                .map(|priority| {
+                    let counters = OUTCOMES
+                        .iter()
+                        .map(|o| {
+                            self.flow.get_or_create_owned(&FlowLabels {
+                                pool: pool.name.clone(),
+                                priority: priority.to_string(),
+                                outcome: o.as_str().into(),
+                            })
+                        })
+                        .collect();
+                    (priority, counters)
+                })
+                .collect();
+            layout.pools.push(PoolSeries {
+                ttft: self.ttft.get_or_create_owned(&labels),
+                tpot: self.tpot.get_or_create_owned(&labels),
+                wait: pool
+                    .queue
+                    .is_some()
+                    .then(|| self.waits.get_or_create_owned(&labels)),
+                flow,
+            });
+        }
         self.layout.store(Arc::new(layout));
     }
 
@@ -542,23 +601,65 @@ impl Metrics {
     }
 
     /// Counts what admission or the queue did with a request of `priority` in `pool`.
-    pub fn flow(&self, pool: &str, priority: i32, outcome: FlowOutcome) {
-        self.flow
-            .get_or_create(&FlowLabels {
-                pool: pool.to_string(),
-                priority: priority.to_string(),
-                outcome: outcome.as_str().into(),
-            })
-            .inc();
+    /// (`pool`: an index in `fleet`, the request's generation.)
+    pub fn flow(&self, fleet: &Fleet, pool: usize, priority: i32, outcome: FlowOutcome) {
+        let at = OUTCOMES.iter().position(|&o| o == outcome);
+        let counted = self.with_pool(fleet, pool, |s| {
+            let (_, counters) = s.flow.iter().find(|(p, _)| *p == priority)?;
+            counters.get(at?)?.inc();
+            Some(())
+        });
+        if counted.flatten().is_none() {
+            self.flow
+                .get_or_create(&FlowLabels {
+                    pool: fleet.pool_name(Some(pool)).to_string(),
+                    priority: priority.to_string(),
+                    outcome: outcome.as_str().into(),
+                })
+                .inc();
+        }
     }
 
-    /// Records how long a released request waited.
-    pub fn waited(&self, pool: &str, wait: std::time::Duration) {
-        self.waits
-            .get_or_create(&PoolLabels {
-                pool: pool.to_string(),
-            })
-            .observe(wait.as_secs_f64());
+    /// Records how long a released request of `pool` waited.
+    pub fn waited(&self, fleet: &Fleet, pool: usize, wait: std::time::Duration) {
+        self.observe(fleet, pool, |s| s.wait.as_ref(), &self.waits, wait);
+    }
+
+    /// The layout of `fleet`'s generation, if it is the current one: the request path's handles
+    /// are found by index there. `None`: a request of the generation before a reload, whose
+    /// series are found by name instead.
+    fn layout_of(&self, fleet: &Fleet) -> Option<arc_swap::Guard<Arc<Layout>>> {
+        let layout = self.layout.load();
+        (layout.generation == Some(fleet.generation)).then_some(layout)
+    }
+
+    fn with_pool<R>(
+        &self,
+        fleet: &Fleet,
+        pool: usize,
+        f: impl FnOnce(&PoolSeries) -> R,
+    ) -> Option<R> {
+        self.layout_of(fleet)?.pools.get(pool).map(f)
+    }
+
+    /// Observes `value` in `pool`'s histogram of `family` (`pick` names it in the layout).
+    fn observe(
+        &self,
+        fleet: &Fleet,
+        pool: usize,
+        pick: fn(&PoolSeries) -> Option<&Histogram>,
+        family: &Family<PoolLabels, Histogram>,
+        value: std::time::Duration,
+    ) {
+        let v = value.as_secs_f64();
+        let observed = self.with_pool(fleet, pool, |s| pick(s).map(|h| h.observe(v)));
+        if observed.flatten().is_none() {
+            family
+                .get_or_create(&PoolLabels {
+                    pool: fleet.pool_name(Some(pool)).to_string(),
+                })
+                .observe(v);
+        }
     }
 
     /// Counts a pick of an endpoint of `pool` in `cluster` (indices in `fleet`, the generation
@@ -571,8 +672,7 @@ impl Metrics {
         tier: Tier,
         verdict: Option<Verdict>,
     ) {
-        let layout = self.layout.load();
-        if layout.generation != Some(fleet.generation) {
+        let Some(layout) = self.layout_of(fleet) else {
             // Picked in the generation before a reload, counted after it: by name.
             let (pool, cluster) = (fleet.pool_name(Some(pool)), &fleet.clusters[cluster].name);
             self.picks
@@ -592,7 +692,7 @@ impl Metrics {
                     .inc();
             }
             return;
-        }
+        };
         let at = pool * layout.clusters + cluster;
         if let Some(t) = TIERS.iter().position(|&x| x == tier)
             && let Some(c) = layout.picks.get(at * TIERS.len() + t)
@@ -656,21 +756,18 @@ impl Metrics {
     }
 
     /// The first byte of a response body, `since` the pick, for `pool`.
-    pub fn first_token(&self, pool: &str, since: std::time::Duration) {
-        self.ttft
-            .get_or_create(&PoolLabels {
-                pool: pool.to_string(),
-            })
-            .observe(since.as_secs_f64());
+    pub fn first_token(&self, fleet: &Fleet, pool: usize, since: std::time::Duration) {
+        self.observe(fleet, pool, |s| Some(&s.ttft), &self.ttft, since);
     }
 
     /// A streamed response's mean time between output tokens, for `pool`.
-    pub fn time_per_output_token(&self, pool: &str, per_token: std::time::Duration) {
-        self.tpot
-            .get_or_create(&PoolLabels {
-                pool: pool.to_string(),
-            })
-            .observe(per_token.as_secs_f64());
+    pub fn time_per_output_token(
+        &self,
+        fleet: &Fleet,
+        pool: usize,
+        per_token: std::time::Duration,
+    ) {
+        self.observe(fleet, pool, |s| Some(&s.tpot), &self.tpot, per_token);
     }
 
     /// Counts a changed fleet file, applied or refused.
@@ -908,6 +1005,48 @@ pub async fn serve(
 mod tests {
     use super::*;
     use crate::config::FleetConfig;
+
+    #[test]
+    fn request_path_series_count_by_index_and_by_name_across_a_reload() {
+        let cfg = FleetConfig::parse(
+            "clusters: [{name: a}]\npools:\n  - {name: p, models: [m], target_port: 80, endpoints: {a: [10.0.0.1]}}\n  - {name: q, models: [n], target_port: 80, endpoints: {a: [10.0.0.2]}}\n",
+            "t",
+        )
+        .unwrap();
+        let old = Fleet::new(&cfg);
+        let m = Metrics::new(&old);
+        m.flow(&old, 1, 0, FlowOutcome::Admitted);
+        m.first_token(&old, 1, std::time::Duration::from_millis(10));
+        // The next generation lists the pools the other way round: a request of the old one
+        // still counts under its own pool's name.
+        let swapped = FleetConfig::parse(
+            "clusters: [{name: a}]\npools:\n  - {name: q, models: [n], target_port: 80, endpoints: {a: [10.0.0.2]}}\n  - {name: p, models: [m], target_port: 80, endpoints: {a: [10.0.0.1]}}\n",
+            "t",
+        )
+        .unwrap();
+        let new = old.successor(&swapped);
+        m.adopt(&new);
+        m.flow(&old, 1, 0, FlowOutcome::Admitted);
+        m.flow(&new, 0, 0, FlowOutcome::Admitted);
+        m.first_token(&new, 0, std::time::Duration::from_millis(10));
+        let text = m.render(&new).unwrap();
+        assert!(
+            text.contains(
+                "fleetpick_flow_requests_total{pool=\"q\",priority=\"0\",outcome=\"admitted\"} 3"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "fleetpick_flow_requests_total{pool=\"p\",priority=\"0\",outcome=\"admitted\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleetpick_time_to_first_token_seconds_count{pool=\"q\"} 2"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn picks_and_verdicts_count_under_their_labels() {
