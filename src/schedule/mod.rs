@@ -221,9 +221,10 @@ struct Limits {
     drained: bool,
     /// `in-flight` mode's cap.
     cap: Option<u32>,
-    /// `kv-cache` mode: saturation is `max(kv x inv_kv, queue x inv_queue)`.
-    inv_kv: f64,
-    inv_queue: f64,
+    /// `kv-cache` mode: saturated at this KV use or this queue (the thresholds times the
+    /// capacity scaler). Compared as they are: a reciprocal would put 93 x (1/93) below 1.
+    kv_limit: f64,
+    queue_limit: f64,
 }
 
 impl Limits {
@@ -232,8 +233,8 @@ impl Limits {
         Limits {
             drained: scaler <= 0.0,
             cap: (p.balancing == BalancingMode::InFlight).then(|| in_flight_cap(p)),
-            inv_kv: 1.0 / (p.kv_cache_threshold * scaler),
-            inv_queue: 1.0 / (f64::from(p.queue_threshold) * scaler),
+            kv_limit: p.kv_cache_threshold * scaler,
+            queue_limit: f64::from(p.queue_threshold) * scaler,
         }
     }
 
@@ -248,9 +249,8 @@ impl Limits {
             Some(cap) if in_flight >= cap => Class::AtCapacity,
             Some(_) => Class::Headroom,
             None => {
-                let saturation = (load.kv_usage * self.inv_kv)
-                    .max(f64::from(load.waiting.max(awaiting)) * self.inv_queue);
-                if saturation >= 1.0 {
+                let queue = f64::from(load.waiting.max(awaiting));
+                if load.kv_usage >= self.kv_limit || queue >= self.queue_limit {
                     Class::Saturated
                 } else {
                     Class::Headroom
@@ -269,8 +269,7 @@ impl Limits {
             Class::Headroom => match self.cap {
                 Some(cap) => cap.saturating_sub(in_flight),
                 None => {
-                    let room =
-                        (1.0 / self.inv_queue).floor() - f64::from(load.waiting.max(awaiting));
+                    let room = self.queue_limit.ceil() - f64::from(load.waiting.max(awaiting));
                     room.clamp(1.0, f64::from(u32::MAX)) as u32
                 }
             },
@@ -292,7 +291,10 @@ pub fn free_slots(fleet: &Fleet, pool: usize) -> u32 {
 pub fn free_slots_per_cluster(fleet: &Fleet, pool: usize) -> Vec<u32> {
     let now = fleet.clock.now_ms();
     let stale_after = fleet.poller.stale_after_ms;
-    let policies = &fleet.policies;
+    // One policy per cluster for this pool, worked out once.
+    let limits: Vec<Limits> = (0..fleet.clusters.len())
+        .map(|c| Limits::new(&fleet.policies.enforced(pool, c)))
+        .collect();
     let mut free = vec![0u32; fleet.clusters.len()];
     for &index in &fleet.pools[pool].endpoints {
         let ep = &fleet.endpoints[index];
@@ -302,8 +304,7 @@ pub fn free_slots_per_cluster(fleet: &Fleet, pool: usize) -> Vec<u32> {
         let Some(load) = ep.load.fresh(now, stale_after) else {
             continue;
         };
-        let limits = Limits::new(&policies.enforced(ep.pool, ep.cluster));
-        free[ep.cluster] = free[ep.cluster].saturating_add(limits.free(
+        free[ep.cluster] = free[ep.cluster].saturating_add(limits[ep.cluster].free(
             &load,
             ep.in_flight.load(Ordering::Relaxed),
             ep.awaiting_first_token.load(Ordering::Relaxed),
@@ -519,7 +520,8 @@ pub fn pick(
             Tier::LastResort
         }
     };
-    if excluded || tier == Tier::LastResort {
+    // (The last resort's candidates are allowed ones already.)
+    if excluded {
         cands.retain(|c| c.class.allowed());
     }
     for c in cands.iter_mut() {
@@ -581,18 +583,12 @@ pub fn pick(
             _ => Verdict::NotPreferred,
         }
     });
-    let mut enforced = policies.enforced(
-        fleet.endpoints[winner.index].pool,
-        fleet.endpoints[winner.index].cluster,
-    );
-    if req.sheddable {
-        // The same share the classes above were worked out with.
-        enforced.capacity_scaler *= enforced.sheddable_capacity;
-    }
-    let cap = match enforced.balancing {
-        BalancingMode::InFlight => in_flight_cap(&enforced),
-        BalancingMode::KvCache => u32::MAX,
-    };
+    // The winner's cap, as its cluster's view worked it out for the classes above.
+    let winner_ep = &fleet.endpoints[winner.index];
+    let cap = views[winner_ep.pool * n_clusters + winner_ep.cluster]
+        .as_ref()
+        .and_then(|v| v.limits.cap)
+        .unwrap_or(u32::MAX);
     let mut fallback_list = Vec::new();
     if fallbacks > 0 && !cands.is_empty() {
         // Shuffle before the stable sort so that ties among fallbacks are random too; the
@@ -786,6 +782,24 @@ mod tests {
             ..LoadSample::default()
         };
         f.endpoints[i].load.store(&s, f.clock.now_ms());
+    }
+
+    #[test]
+    fn a_queue_threshold_saturates_at_exactly_its_value() {
+        for threshold in [1, 5, 93, 99, 105] {
+            let limits = Limits::new(&ClusterPolicy {
+                queue_threshold: threshold,
+                ..crate::fleet::default_cluster_policy()
+            });
+            let load = |waiting| Load {
+                kv_usage: 0.0,
+                waiting,
+                running: 0,
+            };
+            assert_eq!(limits.free(&load(0), 0, 0), threshold, "{threshold}");
+            assert_eq!(limits.free(&load(threshold - 1), 0, 0), 1, "{threshold}");
+            assert_eq!(limits.free(&load(threshold), 0, 0), 0, "{threshold}");
+        }
     }
 
     fn req(model: &str) -> PickRequest<'_> {
