@@ -250,7 +250,9 @@ impl Limits {
             Some(_) => Class::Headroom,
             None => {
                 let queue = f64::from(load.waiting.max(awaiting));
-                if load.kv_usage >= self.kv_limit || queue >= self.queue_limit {
+                // `|`, not `||`: both comparisons, no branch between them (mixed loads would
+                // mispredict it).
+                if (load.kv_usage >= self.kv_limit) | (queue >= self.queue_limit) {
                     Class::Saturated
                 } else {
                     Class::Headroom
