@@ -369,8 +369,9 @@ impl FlowQueue {
         self.lock().bands.values().map(|b| b.len).sum()
     }
 
+    /// Asked on every admission: empty bands are removed as they empty, so no band is summed.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.lock().bands.is_empty()
     }
 
     /// Released requests not yet picked.

@@ -311,11 +311,8 @@ fn init_logs(format: LogFormat) -> anyhow::Result<LogGuard> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut cfg = FleetConfig::load(&args.config)?;
-    if let Some(region) = &args.region {
-        cfg.check_region(region)?;
-        cfg.file.picker.region = Some(region.clone());
-    }
+    let source = fleetpick::serve::ConfigSource::load(args.config.clone(), args.region)?;
+    let cfg = source.loaded.clone();
     let addr = fleetpick::serve::listen_addr(&cfg, args.listen);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -357,11 +354,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         grpc: listener,
         tls,
         metrics,
-        config_file: Some(fleetpick::serve::ConfigSource {
-            path: args.config.clone(),
-            region: args.region,
-            loaded: cfg.clone(),
-        }),
+        config_file: Some(source),
     };
     fleetpick::serve::serve(cfg, io, shutdown_signal()).await?;
     tracing::info!("fleetpick stopped");

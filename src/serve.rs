@@ -24,7 +24,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::collect::poller;
-use crate::config::{FleetConfig, FleetFile};
+use crate::config::{ConfigError, FleetConfig, FleetFile};
 use crate::extproc::{Picker, Settings};
 use crate::fleet::{Fleet, FleetCell};
 use crate::telemetry::{self, Metrics};
@@ -76,15 +76,29 @@ pub struct ConfigSource {
 }
 
 impl ConfigSource {
-    /// Reads and validates the file, with the override applied.
-    fn read(&self) -> Result<FleetConfig, String> {
-        let mut cfg = FleetConfig::load(&self.path).map_err(|e| e.to_string())?;
-        if let Some(region) = &self.region {
-            cfg.check_region(region).map_err(|e| e.to_string())?;
-            cfg.file.picker.region = Some(region.clone());
-        }
-        Ok(cfg)
+    /// Loads `path` with the `region` override applied: what `serve` starts on.
+    pub fn load(path: PathBuf, region: Option<String>) -> Result<ConfigSource, ConfigError> {
+        let loaded = read_with(&path, region.as_deref())?;
+        Ok(ConfigSource {
+            path,
+            region,
+            loaded,
+        })
     }
+
+    /// Reads and validates the file again, with the override applied.
+    fn read(&self) -> Result<FleetConfig, ConfigError> {
+        read_with(&self.path, self.region.as_deref())
+    }
+}
+
+fn read_with(path: &std::path::Path, region: Option<&str>) -> Result<FleetConfig, ConfigError> {
+    let mut cfg = FleetConfig::load(path)?;
+    if let Some(region) = region {
+        cfg.check_region(region)?;
+        cfg.file.picker.region = Some(region.to_string());
+    }
+    Ok(cfg)
 }
 
 /// The tasks that serve one generation of the fleet: a poller per endpoint, the cluster-health
@@ -257,6 +271,7 @@ async fn watch_config(
         }
         let prepared = source
             .read()
+            .map_err(|e| e.to_string())
             .and_then(|cfg| restart_only_unchanged(&loaded.file, &cfg.file).map(|()| cfg))
             .and_then(|next| {
                 if next == loaded {

@@ -36,13 +36,24 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
+    #[error("server.tls.{field}: cannot read {path}: {source}")]
     Read {
+        field: &'static str,
         path: String,
         source: std::io::Error,
     },
-    #[error("{path}: {what}")]
-    Pem { path: String, what: String },
+    #[error("server.tls.{field}: {path}: {what}")]
+    Pem {
+        field: &'static str,
+        path: String,
+        what: String,
+    },
+    #[error("server.tls.key_file {key}: not usable with server.tls.cert_file {cert}: {source}")]
+    KeyPair {
+        cert: String,
+        key: String,
+        source: rustls::Error,
+    },
     #[error("server.tls: {0}")]
     Config(#[from] rustls::Error),
     #[error("server.tls.client_ca_file {path}: {source}")]
@@ -175,12 +186,16 @@ impl Tls {
 
 /// The files' contents, in the order cert, key, client CA.
 fn read_all(files: &TlsSettings) -> Result<Vec<Vec<u8>>, TlsError> {
-    let mut paths: Vec<&PathBuf> = vec![&files.cert_file, &files.key_file];
-    paths.extend(&files.client_ca_file);
+    let mut paths: Vec<(&'static str, &PathBuf)> = vec![
+        ("cert_file", &files.cert_file),
+        ("key_file", &files.key_file),
+    ];
+    paths.extend(files.client_ca_file.iter().map(|p| ("client_ca_file", p)));
     paths
         .into_iter()
-        .map(|p| {
+        .map(|(field, p)| {
             std::fs::read(p).map_err(|source| TlsError::Read {
+                field,
                 path: p.display().to_string(),
                 source,
             })
@@ -188,8 +203,13 @@ fn read_all(files: &TlsSettings) -> Result<Vec<Vec<u8>>, TlsError> {
         .collect()
 }
 
-fn certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+fn certs(
+    field: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bad = |what: String| TlsError::Pem {
+        field,
         path: path.display().to_string(),
         what,
     };
@@ -204,8 +224,9 @@ fn certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsErr
 
 fn server_config(files: &TlsSettings, contents: &[Vec<u8>]) -> Result<ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let chain = certs(&files.cert_file, &contents[0])?;
+    let chain = certs("cert_file", &files.cert_file, &contents[0])?;
     let key = PrivateKeyDer::from_pem_slice(&contents[1]).map_err(|e| TlsError::Pem {
+        field: "key_file",
         path: files.key_file.display().to_string(),
         what: format!("no private key: {e}"),
     })?;
@@ -214,7 +235,7 @@ fn server_config(files: &TlsSettings, contents: &[Vec<u8>]) -> Result<ServerConf
     let builder = match (&files.client_ca_file, contents.get(2)) {
         (Some(path), Some(pem)) => {
             let mut roots = RootCertStore::empty();
-            for ca in certs(path, pem)? {
+            for ca in certs("client_ca_file", path, pem)? {
                 roots.add(ca)?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
@@ -227,7 +248,13 @@ fn server_config(files: &TlsSettings, contents: &[Vec<u8>]) -> Result<ServerConf
         }
         _ => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_single_cert(chain, key)?;
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|source| TlsError::KeyPair {
+            cert: files.cert_file.display().to_string(),
+            key: files.key_file.display().to_string(),
+            source,
+        })?;
     // gRPC is HTTP/2: say so, or a client that insists on ALPN (Envoy does) gives up.
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)

@@ -248,16 +248,26 @@ fn check_config_loads_the_tls_files_and_names_the_one_that_fails() {
     put(&dir.0.join("other.key"), &other_key);
     let out = check("{cert_file: fleetpick.crt, key_file: other.key}");
     assert!(!out.status.success(), "a mismatched key passed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("server.tls.key_file") && err.contains("other.key"),
+        "{err}"
+    );
     // A key file with no key in it (the CA's certificate), and a missing file: named.
     let out = check("{cert_file: fleetpick.crt, key_file: ca.crt}");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("ca.crt") && err.contains("no private key"),
+        err.contains("server.tls.key_file")
+            && err.contains("ca.crt")
+            && err.contains("no private key"),
         "{err}"
     );
     let out = check("{cert_file: missing.crt, key_file: fleetpick.key}");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("missing.crt"), "{err}");
+    assert!(
+        err.contains("server.tls.cert_file") && err.contains("missing.crt"),
+        "{err}"
+    );
 }

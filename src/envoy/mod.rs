@@ -780,11 +780,9 @@ fn picker_cluster(y: &mut String, flavor: Flavor, p: &EnvoyParams) {
 /// The picker cluster's TLS: fleetpick's certificate checked against the CA and the name, Envoy's
 /// own certificate presented for mutual TLS, HTTP/2 by ALPN.
 fn extproc_tls(y: &mut String, tls: &ExtProcTls) {
-    let ExtProcTls {
-        ca_file,
-        client_cert,
-        server_name,
-    } = tls;
+    // Paths and names as JSON strings (YAML's double-quoted scalars): any character survives.
+    let quoted = |v: &str| serde_json::Value::from(v).to_string();
+    let (ca_file, server_name) = (quoted(&tls.ca_file), quoted(&tls.server_name));
     put(
         y,
         &format!(
@@ -804,7 +802,8 @@ fn extproc_tls(y: &mut String, tls: &ExtProcTls) {
 "#
         ),
     );
-    if let Some((cert, key)) = client_cert {
+    if let Some((cert, key)) = &tls.client_cert {
+        let (cert, key) = (quoted(cert), quoted(key));
         put(
             y,
             &format!(

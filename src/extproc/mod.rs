@@ -688,19 +688,24 @@ impl StreamState {
             .and_then(|s| self.session_key(&s.key));
         let objective = pool.zip(model.as_deref()).and_then(|(p, m)| {
             let named = self.request_header(OBJECTIVE_HEADER);
-            fleet.objective(p, m, named.as_deref()).cloned()
+            fleet.objective(p, m, named.as_deref())
         });
-        self.objective = objective.as_ref().map(|o| o.name.clone());
-        let flow = self
-            .request_header(FAIRNESS_HEADER)
-            .or_else(|| objective.as_ref().map(|o| o.name.clone()))
-            .unwrap_or_default();
+        let priority = objective.map_or(0, |o| o.priority);
+        self.objective = objective.map(|o| o.name.clone());
+        // The fairness key matters only to a queue.
+        let flow = if pool.is_some_and(|p| fleet.pools[p].queue.is_some()) {
+            self.request_header(FAIRNESS_HEADER)
+                .or_else(|| self.objective.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
         let pending = Pending {
             model,
             pool,
             hashes,
             session_key,
-            priority: objective.map_or(0, |o| o.priority),
+            priority,
             flow,
             has_body,
             body_end,
