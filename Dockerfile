@@ -1,11 +1,16 @@
-# fleetpick: the ext_proc endpoint picker, and its simulator (`fleetpick sim`), in one small
-# image. Build: docker build -t fleetpick .   Run: see envoy/docker-compose.yml and
-# examples/k8s/fleetpick.yaml.
+# fleetpick, the ext_proc endpoint picker, in one small image: the shipped crate only (the lab's
+# simulator image is Dockerfile.lab). Build: docker build -t fleetpick .   Run: see
+# envoy/docker-compose.yml and examples/k8s/fleetpick.yaml.
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin fleetpick \
- && strip target/release/fleetpick
+# The symbol table stays in the binary (profiles and backtraces name functions); the line tables
+# go to fleetpick.debug, left in this stage for whoever needs file and line.
+RUN cargo build --release --locked -p fleetpick --bin fleetpick \
+ && cd target/release \
+ && objcopy --only-keep-debug fleetpick fleetpick.debug \
+ && strip --strip-debug fleetpick \
+ && objcopy --add-gnu-debuglink=fleetpick.debug fleetpick
 
 FROM debian:bookworm-slim
 # No shell tools are needed at run time: `fleetpick probe URL` is the health check.

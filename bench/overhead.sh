@@ -25,7 +25,7 @@
 # Usage: bench/overhead.sh
 #   env: SERVERS=8 TIME_SCALE=1000 RATE_PATTERNS="5:100 50:10" RATE_DURATION=20 WARMUP=1
 #        MAX_CONCURRENCY=64 MAX_DURATION=10 IDLE=3
-#        FLEETPICK_BIN=path (a fleetpick binary to measure instead of building target/release)
+#        FLEETPICK_BIN=path (a fleetpick binary to measure instead of target/release/fleetpick)
 #        OUT=dir (default bench/out/overhead)
 # Output: a summary on stdout and in $OUT/summary.txt; the raw hey reports, the rendered
 # configurations and every process's log beside it.
@@ -139,12 +139,13 @@ curl_q() { curl --noproxy '*' -s --max-time 2 "$@"; }
 
 # --- build, tools ----------------------------------------------------------------------------
 
+echo "overhead.sh: building (cargo build --release -p fleetpick -p fleetpick-lab)" >&2
+cargo build --release --quiet -p fleetpick -p fleetpick-lab
+lab=target/release/fleetpick-lab
 if [ -n "${FLEETPICK_BIN:-}" ]; then
     bin=$FLEETPICK_BIN
     build="FLEETPICK_BIN=$bin"
 else
-    echo "overhead.sh: building (cargo build --release)" >&2
-    cargo build --release --quiet
     bin=target/release/fleetpick
     build="release build of this tree"
 fi
@@ -159,7 +160,7 @@ hz=$(getconf CLK_TCK)
 # --- the simulated fleet ---------------------------------------------------------------------
 
 ready="$out/sim-ready.json"
-cmd=("$bin" sim --servers "$SERVERS" --time-scale "$TIME_SCALE" --ready-file "$ready")
+cmd=("$lab" sim --servers "$SERVERS" --time-scale "$TIME_SCALE" --ready-file "$ready")
 note_cmd "${cmd[@]}"
 start_bg sim "$out/sim.log" "${cmd[@]}"
 sim_pid=$started

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# System benchmark of the simulator: one `fleetpick sim` process simulating many servers, and the
+# System benchmark of the simulator: one `fleetpick-lab sim` process simulating many servers, and the
 # load generator in a second process on the same machine.
 #   1. short non-streaming completions, Poisson arrivals at RATE/s spread over every server;
 #   2. /metrics scraped on every server at the picker's poll rate (every 50 ms), to price the page.
@@ -15,8 +15,8 @@ DURATION=${DURATION:-20}
 TIME_SCALE=${TIME_SCALE:-1}
 out=bench/out/sim-throughput
 mkdir -p "$out"
-cargo build --release --quiet
-bin=target/release/fleetpick
+cargo build --release --quiet -p fleetpick-lab
+bin=target/release/fleetpick-lab
 ready="$out/ready.json"
 rm -f "$ready"
 setsid "$bin" sim --servers "$SERVERS" --clusters a,b,c,d --time-scale "$TIME_SCALE" \

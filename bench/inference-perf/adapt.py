@@ -14,7 +14,7 @@ per_request_lifecycle_metrics.json: a JSON array with one object per request:
                             for a non-200 answer, else the Python exception's class name
     request, response       the bodies (per_request_fields.request / .response)
 
-OUT gets a JSON array of fleetpick's records (src/loadgen/mod.rs RequestRecord), sorted by start:
+OUT gets a JSON array of fleetpick's records (crates/loadgen/src/lib.rs RequestRecord), sorted by start:
 
     {"start_us": int, "first_token_us": int|null, "end_us": int, "status": int,
      "server": null, "error": str|null}

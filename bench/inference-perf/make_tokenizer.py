@@ -4,7 +4,7 @@ inference-perf needs a Hugging Face tokenizer to generate prompts of a given len
 to count output tokens. Nothing may come from a model hub, so this script makes one from nothing:
 
 1. It writes deterministic English-like text (a fixed seed): common English function words,
-   the words the fleetpick simulator "generates" (src/sim/server.rs, one word per token), and a
+   the words the fleetpick simulator "generates" (crates/sim/src/server.rs, one word per token), and a
    few thousand invented words built from syllables, in sentences with capitals, punctuation,
    numbers and paragraphs, with Zipf-like word frequencies.
 2. It trains a byte-level BPE tokenizer (the scheme of GPT-2 and Llama 3) with the `tokenizers`
@@ -58,7 +58,7 @@ FUNCTION_WORDS = (
     "without again against never often every still always another whether since though yet"
 ).split()
 
-# The simulator's output words (src/sim/server.rs WORDS): frequent here so that each one is a
+# The simulator's output words (crates/sim/src/server.rs WORDS): frequent here so that each one is a
 # single token, and inference-perf's count of streamed output tokens matches the server's.
 SIM_WORDS = (
     "the model server token cache request cluster region latency batch prefix queue picker envoy "

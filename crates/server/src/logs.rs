@@ -1,0 +1,62 @@
+//! Logs (and, with the `otlp` feature, exported request spans) for fleetpick's commands: to
+//! stderr, for people or as JSON lines, levels from `RUST_LOG`.
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people.
+    #[default]
+    Human,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// What must live as long as the process for logs and traces (the OTLP exporter, flushed when
+/// it drops).
+#[cfg(feature = "otlp")]
+pub type LogGuard = Option<crate::trace::otlp::Guard>;
+/// What must live as long as the process for logs and traces (nothing, without `otlp`).
+#[cfg(not(feature = "otlp"))]
+#[derive(Debug)]
+pub struct LogGuard;
+
+/// Why logs could not be set up: only the OTLP exporter can fail.
+#[cfg(feature = "otlp")]
+pub type InitError = crate::trace::otlp::OtlpError;
+/// Why logs could not be set up: only the OTLP exporter can fail.
+#[cfg(not(feature = "otlp"))]
+pub type InitError = std::convert::Infallible;
+
+/// Logs to stderr in `format`, levels from `RUST_LOG` (default `info`); with the `otlp`
+/// feature and `OTEL_EXPORTER_OTLP_ENDPOINT` set, request spans exported too. Call inside the
+/// Tokio runtime: the OTLP exporter's gRPC client lives on it.
+pub fn init(format: LogFormat) -> Result<LogGuard, InitError> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Human => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let logs = tracing_subscriber::registry().with(fmt.with_filter(filter));
+    #[cfg(feature = "otlp")]
+    {
+        let (layer, guard) = crate::trace::otlp::layer()?.unzip();
+        let exporting = layer.is_some();
+        logs.with(layer).init();
+        crate::trace::otlp::ENABLED.store(exporting, std::sync::atomic::Ordering::Relaxed);
+        if exporting {
+            tracing::info!("exporting request spans over OTLP");
+        }
+        Ok(guard)
+    }
+    #[cfg(not(feature = "otlp"))]
+    {
+        logs.init();
+        Ok(LogGuard)
+    }
+}
