@@ -660,7 +660,7 @@ pub async fn run(
     Ok(Results {
         scenario: scenario.name.clone(),
         description: scenario.description.clone(),
-        date: report::utc_now(),
+        date: utc_now(),
         machine: machine(),
         servers: scenario.fleet.servers,
         duration_s: scenario.duration_s,
@@ -1227,6 +1227,16 @@ fn cell_result(
     }
 }
 
+/// Now in UTC, `YYYY-MM-DD HH:MM UTC`: when a benchmark ran, in its results and report.
+pub fn utc_now() -> String {
+    let rfc3339 = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    // `2026-12-06T15:50:07Z`: the date and the minutes are the first 16 characters.
+    format!(
+        "{} UTC",
+        rfc3339.get(..16).unwrap_or(&rfc3339).replacen('T', " ", 1)
+    )
+}
+
 /// fleetpick in this process, and the CPU time of its threads (the cell's `picker_cpu_seconds`).
 struct MeasuredPicker {
     inner: fleetpick::InProcess,
@@ -1317,5 +1327,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("windows[0] (w)"), "{e}");
+    }
+
+    #[test]
+    fn date_is_plausible() {
+        let d = utc_now();
+        assert!(
+            d.starts_with("20") && d.ends_with("UTC") && d.len() == 20,
+            "{d}"
+        );
     }
 }
