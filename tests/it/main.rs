@@ -11,6 +11,7 @@ mod e2e;
 mod envoy_config;
 mod extproc;
 mod flow;
+mod layout;
 mod lifecycle;
 mod multicluster;
 #[cfg(feature = "otlp")]
