@@ -249,7 +249,7 @@ impl EnvoyProcess {
         Ok(envoy)
     }
 
-    /// `http://<listener><path>`, with 0.0.0.0 / [::] replaced by loopback.
+    /// `http://<listener><path>`, with `0.0.0.0` / `[::]` replaced by loopback.
     pub fn url(&self, path: &str) -> String {
         let mut addr = self.listen;
         if addr.ip().is_unspecified() {

@@ -2,7 +2,7 @@
 //! the shipped picker depends on this crate.
 //!
 //! # Layout
-//! - [`bench`]: the benchmark harness: scenarios run through every routing strategy behind the
+//! - [`bench`](mod@bench): the benchmark harness: scenarios run through every routing strategy behind the
 //!   real Envoy ([`bench::report`]: results and the Markdown report; [`bench::plot`]: its charts).
 //! - [`demo`]: the newcomer's demo: Envoy, fleetpick and a simulated fleet of three clusters in
 //!   two regions, shown live.

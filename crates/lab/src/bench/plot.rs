@@ -4,7 +4,7 @@
 //! Drawn with `plotters` on its bitmap backend and encoded with `png`. The text is set in DejaVu
 //! Sans, embedded in the binary by the `dejavu` crate (Bitstream Vera licence, redistributable),
 //! so drawing needs no system font, no fontconfig and no C library, at build or at run time:
-//! plotters measures it (its `ab_glyph` feature) and [`GlyphBackend`] draws it with `ab_glyph`.
+//! plotters measures it (its `ab_glyph` feature) and `GlyphBackend` draws it with `ab_glyph`.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
