@@ -1,5 +1,6 @@
 //! Scheduling: which endpoint serves a request. Plain functions over the fleet's current view;
-//! no I/O, no locks, nothing awaited.
+//! no I/O and nothing awaited. The only locks a pick takes are the prefix index's: a shard read
+//! lock of its concurrent map per block looked up, held for that lookup only.
 //!
 //! Two tiers. First the cluster tier decides where a request may go:
 //! - filters: the pool serving the model, the proxy's subset hint, fresh metrics, a cluster

@@ -4,11 +4,15 @@
 //! beside `/healthz` (the process answers) and `/readyz` (it has an eligible endpoint and is
 //! not shutting down).
 //!
-//! Series on the request and response paths (picks, admission outcomes, time to first token,
-//! per-token time, queue waits) are made once per generation of the fleet (at start and on each
-//! reload) for every (pool, cluster, label) and found by index, so counting one is an atomic
-//! add: no label strings built, no lock. A request of an older generation counts by name. A reload keeps every counter's value (the same
-//! labels find the same series) and drops the gauges of what left the fleet.
+//! Most series on the request and response paths (picks, dry-run verdicts, admission outcomes,
+//! time to first token, per-token time, queue waits, and the GIE request and running counts of
+//! served models) are made once per generation of the fleet (at start and on each reload) for
+//! every (pool, cluster, label) and found by index, so counting one is an atomic add: no label
+//! strings built, no lock. A request of an older generation counts by name. Three are still
+//! counted by label set, building their label strings and taking the family's lock per request:
+//! request totals (`fleetpick_requests_total`), refusals (`fleetpick_refusals_total`) and GIE
+//! errors (`inference_objective_request_error_total`). A reload keeps every counter's value
+//! (the same labels find the same series) and drops the gauges of what left the fleet.
 
 use std::collections::HashMap;
 use std::sync::Arc;
