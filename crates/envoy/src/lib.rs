@@ -20,6 +20,12 @@
 //!
 //! The facts behind the settings (observed on Envoy 1.40) are in the comments of the rendered
 //! YAML, so that a reader of the checked-in files sees them too.
+//!
+//! # Layout
+//! - this module: the flavors, their parameters and [`render`];
+//! - [`compose`]: the address plan of `envoy/docker-compose.yml`;
+//! - [`process`]: the real Envoy: finding or installing the binary, `envoy --mode validate`, a
+//!   process started on a rendered configuration and stopped on drop.
 
 use std::fmt;
 use std::net::SocketAddr;
