@@ -198,12 +198,36 @@ fn metrics_render(c: &mut Criterion) {
     group.finish();
 }
 
+/// Recording picks in the prefix index: one endpoint whose memory (2,048 blocks) keeps turning
+/// over, fed 16 KB prompts (256 blocks) that share an 8 KB system prompt with one of 16 others,
+/// so each record refreshes held blocks and adds and evicts others, as the service does after
+/// every pick.
+fn prefix_record(c: &mut Criterion) {
+    let index = fleetpick_core::prefix::PrefixIndex::new(4);
+    let prompts: Vec<Vec<u64>> = (0..256u64)
+        .map(|i| {
+            let system = fleetpick_loadgen::filler_text(i % 16, 8 * 1024);
+            let question = fleetpick_loadgen::filler_text(1_000 + i, 8 * 1024);
+            let text = format!("{system}{question}");
+            fleetpick_core::prefix::prompt_hashes(MODEL, None, text.as_bytes())
+        })
+        .collect();
+    let mut i = 0;
+    c.bench_function("prefix/record_256_blocks", |b| {
+        b.iter(|| {
+            index.record(1, black_box(&prompts[i % prompts.len()]));
+            i += 1;
+        })
+    });
+}
+
 criterion_group!(
     benches,
     metrics_render,
     pick_latency,
     pick_tail,
     pick_prefix,
+    prefix_record,
     parse_chat_256k
 );
 criterion_main!(benches);
