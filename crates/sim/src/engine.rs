@@ -27,8 +27,8 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::kv::{BlockId, KvCache};
-use super::metrics::Stats;
 use super::params::EngineParams;
+use super::stats::{EngineGauges, Stats};
 
 /// Simulated time in seconds since the engine's epoch.
 pub type SimTime = f64;
@@ -116,16 +116,6 @@ pub struct Engine {
     lora_slots: Vec<Arc<str>>,
     stats: Stats,
     planned: bool,
-}
-
-/// The live gauges of an engine, for `/metrics` and the admin API.
-#[derive(Debug, Clone, Default)]
-pub struct EngineGauges {
-    pub running: usize,
-    pub waiting: usize,
-    pub kv_usage: f64,
-    pub running_adapters: Vec<Arc<str>>,
-    pub waiting_adapters: Vec<Arc<str>>,
 }
 
 impl Engine {

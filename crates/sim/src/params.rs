@@ -313,30 +313,6 @@ mod tests {
     }
 
     #[test]
-    fn example_config_is_valid() {
-        let cfg = SimConfig::parse(
-            include_str!("../../../examples/sim-fleet.yaml"),
-            "examples/sim-fleet.yaml",
-        )
-        .unwrap();
-        let clusters: Vec<String> = ["us-east", "us-west", "eu-west"].map(String::from).to_vec();
-        let names = crate::fleet::layout(6, &clusters);
-        cfg.check_names(&clusters, names.iter().map(|(n, _)| n.as_str()))
-            .unwrap();
-        for (name, cluster) in &names {
-            cfg.params_for(name, cluster).unwrap();
-        }
-        assert_eq!(
-            cfg.params_for("us-east-0", "us-east").unwrap().num_blocks,
-            4096
-        );
-        assert_eq!(
-            cfg.params_for("us-west-1", "us-west").unwrap().max_num_seqs,
-            32
-        );
-    }
-
-    #[test]
     fn unknown_field_is_named_with_position() {
         let err = SimConfig::parse("defaults:\n  num_blocs: 3\n", "t.yaml")
             .unwrap_err()
