@@ -32,7 +32,7 @@ use super::engine::{Engine, FinishReason, SeqEvent, SeqRequest, SeqUsage, SimTim
 use super::kv::{block_hashes, chain_seed};
 use super::metrics::{self, Snapshot};
 use super::params::EngineParams;
-use fleetpick_protocol::openai::{Api, ApiError, InferenceRequest};
+use fleetpick_protocol::openai::{Api, ApiError, InferenceRequest, Input, Part, Prompt};
 
 /// The headers naming the simulated server that answered, and its cluster.
 pub use fleetpick_protocol::headers::{
@@ -640,9 +640,10 @@ async fn generate(server: Arc<SimServer>, api: Api, request: Request) -> Respons
     let seed = chain_seed(&req.model, req.cache_salt.as_deref());
     let block_bytes = (p.block_size * p.bytes_per_token) as usize;
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut seqs = Vec::with_capacity(req.prompts.len());
-    for (index, prompt) in req.prompts.iter().enumerate() {
-        let bytes = prompt.hash_bytes();
+    let prompts = legacy_prompts(req.input);
+    let mut seqs = Vec::with_capacity(prompts.len());
+    for (index, prompt) in prompts.iter().enumerate() {
+        let bytes = legacy_bytes(prompt);
         let (prompt_tokens, hashes) = match prompt {
             fleetpick_protocol::openai::Prompt::Tokens(ids) => {
                 // Token ids are 4 bytes each here, so a block is block_size ids.
@@ -699,7 +700,7 @@ async fn generate(server: Arc<SimServer>, api: Api, request: Request) -> Respons
         created: unix_now() as u64,
         model: req.model,
         api,
-        sequences: req.prompts.len(),
+        sequences: prompts.len(),
         include_usage: req.include_usage,
         rng,
     };
@@ -715,6 +716,52 @@ async fn generate(server: Arc<SimServer>, api: Api, request: Request) -> Respons
         .headers_mut()
         .insert(QUEUE_AHEAD_HEADER, HeaderValue::from(queue_ahead));
     response
+}
+
+/// The prompts as the shared parse rendered them before it became structured; a stop-gap
+/// until the simulator has a chat template and a tokenizer of its own.
+fn legacy_prompts(input: Input) -> Vec<Prompt> {
+    match input {
+        Input::Prompts(prompts) => prompts,
+        Input::Conversation {
+            instructions,
+            messages,
+        } => {
+            let mut text = String::new();
+            if let Some(system) = instructions {
+                text.push_str("<|system|>\n");
+                text.push_str(&system);
+                text.push('\n');
+            }
+            for m in &messages {
+                text.push_str("<|");
+                text.push_str(&m.role);
+                text.push_str("|>\n");
+                for part in &m.parts {
+                    match part {
+                        Part::Text(s) => text.push_str(s),
+                        Part::Other(kind) => {
+                            text.push_str("<|");
+                            text.push_str(kind);
+                            text.push_str("|>");
+                        }
+                    }
+                }
+                text.push('\n');
+            }
+            text.push_str("<|assistant|>\n");
+            vec![Prompt::Text(text)]
+        }
+    }
+}
+
+fn legacy_bytes(prompt: &Prompt) -> std::borrow::Cow<'_, [u8]> {
+    match prompt {
+        Prompt::Text(text) => std::borrow::Cow::Borrowed(text.as_bytes()),
+        Prompt::Tokens(ids) => {
+            std::borrow::Cow::Owned(ids.iter().flat_map(|id| id.to_le_bytes()).collect())
+        }
+    }
 }
 
 async fn whole_response(mut g: Generation, mut rx: mpsc::UnboundedReceiver<SeqEvent>) -> Response {
