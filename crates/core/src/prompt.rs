@@ -1,4 +1,4 @@
-//! The picker's view of a prompt: the bytes [`crate::prefix`] hashes to find the endpoints that
+//! The picker's view of a prompt: the bytes the `prefix` module hashes to find the endpoints that
 //! already hold its prefix.
 //!
 //! The picker does not know the model's chat template or tokenizer, and does not need to: it
