@@ -359,8 +359,8 @@ async fn large_bodies_arrive_intact_in_both_body_modes() {
         };
         let envoy = envoy::start(&render(Flavor::OriginalDst, &params)).await;
         envoy::until_routing(&envoy).await;
-        // 200,000 bytes of prompt: 50,000 tokens at the simulator's 4 bytes a token, so the
-        // usage it reports proves every byte arrived.
+        // 200,000 bytes of prompt: 47,580 tokens by the simulator's tokenizer, so the usage it
+        // reports shows the whole body arrived (a lost or repeated piece changes the count).
         let prompt = fleetpick_loadgen::filler_text(11, 200_000);
         let resp = client()
             .post(envoy.url("/v1/chat/completions"))
@@ -370,9 +370,9 @@ async fn large_bodies_arrive_intact_in_both_body_modes() {
             .unwrap();
         assert_eq!(resp.status(), 200, "{mode:?}");
         let v: serde_json::Value = resp.json().await.unwrap();
-        // The chat rendering adds the role markers: "<|user|>\n" + prompt + "\n<|assistant|>\n".
-        let expected = (200_000 + "<|user|>\n\n<|assistant|>\n".len()).div_ceil(4);
-        assert_eq!(v["usage"]["prompt_tokens"], expected, "{mode:?}");
+        // The chat template adds 11: <|begin_of_text|>, the user header and its blank line (4),
+        // <|eot_id|>, the assistant header and its blank line (5: "assistant" is two tokens).
+        assert_eq!(v["usage"]["prompt_tokens"], 47_580 + 11, "{mode:?}");
         // And a bad body is refused by fleetpick in the OpenAI shape, through Envoy.
         let resp = client()
             .post(envoy.url("/v1/completions"))

@@ -2,9 +2,9 @@
 //! field of a vLLM and an SGLang page, and never a panic on any cut or corruption of them.
 
 use fleetpick_core::profile::{CacheConfig, EngineKind, LoadSample, LoraInfo, ProfileError, parse};
-use fleetpick_sim::engine::EngineGauges;
-use fleetpick_sim::metrics::{Snapshot, Stats, render};
+use fleetpick_sim::metrics::{Snapshot, render};
 use fleetpick_sim::params::{EngineParams, MetricsFormat};
+use fleetpick_sim::stats::{EngineGauges, Stats};
 
 fn snapshot(running: usize, waiting: usize, kv_usage: f64) -> Snapshot {
     let mut stats = Stats::default();

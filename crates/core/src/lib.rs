@@ -10,16 +10,19 @@
 //! - [`schedule`]: the cluster tier (health, policy, locality, spill), then the scorers: the
 //!   pick; and the saturation detector (free slots).
 //! - [`queue`]: flow control's queue: priority bands, fair flows, bounds, time to live.
+//! - [`prompt`]: the bytes of a request's prompt the picker hashes (its own rendering of a
+//!   conversation).
 //! - [`prefix`]: the prompt's chained block hashes and the picker's approximate prefix index.
 //! - [`session`]: session affinity's bounded memory.
 //! - [`rewrite`]: model rewrites: weighted targets, the client's name restored in responses.
 //!
-//! What may use what: `profile`, `prefix`, `session`, `rewrite` and `queue` use nothing else
-//! here; `fleet` holds them; `schedule` reads `fleet`.
+//! What may use what: `profile`, `prompt`, `prefix`, `session`, `rewrite` and `queue` use
+//! nothing else here; `fleet` holds them; `schedule` reads `fleet`.
 
 pub mod fleet;
 pub mod prefix;
 pub mod profile;
+pub mod prompt;
 pub mod queue;
 pub mod rewrite;
 pub mod schedule;

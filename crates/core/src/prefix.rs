@@ -1,7 +1,8 @@
-//! Prompt prefixes: chained block hashes (shared by the simulator's prefix cache and the picker)
-//! and the picker's approximate index of which endpoint holds which prefix.
+//! Prompt prefixes: the picker's chained block hashes of a prompt, and its approximate index of
+//! which endpoint holds which prefix.
 //!
-//! A prompt is cut into blocks of [`BLOCK_BYTES`] (about 16 tokens, a vLLM block); each full
+//! The picker neither templates nor tokenizes: it hashes the bytes the `prompt` module gives, cut
+//! into blocks of [`BLOCK_BYTES`] (about 16 tokens, a vLLM block, at 4 bytes a token); each full
 //! block's hash is seeded with the hash of the block before it, so one hash names the whole
 //! prefix up to that block, and a different earlier block changes every later hash. The chain
 //! is seeded by the model and the cache salt: requests that can never share cache blocks never

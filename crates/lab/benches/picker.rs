@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the request path: picking an endpoint among 10 to 10,000, and reading a
-//! large chat body; and of fleetpick's `/metrics` page, rendered for 64 and 1,000 endpoints.
+//! large chat body (the parse, then the picker's rendering of it); and of fleetpick's
+//! `/metrics` page, rendered for 64 and 1,000 endpoints.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark set-up may panic
 
@@ -158,8 +159,9 @@ fn pick_prefix(c: &mut Criterion) {
     );
 }
 
-fn parse_chat_256k(c: &mut Criterion) {
-    let body = serde_json::json!({
+/// A chat body of 256 KB: a 200 KB system prompt and a 56 KB user message.
+fn chat_body_256k() -> String {
+    serde_json::json!({
         "model": MODEL,
         "messages": [
             {"role": "system", "content": fleetpick_loadgen::filler_text(1, 200 * 1024)},
@@ -168,7 +170,12 @@ fn parse_chat_256k(c: &mut Criterion) {
         "max_tokens": 16,
         "stream": true
     })
-    .to_string();
+    .to_string()
+}
+
+/// The parse alone: the body into the model, the messages and the options.
+fn parse_chat_256k(c: &mut Criterion) {
+    let body = chat_body_256k();
     c.bench_function(
         &format!("openai/parse_chat_256KB ({} bytes)", body.len()),
         |b| {
@@ -180,6 +187,16 @@ fn parse_chat_256k(c: &mut Criterion) {
             })
         },
     );
+}
+
+/// The picker's rendering of the parsed conversation into the bytes it hashes (done only for
+/// pools that score prefixes).
+fn render_chat_256k(c: &mut Criterion) {
+    let body = chat_body_256k();
+    let req = InferenceRequest::parse(Api::ChatCompletions, body.as_bytes()).unwrap();
+    c.bench_function("prompt/render_chat_256KB", |b| {
+        b.iter(|| black_box(fleetpick_core::prompt::prefix_bytes(black_box(&req.input))))
+    });
 }
 
 /// One `/metrics` render (the gauges read from the fleet, then the text encoding): what a
@@ -228,6 +245,7 @@ criterion_group!(
     pick_tail,
     pick_prefix,
     prefix_record,
-    parse_chat_256k
+    parse_chat_256k,
+    render_chat_256k
 );
 criterion_main!(benches);

@@ -4,14 +4,15 @@
 //! serves requests and the picker that routes them read bodies the same way:
 //! - [`Api`]: which endpoint a path names (`/v1/completions`, `/v1/chat/completions`,
 //!   `/v1/embeddings`, `/v1/responses`);
-//! - [`InferenceRequest::parse`]: one parse of a body into the model, the prompt text(s) and the
-//!   generation options, with errors that name the offending field;
+//! - [`InferenceRequest::parse`]: one parse of a body into the model, the [`Input`] (prompts, or
+//!   a conversation of messages) and the generation options, with errors that name the
+//!   offending field;
 //! - [`ApiError`]: the `{"error":{"message","type","param","code"}}` shape every HTTP client of
 //!   an OpenAI server understands.
 //!
-//! Chat messages are rendered into one prompt text with role markers (a stand-in for a chat
-//! template) so that the same conversation always yields the same text, and a shared system
-//! prompt yields a shared prefix.
+//! The parse keeps the input's structure and renders nothing: how a conversation becomes one
+//! prompt (a chat template, or the picker's text for prefix hashing) belongs to whoever reads
+//! it. Strings are moved out of the parsed JSON, not copied.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -52,17 +53,47 @@ pub enum Prompt {
     Tokens(Vec<u32>),
 }
 
-impl Prompt {
-    /// The bytes that identify this prompt for prefix hashing: the text itself, or the token ids
-    /// in little-endian order.
-    pub fn hash_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+/// What the model is asked to continue, as the body gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// `prompt` (completions) or `input` (embeddings): prompts taken as they are, one sequence
+    /// each (a completions request may carry a batch).
+    Prompts(Vec<Prompt>),
+    /// `messages` (chat completions), or `instructions` and `input` (responses): one
+    /// conversation, one sequence. A string `input` is one user message.
+    Conversation {
+        /// `/v1/responses` `instructions`: a system prompt given beside the messages.
+        instructions: Option<String>,
+        messages: Vec<Message>,
+    },
+}
+
+impl Input {
+    /// Sequences to generate: one per prompt, one for a conversation.
+    pub fn sequences(&self) -> usize {
         match self {
-            Prompt::Text(text) => std::borrow::Cow::Borrowed(text.as_bytes()),
-            Prompt::Tokens(ids) => {
-                std::borrow::Cow::Owned(ids.iter().flat_map(|id| id.to_le_bytes()).collect())
-            }
+            Input::Prompts(prompts) => prompts.len(),
+            Input::Conversation { .. } => 1,
         }
     }
+}
+
+/// One chat message (or `/v1/responses` input item).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub role: String,
+    /// The content: none (an assistant turn of tool calls only), one text part for a string, or
+    /// the list of content parts in order.
+    pub parts: Vec<Part>,
+}
+
+/// One content part of a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Text(String),
+    /// A part with no `text` (an image, audio, a file): its `type`, or `part` if it has none.
+    /// Its payload is not kept.
+    Other(String),
 }
 
 /// What fleetpick needs from one request body, read in a single parse.
@@ -70,9 +101,7 @@ impl Prompt {
 pub struct InferenceRequest {
     pub api: Api,
     pub model: String,
-    /// One entry per sequence to generate: a completions request may carry a batch of prompts;
-    /// every other API carries exactly one.
-    pub prompts: Vec<Prompt>,
+    pub input: Input,
     pub stream: bool,
     /// `stream_options.include_usage`: send a final usage chunk before `[DONE]`.
     pub include_usage: bool,
@@ -96,44 +125,21 @@ impl InferenceRequest {
             None | Some(Value::Null) => return Err(ApiError::missing("model")),
             Some(_) => return Err(ApiError::invalid("model", "must be a string")),
         };
-        let prompts = match api {
-            Api::Completions => completion_prompts(take(&mut obj, "prompt")?, "prompt")?,
-            Api::Embeddings => completion_prompts(take(&mut obj, "input")?, "input")?,
-            Api::ChatCompletions => vec![Prompt::Text(render_messages(
-                take(&mut obj, "messages")?,
-                "messages",
-            )?)],
-            Api::Responses => vec![responses_prompt(&mut obj)?],
-        };
-        let stream = match obj.get("stream") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(ApiError::invalid("stream", "must be a boolean")),
-        };
-        let include_usage = match obj.get("stream_options") {
-            None | Some(Value::Null) => false,
-            Some(Value::Object(opts)) => match opts.get("include_usage") {
-                None | Some(Value::Null) => false,
-                Some(Value::Bool(b)) => *b,
-                Some(_) => {
-                    return Err(ApiError::invalid(
-                        "stream_options.include_usage",
-                        "must be a boolean",
-                    ));
-                }
-            },
-            Some(_) => return Err(ApiError::invalid("stream_options", "must be an object")),
-        };
-        let mut max_tokens = None;
-        for field in ["max_tokens", "max_completion_tokens", "max_output_tokens"] {
-            match obj.get(field) {
-                None | Some(Value::Null) => {}
-                Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
-                    Some(n) if n >= 1 => max_tokens = Some(n),
-                    _ => return Err(ApiError::invalid(field, "must be a positive integer")),
-                },
+        let input = match api {
+            Api::Completions => {
+                Input::Prompts(completion_prompts(take(&mut obj, "prompt")?, "prompt")?)
             }
-        }
+            Api::Embeddings => {
+                Input::Prompts(completion_prompts(take(&mut obj, "input")?, "input")?)
+            }
+            Api::ChatCompletions => Input::Conversation {
+                instructions: None,
+                messages: messages(take(&mut obj, "messages")?, "messages")?,
+            },
+            Api::Responses => responses_input(&mut obj)?,
+        };
+        let (stream, include_usage) = stream_options(&obj)?;
+        let max_tokens = max_tokens(&obj)?;
         let cache_salt = match obj.remove("cache_salt") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s),
@@ -142,13 +148,53 @@ impl InferenceRequest {
         Ok(InferenceRequest {
             api,
             model,
-            prompts,
+            input,
             stream,
             include_usage,
             max_tokens,
             cache_salt,
         })
     }
+}
+
+/// `stream` and `stream_options.include_usage`.
+fn stream_options(obj: &Map<String, Value>) -> Result<(bool, bool), ApiError> {
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::invalid("stream", "must be a boolean")),
+    };
+    let include_usage = match obj.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(opts)) => match opts.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "stream_options.include_usage",
+                    "must be a boolean",
+                ));
+            }
+        },
+        Some(_) => return Err(ApiError::invalid("stream_options", "must be an object")),
+    };
+    Ok((stream, include_usage))
+}
+
+/// `max_tokens`, `max_completion_tokens` or `max_output_tokens`: the last one given wins, and
+/// each given must be a positive integer.
+fn max_tokens(obj: &Map<String, Value>) -> Result<Option<u32>, ApiError> {
+    let mut max_tokens = None;
+    for field in ["max_tokens", "max_completion_tokens", "max_output_tokens"] {
+        match obj.get(field) {
+            None | Some(Value::Null) => {}
+            Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+                Some(n) if n >= 1 => max_tokens = Some(n),
+                _ => return Err(ApiError::invalid(field, "must be a positive integer")),
+            },
+        }
+    }
+    Ok(max_tokens)
 }
 
 /// Writes `to` as the top-level `model` of a JSON object, in place of `from`: the rest of the
@@ -234,107 +280,90 @@ fn token_ids(items: &[Value], field: &'static str) -> Result<Vec<u32>, ApiError>
         .collect()
 }
 
-/// Renders chat messages into one prompt text: `<|role|>\ncontent\n` per message, then the
-/// assistant marker, as a chat template would. Content may be a string or a list of content
-/// parts, whose text parts are joined; non-text parts (images, audio) contribute a marker.
-fn render_messages(value: Value, field: &'static str) -> Result<String, ApiError> {
-    let Value::Array(messages) = value else {
+/// Chat `messages` (or `/v1/responses` `input` items): a non-empty list of messages, each with
+/// a string `role` and a content that is absent, a string, or a list of content parts.
+fn messages(value: Value, field: &'static str) -> Result<Vec<Message>, ApiError> {
+    let Value::Array(items) = value else {
         return Err(ApiError::invalid(field, "must be a list of messages"));
     };
-    if messages.is_empty() {
+    if items.is_empty() {
         return Err(ApiError::invalid(field, "must not be empty"));
     }
-    let mut text = String::new();
-    for message in &messages {
-        let Value::Object(message) = message else {
-            return Err(ApiError::invalid(field, "each message must be an object"));
-        };
-        let role = match message.get("role") {
-            Some(Value::String(r)) => r.as_str(),
-            _ => {
-                return Err(ApiError::invalid(
-                    field,
-                    "each message needs a string `role`",
-                ));
-            }
-        };
-        text.push_str("<|");
-        text.push_str(role);
-        text.push_str("|>\n");
-        append_content(&mut text, message.get("content"), field)?;
-        text.push('\n');
-    }
-    text.push_str("<|assistant|>\n");
-    Ok(text)
+    items.into_iter().map(|item| message(item, field)).collect()
 }
 
-fn append_content(
-    text: &mut String,
-    content: Option<&Value>,
-    field: &'static str,
-) -> Result<(), ApiError> {
-    match content {
+fn message(value: Value, field: &'static str) -> Result<Message, ApiError> {
+    let Value::Object(mut message) = value else {
+        return Err(ApiError::invalid(field, "each message must be an object"));
+    };
+    let role = match message.remove("role") {
+        Some(Value::String(r)) => r,
+        _ => {
+            return Err(ApiError::invalid(
+                field,
+                "each message needs a string `role`",
+            ));
+        }
+    };
+    let parts = match message.remove("content") {
         // An assistant message with only tool calls has no content.
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::String(s)) => {
-            text.push_str(s);
-            Ok(())
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![Part::Text(s)],
+        Some(Value::Array(parts)) => parts
+            .into_iter()
+            .map(|part| content_part(part, field))
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                field,
+                "message content must be a string or a list of content parts",
+            ));
         }
-        Some(Value::Array(parts)) => {
-            for part in parts {
-                match part {
-                    Value::String(s) => text.push_str(s),
-                    Value::Object(p) => match p.get("text") {
-                        Some(Value::String(s)) => text.push_str(s),
-                        _ => {
-                            let kind = p.get("type").and_then(Value::as_str).unwrap_or("part");
-                            text.push_str("<|");
-                            text.push_str(kind);
-                            text.push_str("|>");
-                        }
-                    },
-                    _ => {
-                        return Err(ApiError::invalid(field, "content parts must be objects"));
-                    }
-                }
-            }
-            Ok(())
-        }
-        Some(_) => Err(ApiError::invalid(
-            field,
-            "message content must be a string or a list of content parts",
-        )),
+    };
+    Ok(Message { role, parts })
+}
+
+/// A content part: a string, or an object whose string `text` makes it a text part (any other
+/// object is a non-text part, named by its `type`).
+fn content_part(part: Value, field: &'static str) -> Result<Part, ApiError> {
+    match part {
+        Value::String(s) => Ok(Part::Text(s)),
+        Value::Object(mut p) => match p.remove("text") {
+            Some(Value::String(s)) => Ok(Part::Text(s)),
+            _ => Ok(Part::Other(match p.remove("type") {
+                Some(Value::String(kind)) => kind,
+                _ => "part".to_string(),
+            })),
+        },
+        _ => Err(ApiError::invalid(field, "content parts must be objects")),
     }
 }
 
-/// `/v1/responses`: `instructions` (a system prompt) then `input`, a string or a list of items
-/// shaped like chat messages.
-fn responses_prompt(obj: &mut Map<String, Value>) -> Result<Prompt, ApiError> {
-    let mut text = String::new();
-    match obj.remove("instructions") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) => {
-            text.push_str("<|system|>\n");
-            text.push_str(&s);
-            text.push('\n');
-        }
+/// `/v1/responses`: `instructions` (a system prompt) and `input`, a string (one user message) or
+/// a list of items shaped like chat messages.
+fn responses_input(obj: &mut Map<String, Value>) -> Result<Input, ApiError> {
+    let instructions = match obj.remove("instructions") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
         Some(_) => return Err(ApiError::invalid("instructions", "must be a string")),
-    }
-    match take(obj, "input")? {
-        Value::String(s) => {
-            text.push_str("<|user|>\n");
-            text.push_str(&s);
-            text.push_str("\n<|assistant|>\n");
-        }
-        items @ Value::Array(_) => text.push_str(&render_messages(items, "input")?),
+    };
+    let messages = match take(obj, "input")? {
+        Value::String(s) => vec![Message {
+            role: "user".to_string(),
+            parts: vec![Part::Text(s)],
+        }],
+        items @ Value::Array(_) => messages(items, "input")?,
         _ => {
             return Err(ApiError::invalid(
                 "input",
                 "must be a string or a list of items",
             ));
         }
-    }
-    Ok(Prompt::Text(text))
+    };
+    Ok(Input::Conversation {
+        instructions,
+        messages,
+    })
 }
 
 /// An error in the OpenAI shape, with the HTTP status it travels under.
@@ -468,30 +497,55 @@ mod tests {
     #[test]
     fn completions_string_and_batch_and_tokens() {
         let r = parse(Api::Completions, r#"{"model":"m","prompt":"hi","max_tokens":5,"stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
-        assert_eq!(r.prompts, vec![Prompt::Text("hi".into())]);
+        assert_eq!(r.input, Input::Prompts(vec![Prompt::Text("hi".into())]));
         assert_eq!(r.max_tokens, Some(5));
         assert!(r.stream && r.include_usage);
         let r = parse(Api::Completions, r#"{"model":"m","prompt":["a","b"]}"#).unwrap();
-        assert_eq!(r.prompts.len(), 2);
+        assert_eq!(r.input.sequences(), 2);
         let r = parse(Api::Completions, r#"{"model":"m","prompt":[1,2,3]}"#).unwrap();
-        assert_eq!(r.prompts, vec![Prompt::Tokens(vec![1, 2, 3])]);
+        assert_eq!(r.input, Input::Prompts(vec![Prompt::Tokens(vec![1, 2, 3])]));
         let r = parse(Api::Completions, r#"{"model":"m","prompt":[[1],[2,3]]}"#).unwrap();
-        assert_eq!(r.prompts.len(), 2);
+        assert_eq!(r.input.sequences(), 2);
+    }
+
+    fn text(s: &str) -> Part {
+        Part::Text(s.into())
+    }
+
+    fn msg(role: &str, parts: Vec<Part>) -> Message {
+        Message {
+            role: role.into(),
+            parts,
+        }
     }
 
     #[test]
-    fn chat_renders_roles_and_content_parts() {
+    fn chat_keeps_roles_and_content_parts() {
         let r = parse(
             Api::ChatCompletions,
-            r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hello"},{"type":"image_url","image_url":{"url":"x"}}]}],"max_completion_tokens":3}"#,
+            r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hello"},{"type":"image_url","image_url":{"url":"x"}}]},{"role":"assistant","tool_calls":[]},{"role":"user","content":["s",{"text":5},{}]}],"max_completion_tokens":3}"#,
         )
         .unwrap();
         assert_eq!(
-            r.prompts,
-            vec![Prompt::Text(
-                "<|system|>\nbe brief\n<|user|>\nhello<|image_url|>\n<|assistant|>\n".into()
-            )]
+            r.input,
+            Input::Conversation {
+                instructions: None,
+                messages: vec![
+                    msg("system", vec![text("be brief")]),
+                    msg("user", vec![text("hello"), Part::Other("image_url".into())]),
+                    msg("assistant", vec![]),
+                    msg(
+                        "user",
+                        vec![
+                            text("s"),
+                            Part::Other("part".into()),
+                            Part::Other("part".into())
+                        ]
+                    ),
+                ],
+            }
         );
+        assert_eq!(r.input.sequences(), 1);
         assert_eq!(r.max_tokens, Some(3));
     }
 
@@ -503,11 +557,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            r.prompts,
-            vec![Prompt::Text(
-                "<|system|>\nsys\n<|user|>\nq\n<|assistant|>\n".into()
-            )]
+            r.input,
+            Input::Conversation {
+                instructions: Some("sys".into()),
+                messages: vec![msg("user", vec![text("q")])],
+            }
         );
+        let r = parse(
+            Api::Responses,
+            r#"{"model":"m","input":[{"role":"user","content":[{"type":"input_text","text":"a"}]}],"max_output_tokens":9}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.input,
+            Input::Conversation {
+                instructions: None,
+                messages: vec![msg("user", vec![text("a")])],
+            }
+        );
+        assert_eq!(r.max_tokens, Some(9));
+        let e = parse(
+            Api::Responses,
+            r#"{"model":"m","instructions":1,"input":"q"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.param, Some("instructions"));
+        let e = parse(Api::Responses, r#"{"model":"m","input":[]}"#).unwrap_err();
+        assert_eq!(e.param, Some("input"));
+        let e = parse(Api::Responses, r#"{"model":"m","input":3}"#).unwrap_err();
+        assert_eq!(e.param, Some("input"));
     }
 
     #[test]

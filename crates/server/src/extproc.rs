@@ -644,16 +644,17 @@ impl StreamState {
                     };
                     // The prefix hashes are seeded by the model that serves the request: its
                     // cache is the one that holds the prefix.
-                    if let Some(first) = req.prompts.first()
-                        && fleet
-                            .weights_for(fleet.pool_for(&model), &fleet.weights)
-                            .prefix
-                            > 0.0
+                    // Rendered only for a pool that scores prefixes.
+                    if fleet
+                        .weights_for(fleet.pool_for(&model), &fleet.weights)
+                        .prefix
+                        > 0.0
+                        && let Some(prompt) = fleetpick_core::prompt::prefix_bytes(&req.input)
                     {
                         hashes = fleetpick_core::prefix::prompt_hashes(
                             &model,
                             req.cache_salt.as_deref(),
-                            &first.hash_bytes(),
+                            &prompt,
                         );
                     }
                     Some(model)

@@ -27,8 +27,8 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::kv::{BlockId, KvCache};
-use super::metrics::Stats;
 use super::params::EngineParams;
+use super::stats::{EngineGauges, Stats};
 
 /// Simulated time in seconds since the engine's epoch.
 pub type SimTime = f64;
@@ -116,16 +116,6 @@ pub struct Engine {
     lora_slots: Vec<Arc<str>>,
     stats: Stats,
     planned: bool,
-}
-
-/// The live gauges of an engine, for `/metrics` and the admin API.
-#[derive(Debug, Clone, Default)]
-pub struct EngineGauges {
-    pub running: usize,
-    pub waiting: usize,
-    pub kv_usage: f64,
-    pub running_adapters: Vec<Arc<str>>,
-    pub waiting_adapters: Vec<Arc<str>>,
 }
 
 impl Engine {
@@ -525,19 +515,14 @@ mod tests {
             }
         }
 
-        fn submit(&mut self, text: &str, max_tokens: u32, adapter: Option<&str>) -> Client {
+        fn submit(&mut self, tokens: &[u32], max_tokens: u32, adapter: Option<&str>) -> Client {
             let p = self.engine.params().clone();
             let (tx, rx) = mpsc::unbounded_channel();
-            let bytes = text.as_bytes();
             let model = adapter.unwrap_or(&p.model);
             let req = SeqRequest {
                 index: 0,
-                prompt_tokens: (bytes.len() as u32).div_ceil(p.bytes_per_token),
-                block_hashes: block_hashes(
-                    chain_seed(model, None),
-                    bytes,
-                    (p.block_size * p.bytes_per_token) as usize,
-                ),
+                prompt_tokens: tokens.len() as u32,
+                block_hashes: block_hashes(chain_seed(model, None), tokens, p.block_size),
                 max_tokens,
                 finish_reason: FinishReason::Length,
                 adapter: adapter.map(Arc::from),
@@ -609,18 +594,21 @@ mod tests {
         }
     }
 
-    fn text(n_bytes: usize, seed: u8) -> String {
-        (0..n_bytes)
-            .map(|i| (b'a' + ((i as u8).wrapping_mul(7) ^ seed) % 26) as char)
-            .collect()
+    /// `n` token ids of their own for each `seed`.
+    fn tokens(n: u32, seed: u8) -> Vec<u32> {
+        (0..n).map(|i| u32::from(seed) * 100_000 + i).collect()
+    }
+
+    fn cat(a: &[u32], b: &[u32]) -> Vec<u32> {
+        [a, b].concat()
     }
 
     #[test]
     fn lone_request_timing_follows_the_model() {
         let p = EngineParams::default();
         let mut h = Harness::new(p.clone());
-        // 400 bytes = 100 tokens; 10 output tokens.
-        let mut c = h.submit(&text(400, 1), 10, None);
+        // 100 prompt tokens; 10 output tokens.
+        let mut c = h.submit(&tokens(100, 1), 10, None);
         h.run_to_idle(&mut [&mut c]);
         let prefill = (p.step_base_ms + 100.0 * p.prefill_ms_per_token) / 1000.0;
         assert!((c.ttft() - prefill).abs() < 1e-9, "ttft {}", c.ttft());
@@ -640,7 +628,7 @@ mod tests {
         };
         let mut h = Harness::new(p);
         let mut clients: Vec<Client> = (0..12)
-            .map(|i| h.submit(&text(2000, i), 20, None))
+            .map(|i| h.submit(&tokens(500, i), 20, None))
             .collect();
         let mut refs: Vec<&mut Client> = clients.iter_mut().collect();
         h.run_to_idle(&mut refs);
@@ -658,7 +646,7 @@ mod tests {
         let run = |n: u8| {
             let mut h = Harness::new(EngineParams::default());
             let mut clients: Vec<Client> =
-                (0..n).map(|i| h.submit(&text(40, i), 50, None)).collect();
+                (0..n).map(|i| h.submit(&tokens(10, i), 50, None)).collect();
             let mut refs: Vec<&mut Client> = clients.iter_mut().collect();
             h.run_to_idle(&mut refs);
             let c = &clients[0];
@@ -672,11 +660,11 @@ mod tests {
     #[test]
     fn repeated_prefix_skips_prefill_and_counts_hits() {
         let mut h = Harness::new(EngineParams::default());
-        let shared = text(4000, 3); // 1000 tokens
-        let mut a = h.submit(&format!("{shared}question one"), 4, None);
+        let shared = tokens(1000, 3);
+        let mut a = h.submit(&cat(&shared, &tokens(3, 4)), 4, None);
         h.run_to_idle(&mut [&mut a]);
         let hits_before = h.engine.stats().prefix_hits;
-        let mut b = h.submit(&format!("{shared}question two"), 4, None);
+        let mut b = h.submit(&cat(&shared, &tokens(3, 5)), 4, None);
         h.run_to_idle(&mut [&mut b]);
         let hits = h.engine.stats().prefix_hits - hits_before;
         assert!(hits >= 992, "hits {hits}");
@@ -696,7 +684,9 @@ mod tests {
     #[test]
     fn kv_usage_rises_with_long_requests_and_falls_after() {
         let mut h = Harness::new(EngineParams::default());
-        let mut clients: Vec<Client> = (0..8).map(|i| h.submit(&text(8000, i), 30, None)).collect();
+        let mut clients: Vec<Client> = (0..8)
+            .map(|i| h.submit(&tokens(2000, i), 30, None))
+            .collect();
         let mut refs: Vec<&mut Client> = clients.iter_mut().collect();
         // Chunked prefill admits about one 2,000-token prompt per step (2,048-token budget).
         h.run_until(3.0, &mut refs);
@@ -719,7 +709,7 @@ mod tests {
         // Three 300-token prompts fit (57 blocks); their growth forces preemption, and a fourth
         // request must wait for room.
         let mut clients: Vec<Client> = (0..4)
-            .map(|i| h.submit(&text(1200, i), 200, None))
+            .map(|i| h.submit(&tokens(300, i), 200, None))
             .collect();
         let mut refs: Vec<&mut Client> = clients.iter_mut().collect();
         h.run_until(0.2, &mut refs);
@@ -741,9 +731,9 @@ mod tests {
             ..EngineParams::default()
         };
         let mut h = Harness::new(p.clone());
-        let mut a = h.submit("hello", 5, Some("a"));
-        let mut b = h.submit("hello", 5, Some("b"));
-        let mut base = h.submit("hello", 5, None);
+        let mut a = h.submit(&tokens(2, 0), 5, Some("a"));
+        let mut b = h.submit(&tokens(2, 0), 5, Some("b"));
+        let mut base = h.submit(&tokens(2, 0), 5, None);
         h.run_until(0.001, &mut [&mut a, &mut b, &mut base]);
         let g = h.engine.gauges();
         assert_eq!(g.running, 2, "b waits for a's slot: {g:?}");
@@ -757,8 +747,8 @@ mod tests {
     #[test]
     fn cancelled_requests_free_their_blocks() {
         let mut h = Harness::new(EngineParams::default());
-        let c = h.submit(&text(8000, 1), 100, None);
-        let mut other = h.submit("x", 1, None);
+        let c = h.submit(&tokens(2000, 1), 100, None);
+        let mut other = h.submit(&tokens(1, 9), 1, None);
         h.run_until(0.4, &mut [&mut other]);
         assert!(h.engine.gauges().kv_usage > 0.0);
         drop(c);

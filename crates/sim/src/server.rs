@@ -32,7 +32,8 @@ use super::engine::{Engine, FinishReason, SeqEvent, SeqRequest, SeqUsage, SimTim
 use super::kv::{block_hashes, chain_seed};
 use super::metrics::{self, Snapshot};
 use super::params::EngineParams;
-use fleetpick_protocol::openai::{Api, ApiError, InferenceRequest};
+use super::template;
+use fleetpick_protocol::openai::{Api, ApiError, InferenceRequest, Input};
 
 /// The headers naming the simulated server that answered, and its cluster.
 pub use fleetpick_protocol::headers::{
@@ -359,6 +360,22 @@ impl SimServer {
         }
     }
 
+    /// Queues a request's sequences in the engine and wakes its driver; returns how many
+    /// sequences were waiting before them.
+    fn submit(&self, seqs: Vec<SeqRequest>) -> usize {
+        let now = self.clock.now();
+        let ahead = {
+            let mut engine = lock(&self.engine);
+            let ahead = engine.waiting_len();
+            for s in seqs {
+                engine.submit(s, now);
+            }
+            ahead
+        };
+        self.wake.notify_one();
+        ahead
+    }
+
     fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/v1/completions", post(completions))
@@ -625,88 +642,36 @@ async fn generate(server: Arc<SimServer>, api: Api, request: Request) -> Respons
         Err(e) => return error_response(&e),
     };
     drop(body);
-    let p = &server.params;
-    let adapter: Option<Arc<str>> = if req.model == p.model {
-        None
-    } else if p.lora_adapters.contains(&req.model) {
-        Some(Arc::from(req.model.as_str()))
-    } else {
-        return error_response(&ApiError::model_not_found(&req.model));
+    let (stream, include_usage) = (req.stream, req.include_usage);
+    let Planned {
+        model,
+        seqs,
+        events,
+    } = match plan(&server.params, req) {
+        Ok(planned) => planned,
+        Err(e) => return error_response(&e),
     };
-    let (max_tokens, finish_reason) = match req.max_tokens {
-        Some(m) => (m, FinishReason::Length),
-        None => (p.default_max_tokens, FinishReason::Stop),
-    };
-    let seed = chain_seed(&req.model, req.cache_salt.as_deref());
-    let block_bytes = (p.block_size * p.bytes_per_token) as usize;
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut seqs = Vec::with_capacity(req.prompts.len());
-    for (index, prompt) in req.prompts.iter().enumerate() {
-        let bytes = prompt.hash_bytes();
-        let (prompt_tokens, hashes) = match prompt {
-            fleetpick_protocol::openai::Prompt::Tokens(ids) => {
-                // Token ids are 4 bytes each here, so a block is block_size ids.
-                (
-                    ids.len() as u32,
-                    block_hashes(seed, &bytes, (p.block_size * 4) as usize),
-                )
-            }
-            fleetpick_protocol::openai::Prompt::Text(_) => (
-                (bytes.len() as u32).div_ceil(p.bytes_per_token).max(1),
-                block_hashes(seed, &bytes, block_bytes),
-            ),
-        };
-        if u64::from(prompt_tokens) + u64::from(max_tokens) > u64::from(p.max_model_len) {
-            return error_response(&ApiError {
-                param: Some("max_tokens"),
-                ..ApiError::bad_request(format!(
-                    "this model's maximum context length is {} tokens; the request has {prompt_tokens} prompt tokens and asks for {max_tokens} more",
-                    p.max_model_len
-                ))
-            });
-        }
-        seqs.push(SeqRequest {
-            index: index as u32,
-            prompt_tokens,
-            block_hashes: hashes,
-            max_tokens,
-            finish_reason,
-            adapter: adapter.clone(),
-            stream: req.stream,
-            events: tx.clone(),
-        });
-    }
-    drop(tx);
-    let now = server.clock.now();
-    let queue_ahead = {
-        let mut engine = lock(&server.engine);
-        let ahead = engine.waiting_len();
-        for s in seqs {
-            engine.submit(s, now);
-        }
-        ahead
-    };
-    server.wake.notify_one();
-
+    let sequences = seqs.len();
+    let queue_ahead = server.submit(seqs);
     let prefix = if api == Api::ChatCompletions {
         "chatcmpl"
     } else {
         "cmpl"
     };
-    let model_header = HeaderValue::from_str(&req.model).ok();
+    let model_header = HeaderValue::from_str(&model).ok();
     let gen_state = Generation {
         id: format!("{prefix}-{}-{n}", server.name),
         created: unix_now() as u64,
-        model: req.model,
+        model,
         api,
-        sequences: req.prompts.len(),
-        include_usage: req.include_usage,
+        sequences,
+        include_usage,
         rng,
     };
-    let mut response = if req.stream {
-        stream_response(gen_state, rx)
+    let mut response = if stream {
+        stream_response(gen_state, events)
     } else {
-        whole_response(gen_state, rx).await
+        whole_response(gen_state, events).await
     };
     if let Some(v) = model_header {
         response.headers_mut().insert(MODEL_HEADER, v);
@@ -715,6 +680,102 @@ async fn generate(server: Arc<SimServer>, api: Api, request: Request) -> Respons
         .headers_mut()
         .insert(QUEUE_AHEAD_HEADER, HeaderValue::from(queue_ahead));
     response
+}
+
+/// What a parsed request asks of this server's engine.
+struct Planned {
+    /// The base model or one of the adapters.
+    model: String,
+    seqs: Vec<SeqRequest>,
+    /// Where the sequences' events will come.
+    events: mpsc::UnboundedReceiver<SeqEvent>,
+}
+
+/// Plans a parsed request for this server's engine: a model it does not serve is a 404, a prompt
+/// too long for it a 400.
+fn plan(p: &EngineParams, req: InferenceRequest) -> Result<Planned, ApiError> {
+    let InferenceRequest {
+        model,
+        input,
+        stream,
+        max_tokens,
+        cache_salt,
+        ..
+    } = req;
+    let adapter: Option<Arc<str>> = if model == p.model {
+        None
+    } else if p.lora_adapters.contains(&model) {
+        Some(Arc::from(model.as_str()))
+    } else {
+        return Err(ApiError::model_not_found(&model));
+    };
+    let (max_tokens, finish_reason) = match max_tokens {
+        Some(m) => (m, FinishReason::Length),
+        None => (p.default_max_tokens, FinishReason::Stop),
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let shared = SeqShared {
+        max_tokens,
+        finish_reason,
+        adapter,
+        stream,
+        events: tx,
+    };
+    let seqs = sequences(p, &model, cache_salt.as_deref(), input, shared)?;
+    Ok(Planned {
+        model,
+        seqs,
+        events: rx,
+    })
+}
+
+/// What every sequence of one request shares.
+struct SeqShared {
+    max_tokens: u32,
+    finish_reason: FinishReason,
+    adapter: Option<Arc<str>>,
+    stream: bool,
+    events: mpsc::UnboundedSender<SeqEvent>,
+}
+
+/// The engine's sequences for `input`: each prompt's token ids through the simulator's chat
+/// template and tokenizer, and the chained hashes of their full blocks, seeded by the model and
+/// the cache salt. A prompt too long for the model is refused, as vLLM refuses it.
+fn sequences(
+    p: &EngineParams,
+    model: &str,
+    salt: Option<&str>,
+    input: Input,
+    shared: SeqShared,
+) -> Result<Vec<SeqRequest>, ApiError> {
+    let seed = chain_seed(model, salt);
+    let max_tokens = shared.max_tokens;
+    template::sequences(input)
+        .into_iter()
+        .enumerate()
+        .map(|(index, ids)| {
+            let prompt_tokens = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+            if u64::from(prompt_tokens) + u64::from(max_tokens) > u64::from(p.max_model_len) {
+                return Err(ApiError {
+                    param: Some("max_tokens"),
+                    ..ApiError::bad_request(format!(
+                        "this model's maximum context length is {} tokens; the request has {prompt_tokens} prompt tokens and asks for {max_tokens} more",
+                        p.max_model_len
+                    ))
+                });
+            }
+            Ok(SeqRequest {
+                index: index as u32,
+                prompt_tokens,
+                block_hashes: block_hashes(seed, &ids, p.block_size),
+                max_tokens,
+                finish_reason: shared.finish_reason,
+                adapter: shared.adapter.clone(),
+                stream: shared.stream,
+                events: shared.events.clone(),
+            })
+        })
+        .collect()
 }
 
 async fn whole_response(mut g: Generation, mut rx: mpsc::UnboundedReceiver<SeqEvent>) -> Response {

@@ -122,8 +122,10 @@ impl WorkloadSpec {
     }
 
     /// The share of prompt bytes that a perfect prefix cache could serve: the shared prefix,
-    /// counted in whole cache blocks (64 bytes at the simulator's defaults), over the mean
-    /// prompt. The first request of each group is a miss, which this bound ignores.
+    /// counted in whole blocks of `block_bytes`, over the mean prompt. An estimate in bytes: the
+    /// simulator caches blocks of 16 tokens of the templated prompt (about 64 bytes of filler
+    /// text, whose tokens are about 4.2 bytes). The first request of each group is a miss,
+    /// which this bound ignores.
     pub fn prefix_upper_bound(&self, block_bytes: usize) -> f64 {
         let shared = (self.shared_prefix_bytes / block_bytes.max(1) * block_bytes) as f64;
         let unique = self.prompt_bytes as f64 * (1.0 - self.long_share)
