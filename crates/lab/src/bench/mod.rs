@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use fleetpick_config::{FleetConfig, Weights};
 use fleetpick_envoy::{BodyMode, EnvoyParams, EnvoyProcess, Flavor, render};
 use fleetpick_loadgen::{self as loadgen, Arrivals, LoadSpec, Percentiles, Workload, cpu};
-use fleetpick_protocol::openai::Api;
+use fleetpick_protocol::openai::{Api, InferenceRequest};
 use fleetpick_sim::FleetOptions;
 use fleetpick_sim::params::{EngineOverrides, SimConfig};
 
@@ -121,19 +121,46 @@ impl WorkloadSpec {
         }
     }
 
-    /// The share of prompt bytes that a perfect prefix cache could serve: the shared prefix,
-    /// counted in whole blocks of `block_bytes`, over the mean prompt. An estimate in bytes: the
-    /// simulator caches blocks of 16 tokens of the templated prompt (about 64 bytes of filler
-    /// text, whose tokens are about 4.2 bytes). The first request of each group is a miss,
-    /// which this bound ignores.
-    pub fn prefix_upper_bound(&self, block_bytes: usize) -> f64 {
-        let shared = (self.shared_prefix_bytes / block_bytes.max(1) * block_bytes) as f64;
-        let unique = self.prompt_bytes as f64 * (1.0 - self.long_share)
-            + self.long_prompt_bytes as f64 * self.long_share;
-        if shared + unique <= 0.0 {
+    /// The share of prompt tokens a perfect prefix cache could serve, counted as the simulator
+    /// counts them: the requests the load generator sends (256 of them, drawn as it draws
+    /// them) through the simulator's chat template and tokenizer, and for each the whole
+    /// blocks of `block_size` tokens it shares with another request. Warm caches: the first
+    /// request of each group, a miss, is not counted as one.
+    pub fn prefix_upper_bound(&self, model: &str, block_size: usize) -> f64 {
+        if self.shared_prefix_bytes == 0 {
             return 0.0;
         }
-        shared / (shared + unique)
+        let workload = self.workload(model);
+        let mut rng = fastrand::Rng::with_seed(0x5eed);
+        let prompts: Vec<Vec<u32>> = (0..256)
+            .filter_map(|i| {
+                let (path, body, _) = workload.request(i, &mut rng);
+                let req = InferenceRequest::parse(Api::from_path(path)?, &body).ok()?;
+                fleetpick_sim::template::sequences(req.input)
+                    .into_iter()
+                    .next()
+            })
+            .collect();
+        let total: usize = prompts.iter().map(Vec::len).sum();
+        let block = block_size.max(1);
+        let served: usize = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let shared = prompts
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != i)
+                    .map(|(_, q)| p.iter().zip(q).take_while(|(a, b)| a == b).count())
+                    .max()
+                    .unwrap_or(0);
+                shared / block * block
+            })
+            .sum();
+        if total == 0 {
+            return 0.0;
+        }
+        served as f64 / total as f64
     }
 }
 
@@ -628,7 +655,12 @@ pub async fn run(
     mut progress: impl FnMut(&str),
 ) -> Result<Results, BenchError> {
     let model = fleetpick_sim::params::EngineParams::default().model;
-    let block_bytes = 64;
+    let block_size = scenario
+        .fleet
+        .engine
+        .block_size
+        .unwrap_or(fleetpick_sim::params::EngineParams::default().block_size)
+        as usize;
     let mut cells = Vec::new();
     for spec in &scenario.strategies {
         let strategy = spec.resolve()?;
@@ -667,7 +699,7 @@ pub async fn run(
         servers: scenario.fleet.servers,
         duration_s: scenario.duration_s,
         warmup_s: scenario.warmup_s,
-        prefix_upper_bound: scenario.workload.prefix_upper_bound(block_bytes),
+        prefix_upper_bound: scenario.workload.prefix_upper_bound(&model, block_size),
         cells,
     })
 }
@@ -1300,8 +1332,33 @@ mod tests {
         assert_eq!(v.flavor, Flavor::OriginalDst);
         assert_eq!(v.weights.unwrap().kv_cache, 0.0);
         assert_eq!(v.weights.unwrap().queue, Weights::default().queue);
-        // 256 of the 300 shared bytes fill whole 64-byte blocks: 256 / (256 + 100).
-        assert!((s.workload.prefix_upper_bound(64) - 256.0 / 356.0).abs() < 1e-9);
+        // One group: every request shares the template's header and the 300 shared bytes,
+        // which the simulator's tokenizer cuts into tokens; whole blocks of them count.
+        let model = fleetpick_protocol::engine::DEFAULT_MODEL;
+        let prefix = fleetpick_sim::template::sequences(
+            InferenceRequest::parse(
+                Api::Completions,
+                serde_json::json!({"model": model, "prompt": fleetpick_loadgen::filler_text(0, 300)})
+                    .to_string()
+                    .as_bytes(),
+            )
+            .unwrap()
+            .input,
+        )
+        .remove(0);
+        let bound = s.workload.prefix_upper_bound(model, 16);
+        // At most the shared tokens' whole blocks over a 300 + 100-byte prompt; at least all
+        // but the last partial word's block of them.
+        let most = (prefix.len() / 16 * 16) as f64 / (prefix.len() as f64 + 100.0 / 6.0);
+        let least = ((prefix.len() - 2) / 16 * 16) as f64 / (prefix.len() as f64 + 100.0);
+        assert!(
+            bound > least && bound <= most,
+            "{least} < {bound} <= {most}"
+        );
+        assert_eq!(s.workload.prefix_upper_bound(model, 1 << 20), 0.0);
+        let mut none = s.workload.clone();
+        none.shared_prefix_bytes = 0;
+        assert_eq!(none.prefix_upper_bound(model, 16), 0.0);
         let bad: Scenario = serde_norway::from_str(
             "name: t\nfleet: {servers: 2}\nworkload: {prompt_bytes: 1, max_tokens: 1}\nrates: [1]\nduration_s: 1\nstrategies: [magic]\n",
         )
