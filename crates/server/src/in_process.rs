@@ -9,6 +9,7 @@ use std::time::Duration;
 use fleetpick_config::FleetConfig;
 use fleetpick_core::fleet::{Fleet, FleetCell};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::serve::{Io, run};
 
@@ -40,7 +41,8 @@ pub struct InProcess {
     pub fleet: Arc<Fleet>,
     /// Its `/metrics` listener, when started with one.
     pub metrics: Option<SocketAddr>,
-    stop: tokio::sync::watch::Sender<bool>,
+    /// Cancelled to stop it.
+    stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -76,7 +78,8 @@ impl InProcess {
         };
         let fleet = Arc::new(Fleet::new(&cfg));
         let cell = Arc::new(FleetCell::new(fleet.clone()));
-        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
         let io = Io {
             grpc,
             tls: None,
@@ -100,20 +103,12 @@ impl InProcess {
     }
 }
 
-/// Serves until `stopped` turns true, then at most [`IN_PROCESS_GRACE`] longer.
-async fn serve_until(
-    cell: Arc<FleetCell>,
-    cfg: FleetConfig,
-    io: Io,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut grace = stopped.clone();
-    let served = run(cell, &cfg, io, async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    });
+/// Serves until `stop` is cancelled, then at most [`IN_PROCESS_GRACE`] longer.
+async fn serve_until(cell: Arc<FleetCell>, cfg: FleetConfig, io: Io, stop: CancellationToken) {
+    let served = run(cell, &cfg, io, stop.clone().cancelled_owned());
     // A client that keeps its connection open must not hold the stop forever.
     let bounded = async move {
-        let _ = grace.wait_for(|s| *s).await;
+        stop.cancelled().await;
         tokio::time::sleep(IN_PROCESS_GRACE).await;
     };
     tokio::select! {
@@ -128,7 +123,7 @@ async fn serve_until(
 
 impl Drop for InProcess {
     fn drop(&mut self) {
-        let _ = self.stop.send(true);
+        self.stop.cancel();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use fleetpick_config::FleetConfig;
 use fleetpick_core::fleet::{Fleet, FleetCell};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tonic::transport::server::TcpIncoming;
 
@@ -92,9 +93,9 @@ pub async fn run(
     );
     // On the signal: NOT_SERVING at once (Envoy's health check stops sending new requests
     // here), no new connections, open streams go on until they end or the grace runs out.
-    let signalled = Arc::new(tokio::sync::Notify::new());
+    let draining = CancellationToken::new();
     let stop = {
-        let signalled = signalled.clone();
+        let draining = draining.clone();
         async move {
             shutdown.await;
             health.drain().await;
@@ -102,7 +103,7 @@ pub async fn run(
                 grace_ms = grace.as_millis() as u64,
                 "shutting down: open streams may finish"
             );
-            signalled.notify_one();
+            draining.cancel();
         }
     };
     let router = tonic::transport::Server::builder()
@@ -129,7 +130,7 @@ pub async fn run(
     tokio::select! {
         r = server => Ok(r?),
         () = async {
-            signalled.notified().await;
+            draining.cancelled().await;
             tokio::time::sleep(grace).await;
         } => {
             tracing::warn!("shutdown grace over: streams still open are cut");
