@@ -2,17 +2,17 @@
 //! for sessions named by a header. (A session cookie names its endpoint itself, see
 //! [`endpoint_token`], and needs no memory.)
 //!
-//! Bounded: at most `max_sessions` keys, about 40 bytes each (a 64-bit hash of the key and an
-//! endpoint index, in hash maps). Two generations stand in for an LRU without a lock-free
-//! list: keys go into the current generation; when it holds half the bound, it becomes the
-//! previous one and the old previous one is dropped. A key used within the last generation is
-//! kept (a lookup that finds it in the previous generation moves it back), so the sessions
-//! forgotten first are those idle longest. One short mutex section per request.
+//! Bounded: at most `max_sessions` keys (a 64-bit hash of the key and an endpoint index, about
+//! 70 bytes each), least recently used forgotten first: an LRU (the `lru` crate) behind one
+//! short mutex section per request. (A concurrent S3-FIFO cache such as `quick_cache` keeps
+//! established keys over new ones instead, so a memory full of idle sessions would forget
+//! every new conversation first.)
 
-use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::Mutex;
 
 use fleetpick_config::SessionAffinity;
+use lru::LruCache;
 
 /// Where a session key is read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,14 +25,8 @@ pub enum SessionKey {
 #[derive(Debug)]
 pub struct Sessions {
     pub key: SessionKey,
-    generation_len: usize,
-    maps: Mutex<Generations>,
-}
-
-#[derive(Debug, Default)]
-struct Generations {
-    current: HashMap<u64, u32>,
-    previous: HashMap<u64, u32>,
+    /// Session key hash -> endpoint index, most recently used first.
+    bound: Mutex<LruCache<u64, u32>>,
 }
 
 impl Sessions {
@@ -43,10 +37,10 @@ impl Sessions {
             // Validation requires one of them; a header nobody sends switches affinity off.
             (None, None) => SessionKey::Header(String::new()),
         };
+        let capacity = NonZeroUsize::new(spec.max_sessions).unwrap_or(NonZeroUsize::MIN);
         Sessions {
             key,
-            generation_len: (spec.max_sessions / 2).max(1),
-            maps: Mutex::new(Generations::default()),
+            bound: Mutex::new(LruCache::new(capacity)),
         }
     }
 
@@ -57,38 +51,29 @@ impl Sessions {
         if next.key != self.key {
             return next;
         }
-        let remap = |m: &HashMap<u64, u32>| -> HashMap<u64, u32> {
-            m.iter()
-                .filter_map(|(&h, &e)| {
-                    let new = moved.get(e as usize).copied().flatten()?;
-                    Some((h, u32::try_from(new).ok()?))
-                })
-                .collect()
-        };
         {
             let old = self.lock();
-            let mut g = next.lock();
-            g.current = remap(&old.current);
-            g.previous = remap(&old.previous);
+            let mut new = next.lock();
+            // Least recent first, so the copy keeps the order.
+            for (&h, &e) in old.iter().rev() {
+                if let Some(e) = moved.get(e as usize).copied().flatten()
+                    && let Ok(e) = u32::try_from(e)
+                {
+                    new.put(h, e);
+                }
+            }
         }
         next
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Generations> {
-        // The maps hold no invariant a panic elsewhere could break: use them as they are.
-        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<u64, u32>> {
+        // The cache holds no invariant a panic elsewhere could break: use it as it is.
+        self.bound.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The endpoint `session` was last bound to.
     pub fn get(&self, session: &str) -> Option<usize> {
-        let h = hash(session);
-        let mut g = self.lock();
-        if let Some(&e) = g.current.get(&h) {
-            return Some(e as usize);
-        }
-        let e = g.previous.remove(&h)?;
-        self.insert(&mut g, h, e);
-        Some(e as usize)
+        self.lock().get(&hash(session)).map(|&e| e as usize)
     }
 
     /// Binds `session` to `endpoint` (the endpoint its latest request was sent to).
@@ -96,23 +81,12 @@ impl Sessions {
         let Ok(e) = u32::try_from(endpoint) else {
             return;
         };
-        let h = hash(session);
-        let mut g = self.lock();
-        g.previous.remove(&h);
-        self.insert(&mut g, h, e);
-    }
-
-    fn insert(&self, g: &mut Generations, h: u64, e: u32) {
-        if g.current.len() >= self.generation_len && !g.current.contains_key(&h) {
-            g.previous = std::mem::take(&mut g.current);
-        }
-        g.current.insert(h, e);
+        self.lock().put(hash(session), e);
     }
 
     /// Sessions remembered now.
     pub fn len(&self) -> usize {
-        let g = self.lock();
-        g.current.len() + g.previous.len()
+        self.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -238,6 +238,33 @@ fn prefix_record(c: &mut Criterion) {
     });
 }
 
+/// Session affinity's memory on the request path: a lookup, then a bind, for sessions drawn
+/// from 200,000 with a skew (a few conversations busy, most idle), in a memory of 65,536.
+fn sessions(c: &mut Criterion) {
+    let s = fleetpick_core::session::Sessions::new(&fleetpick_config::SessionAffinity {
+        header: Some("x-session-id".into()),
+        cookie: None,
+        max_sessions: 65_536,
+    });
+    let mut rng = fastrand::Rng::with_seed(11);
+    let keys: Vec<String> = (0..4_096)
+        .map(|_| {
+            // The minimum of three draws: low ids far more often than high ones.
+            let id = (0..3).map(|_| rng.u32(..200_000)).min().unwrap_or(0);
+            format!("session-{id}")
+        })
+        .collect();
+    let mut i = 0;
+    c.bench_function("sessions/get_then_bind", |b| {
+        b.iter(|| {
+            let key = &keys[i % keys.len()];
+            let at = s.get(black_box(key)).unwrap_or(i % 64);
+            s.bind(key, at);
+            i += 1;
+        })
+    });
+}
+
 criterion_group!(
     benches,
     metrics_render,
@@ -245,6 +272,7 @@ criterion_group!(
     pick_tail,
     pick_prefix,
     prefix_record,
+    sessions,
     parse_chat_256k,
     render_chat_256k
 );
