@@ -100,6 +100,7 @@ mod validate;
 
 pub use manifests::{Manifests, ObjectiveManifest, PoolManifest};
 pub use policy::*;
+pub use position::Position;
 pub use schema::*;
 
 /// One endpoint, resolved.
@@ -137,10 +138,12 @@ pub enum ConfigError {
     },
     #[error(transparent)]
     Manifest(#[from] manifests::ManifestError),
-    #[error("{path}{}: {field}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+    /// A field's value is refused: the file, the field's line where the file has the field (its
+    /// column too, in `position`), the field's path and why.
+    #[error("{path}{}: {field}: {message}", position.map(|p| format!(":{}", p.line)).unwrap_or_default())]
     Invalid {
         path: String,
-        line: Option<usize>,
+        position: Option<Position>,
         field: String,
         message: String,
     },
@@ -163,7 +166,7 @@ impl FleetConfig {
         }
         Err(ConfigError::Invalid {
             path: "--region".into(),
-            line: None,
+            position: None,
             field: "picker.region".into(),
             message: format!(
                 "`{region}` is not the region of any cluster ({})",
@@ -413,6 +416,147 @@ scheduler:
             "{GOOD}  weights: {{kv_cache: 0, queue: 0, in_flight: 0, prefill: 0, rtt: 0, prefix: 0, lora: 0}}\n"
         ));
         assert!(e.contains("scheduler.weights"), "{e}");
+    }
+
+    /// The field and position of an [`ConfigError::Invalid`] for `text` (read as `path`).
+    fn invalid_at(text: &str, path: &str) -> (String, Option<(usize, usize)>) {
+        match FleetConfig::parse(text, path) {
+            Err(ConfigError::Invalid {
+                field, position, ..
+            }) => (field, position.map(|p| (p.line, p.column))),
+            other => panic!("not an invalid field: {other:?}"),
+        }
+    }
+
+    /// The line and column where `needle` first appears in `text`, as a person would count.
+    fn written_at(text: &str, needle: &str) -> Option<(usize, usize)> {
+        text.lines()
+            .enumerate()
+            .find_map(|(n, l)| l.find(needle).map(|c| (n + 1, l[..c].chars().count() + 1)))
+    }
+
+    #[test]
+    fn errors_in_flow_style_name_the_fields_line_and_column() {
+        // A map in a map.
+        let text = format!("{GOOD}  weights: {{kv_cache: 1, queue: -1}}\n");
+        assert_eq!(
+            invalid_at(&text, "f"),
+            ("scheduler.weights.queue".into(), Some((21, 26)))
+        );
+        // The same map over two lines: the field's line, not the map's.
+        let text = format!("{GOOD}  weights: {{kv_cache: 1,\n    queue: -1}}\n");
+        assert_eq!(
+            invalid_at(&text, "f"),
+            ("scheduler.weights.queue".into(), Some((22, 5)))
+        );
+        assert!(err(&text).starts_with("fleet.yaml:22: scheduler.weights.queue: must be"));
+        // Maps in a list in a map in a list, on one line.
+        let text = format!(
+            "{GOOD}imports: [{{pool: llama, policy: {{scopes: [{{match_labels: {{a: b}}, capacity_scaler: 5000}}]}}}}]\n"
+        );
+        assert_eq!(
+            invalid_at(&text, "f"),
+            (
+                "imports[0].policy.scopes[0].capacity_scaler".into(),
+                written_at(&text, "capacity_scaler")
+            )
+        );
+        // A list item, and a key of a flow map inside block style, over two lines.
+        let text = GOOD.replace("west: [10.1.0.9]", "{west: [10.1.0.9,\n        10.1.0.9]}");
+        let text = text.replace("    endpoints:\n      {west", "    endpoints: {west");
+        assert_eq!(
+            invalid_at(&text, "f"),
+            (
+                "pools[1].endpoints.west".into(),
+                written_at(&text, "{west:").map(|(l, c)| (l, c + 1))
+            )
+        );
+        let text = format!(
+            "{GOOD}rewrites: [{{model: chat, targets: [{{model: m1}}, {{model: m2, weight: 2000000}}]}}]\n"
+        );
+        assert_eq!(
+            invalid_at(&text, "f"),
+            (
+                "rewrites[0].targets[1].weight".into(),
+                written_at(&text, "weight")
+            )
+        );
+    }
+
+    /// The documented example, `examples/fleet.yaml`, with its manifests.
+    fn example() -> (String, String) {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/fleet.yaml");
+        (std::fs::read_to_string(path).unwrap(), path.to_string())
+    }
+
+    #[test]
+    fn the_example_loads_and_its_errors_have_positions() {
+        let (text, path) = example();
+        let cfg = FleetConfig::load(Path::new(&path)).unwrap();
+        assert_eq!(cfg.endpoints.len(), 6);
+        for (from, to, field, needle) in [
+            // Flow style: a scope's override, a pool's weights, an endpoint list.
+            (
+                "capacity_scaler: 0.5}",
+                "capacity_scaler: 5000}",
+                "imports[0].policy.scopes[0].capacity_scaler",
+                "capacity_scaler: 5000",
+            ),
+            (
+                "{prefix: 0, kv_cache: 2}",
+                "{prefix: 0, kv_cache: -2}",
+                "pools[1].weights.kv_cache",
+                "kv_cache: -2",
+            ),
+            (
+                "us-west: [\"10.1.1.10:8000\"",
+                "us-west: [\"10.1.1.10:0\"",
+                "pools[0].endpoints.us-west",
+                "us-west: [\"10.1.1.10:0",
+            ),
+            (
+                "{model: chat-lora, weight: 10}",
+                "{model: chat-lora, weight: 10000000}",
+                "rewrites[0].targets[1].weight",
+                "weight: 10000000",
+            ),
+            // Block style.
+            (
+                "stale_after_ms: 500 ",
+                "stale_after_ms: 10  ",
+                "poller.stale_after_ms",
+                "stale_after_ms: 10",
+            ),
+            (
+                "      queue_threshold: 5 ",
+                "      queue_threshold: 0 ",
+                "imports[0].policy.queue_threshold",
+                "queue_threshold: 0",
+            ),
+        ] {
+            assert!(text.contains(from), "{from}");
+            let bad = text.replacen(from, to, 1);
+            assert_eq!(
+                invalid_at(&bad, &path),
+                (field.to_string(), written_at(&bad, needle)),
+                "{from} -> {to}"
+            );
+        }
+    }
+
+    /// The reference at the top of this file is a fleet file that loads.
+    #[test]
+    fn the_reference_in_the_crate_docs_loads() {
+        let yaml: String = include_str!("lib.rs")
+            .lines()
+            .skip_while(|l| *l != "//! ```yaml")
+            .skip(1)
+            .take_while(|l| *l != "//! ```")
+            .map(|l| format!("{}\n", l.strip_prefix("//! ").unwrap_or("")))
+            .collect();
+        assert!(yaml.contains("flow_control:"), "{yaml}");
+        let cfg = FleetConfig::parse(&yaml, "reference").unwrap();
+        assert_eq!(cfg.file.pools[0].lora_adapters, ["tool-lora"]);
     }
 
     #[test]

@@ -22,7 +22,7 @@ impl Checker<'_> {
     fn err(&self, field: &[Seg], message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_string(),
-            line: locate(self.text, field),
+            position: locate(self.text, field),
             field: render_path(field),
             message: message.into(),
         }
