@@ -560,6 +560,44 @@ scheduler:
     }
 
     #[test]
+    fn keys_given_twice_are_refused() {
+        // A field twice (serde's own check), block and flow.
+        let e = err(&GOOD.replace("  fallbacks: 1\n", "  fallbacks: 1\n  fallbacks: 2\n"));
+        assert!(
+            e.contains("scheduler: duplicate field `fallbacks`") && e.contains("line 20"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{GOOD}poller: {{interval_ms: 10, interval_ms: 20}}\n"
+        ));
+        assert!(
+            e.contains("poller: duplicate field `interval_ms`") && e.contains("line 21"),
+            "{e}"
+        );
+        // A map's key twice: the first list of endpoints would be lost without a word.
+        let e = err(&GOOD.replace(
+            "      west:\n        - 10.1.0.1\n",
+            "      west:\n        - 10.1.0.1\n      east: [10.0.0.9]\n",
+        ));
+        assert!(
+            e.contains("pools[0].endpoints: duplicate key `east`") && e.contains("line 10"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "  - name: west\n",
+            "  - name: west\n    labels: {gpu: l4, gpu: a100}\n",
+        ));
+        assert!(
+            e.contains("clusters[1].labels: duplicate key `gpu`") && e.contains("line 5"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{GOOD}imports:\n  - pool: llama\n    policy:\n      scopes:\n        - {{match_labels: {{a: b, a: c}}, capacity_scaler: 0}}\n"
+        ));
+        assert!(e.contains("match_labels: duplicate key `a`"), "{e}");
+    }
+
+    #[test]
     fn huge_weights_are_refused() {
         let e = err(&format!(
             "{GOOD}  weights: {{kv_cache: 1e308, queue: 1e308}}\n"

@@ -33,6 +33,7 @@ pub struct PolicyOverrides {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyScope {
+    #[serde(deserialize_with = "crate::schema::unique_keys")]
     pub match_labels: BTreeMap<String, String>,
     #[serde(flatten)]
     pub overrides: PolicyOverrides,
