@@ -767,6 +767,7 @@ scheduler:
             e.contains("InferenceObjective `chat`") && e.contains("pool `llama`"),
             "{e}"
         );
+        assert!(e.contains("k8s/pools.yaml:6, objective 1)"), "{e}");
         let e = FleetConfig::parse(
             &fleet("  - {name: nope, models: [m], endpoints: {a: [10.0.0.1]}}\n"),
             &path,

@@ -81,6 +81,11 @@ impl<'a> Tree<'a> {
         }
         found
     }
+
+    /// Where document `doc` (from 0) starts.
+    pub(crate) fn document_start(&self, doc: usize) -> Option<Position> {
+        self.docs.get(doc).map(position_of)
+    }
 }
 
 /// Where `path` is in the first document of `text` (see [`Tree::locate`]).
@@ -203,6 +208,7 @@ mod tests {
                 .map(|p| p.line),
             Some(4)
         );
+        assert_eq!(tree.document_start(1).map(|p| p.line), Some(3));
         assert_eq!(tree.locate(2, &[key("a")]), None);
         // Not YAML saphyr reads: no position rather than a wrong one.
         assert_eq!(locate("a: [1\n", &[key("a")]), None);

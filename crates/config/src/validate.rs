@@ -115,7 +115,9 @@ pub(crate) fn validate(
                     &at("target_port"),
                     format!(
                         "{p} is not among the targetPorts {:?} of InferencePool `{}` in {}",
-                        m.target_ports, m.name, m.source
+                        m.target_ports,
+                        m.name,
+                        m.origin()
                     ),
                 ));
             }
@@ -141,7 +143,7 @@ pub(crate) fn validate(
                 format!(
                     "InferencePool `{}` ({}) is not exported (annotation {}: ClusterSet), so it serves in one cluster only: list its endpoints under one cluster, set exported_from, or export it",
                     m.name,
-                    m.source,
+                    m.origin(),
                     manifests::EXPORT_ANNOTATION
                 ),
             ));
@@ -247,6 +249,7 @@ pub(crate) fn validate(
             priority: o.priority,
             pool: o.pool.clone(),
             source: "the fleet file".into(),
+            line: None,
         });
     }
     let fc = &file.flow_control;
@@ -287,7 +290,7 @@ pub(crate) fn validate(
                 format!(
                     "InferenceObjective `{}` ({}, objective {}) refers to pool `{}`, which the fleet file does not define",
                     o.name,
-                    o.source,
+                    o.origin(),
                     i + 1,
                     o.pool
                 ),
