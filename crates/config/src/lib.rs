@@ -4,7 +4,9 @@
 //! # Layout
 //!
 //! - `schema`: the fleet file as written, one type per section, with its serde defaults.
-//! - `policy`: backend policies: what a policy and its scopes set, resolved per cluster.
+//! - `policy`: backend policies: the capacity limits, declared once ([`Limits`]; a scope's
+//!   [`LimitOverrides`] are the same struct with optional values), read, checked and resolved
+//!   per cluster ([`ClusterPolicy`]).
 //! - `validate`: the checks across fields, and the resolved [`FleetConfig`] they make
 //!   (endpoints served, policies per cluster, objectives).
 //! - `position`: field paths (`pools[0].endpoints.us-west`) and where they are in the file.
@@ -619,9 +621,9 @@ scheduler:
         assert_eq!(cfg.endpoints.len(), 3);
         assert!(cfg.policies[1].is_none());
         let p = cfg.policies[0].as_ref().unwrap();
-        assert_eq!(p.per_cluster[0].capacity_scaler, 1.0);
-        assert_eq!(p.per_cluster[1].capacity_scaler, 0.5);
-        assert_eq!(p.per_cluster[1].max_in_flight_per_endpoint, 8);
+        assert_eq!(p.per_cluster[0].limits.capacity_scaler, 1.0);
+        assert_eq!(p.per_cluster[1].limits.capacity_scaler, 0.5);
+        assert_eq!(p.per_cluster[1].limits.max_in_flight_per_endpoint, 8);
         assert_eq!(p.per_cluster[1].balancing, BalancingMode::InFlight);
         assert_eq!(cfg.file.clusters[1].rtt_ms, Some(40.0));
         // Without imports, every pool is served with the default policy.
@@ -700,6 +702,76 @@ scheduler:
             "    region: us-east1\n    rtt_ms: -3\n",
         ));
         assert!(e.contains("clusters[0].rtt_ms"), "{e}");
+    }
+
+    #[test]
+    fn serde_errors_in_policies_and_scopes_name_the_field_and_its_line() {
+        let with = |policy: &str| format!("{GOOD}imports:\n  - pool: llama\n    policy:\n{policy}");
+        // A policy's and a scope's misspelt field: their own line, and what they may be.
+        let e = err(&with("      dry_run: true\n      capacity_scalar: 0.5\n"));
+        assert!(
+            e.contains(
+                "imports[0].policy: unknown field `capacity_scalar`, expected one of `balancing`"
+            ) && e.contains("line 25 column 7"),
+            "{e}"
+        );
+        let e = err(&with(
+            "      scopes:\n        - match_labels: {a: b}\n          capacity_scalar: 0\n",
+        ));
+        assert!(
+            e.contains("imports[0].policy.scopes[0]: unknown field `capacity_scalar`, expected one of `match_labels`, `capacity_scaler`")
+                && e.contains("line 26 column 11"),
+            "{e}"
+        );
+        // Wrong types: the field, where its value is.
+        let e = err(&with("      kv_cache_threshold: high\n"));
+        assert!(
+            e.contains("imports[0].policy.kv_cache_threshold: invalid type: string \"high\", expected f64 at line 24 column 27"),
+            "{e}"
+        );
+        let e = err(&with(
+            "      scopes:\n        - {match_labels: {a: b}, queue_threshold: 2.5}\n",
+        ));
+        assert!(
+            e.contains("imports[0].policy.scopes[0].queue_threshold: invalid type: floating point `2.5`, expected u32 at line 25 column 51"),
+            "{e}"
+        );
+        // Given twice, and missing.
+        let e = err(&with(
+            "      queue_threshold: 1\n      queue_threshold: 2\n",
+        ));
+        assert!(
+            e.contains("imports[0].policy: duplicate field `queue_threshold`"),
+            "{e}"
+        );
+        let e = err(&with(
+            "      scopes: [{capacity_scaler: 0, capacity_scaler: 1}]\n",
+        ));
+        assert!(
+            e.contains("scopes[0]: duplicate field `capacity_scaler`"),
+            "{e}"
+        );
+        let e = err(&with("      scopes: [{capacity_scaler: 0}]\n"));
+        assert!(e.contains("scopes[0]: missing field `match_labels`"), "{e}");
+        // A scope overrides what it names and nothing else.
+        let cfg = FleetConfig::parse(
+            &format!(
+                "{}      queue_threshold: 9\n      scopes: [{{match_labels: {{gpu: l4}}, capacity_scaler: 0.5}}]\n",
+                with("").replace("  - name: west\n", "  - name: west\n    labels: {gpu: l4}\n")
+            ),
+            "f",
+        )
+        .unwrap();
+        let p = cfg.policies[0].as_ref().unwrap();
+        assert_eq!(
+            p.per_cluster[1].limits,
+            Limits {
+                capacity_scaler: 0.5,
+                queue_threshold: 9,
+                ..Limits::default()
+            }
+        );
+        assert_eq!(p.per_cluster[0].limits.capacity_scaler, 1.0);
     }
 
     #[test]

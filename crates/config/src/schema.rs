@@ -396,3 +396,12 @@ where
 
     d.deserialize_map(Unique(std::marker::PhantomData))
 }
+
+/// A map read with [`unique_keys`], for code that reads fields by hand.
+pub(crate) struct UniqueKeys<V>(pub(crate) BTreeMap<String, V>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueKeys<V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        unique_keys(d).map(UniqueKeys)
+    }
+}

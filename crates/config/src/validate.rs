@@ -6,8 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::position::{Seg, locate, render_path};
 use crate::{
-    BackendPolicy, BodyMode, ClusterPolicy, ConfigError, EndpointSpec, FleetConfig, FleetFile,
-    Manifests, ObjectiveManifest, PolicyOverrides, PoolPolicy, SessionAffinity, Weights, manifests,
+    BackendPolicy, BodyMode, ConfigError, EndpointSpec, FleetConfig, FleetFile, Manifests,
+    ObjectiveManifest, PoolPolicy, SessionAffinity, Weights, manifests,
 };
 
 /// Weights are relative; this bound keeps their weighted sums finite.
@@ -500,7 +500,7 @@ fn validate_imports(
         per_cluster: file
             .clusters
             .iter()
-            .map(|cl| ClusterPolicy::resolve(policy, &cl.labels))
+            .map(|cl| policy.in_cluster(&cl.labels))
             .collect(),
         dry_run: policy.dry_run,
     };
@@ -532,89 +532,38 @@ fn validate_imports(
                 format!("pool `{}` is imported twice", imp.pool),
             ));
         }
-        let pol = &imp.policy;
-        let field = |f: &str| {
-            let mut v = at("policy");
-            v.push(key(f));
-            v
-        };
-        check_policy_values(
-            c,
-            &field(""),
-            &PolicyOverrides {
-                capacity_scaler: Some(pol.capacity_scaler),
-                max_in_flight_per_endpoint: Some(pol.max_in_flight_per_endpoint),
-                kv_cache_threshold: Some(pol.kv_cache_threshold),
-                queue_threshold: Some(pol.queue_threshold),
-            },
-        )?;
-        if !(pol.sheddable_capacity.is_finite()
-            && pol.sheddable_capacity > 0.0
-            && pol.sheddable_capacity <= 1.0)
-        {
-            return Err(c.err(
-                &field("sheddable_capacity"),
-                "must be above 0 and at most 1 (a share of the capacity)",
-            ));
-        }
-        for (s, scope) in pol.scopes.iter().enumerate() {
-            let mut sf = field("scopes");
-            sf.push(Seg::Index(s));
-            if scope.match_labels.is_empty() {
-                let mut f = sf.clone();
-                f.push(key("match_labels"));
-                return Err(c.err(
-                    &f,
-                    "name at least one label (a scope without labels would select every cluster)",
-                ));
-            }
-            check_policy_values(c, &sf, &scope.overrides)?;
-        }
-        out[p] = Some(resolve(pol));
+        check_policy(&imp.policy, &at("policy"), c)?;
+        out[p] = Some(resolve(&imp.policy));
     }
     Ok(out)
 }
 
-/// Range checks shared by a policy and its scopes; `at` ends in an empty key for the policy
-/// itself (replaced by the field's name).
-fn check_policy_values(
-    c: &Checker<'_>,
-    at: &[Seg],
-    o: &PolicyOverrides,
-) -> Result<(), ConfigError> {
-    let field = |name: &str| {
-        let mut v: Vec<Seg> = at
-            .iter()
-            .filter(|s| !matches!(s, Seg::Key(k) if k.is_empty()))
-            .cloned()
-            .collect();
-        v.push(key(name));
-        v
-    };
-    if let Some(v) = o.capacity_scaler
-        && !(v.is_finite() && (0.0..=1000.0).contains(&v))
+/// A policy's values and its scopes'.
+fn check_policy(pol: &BackendPolicy, at: &[Seg], c: &Checker<'_>) -> Result<(), ConfigError> {
+    let field = |path: &[Seg], f: &str| [path, &[key(f)]].concat();
+    if let Some((name, message)) = pol.limits.out_of_range() {
+        return Err(c.err(&field(at, name), message));
+    }
+    if !(pol.sheddable_capacity.is_finite()
+        && pol.sheddable_capacity > 0.0
+        && pol.sheddable_capacity <= 1.0)
     {
         return Err(c.err(
-            &field("capacity_scaler"),
-            "must be a number from 0 (drain) to 1000",
+            &field(at, "sheddable_capacity"),
+            "must be above 0 and at most 1 (a share of the capacity)",
         ));
     }
-    if let Some(v) = o.kv_cache_threshold
-        && !(v.is_finite() && v > 0.0 && v <= 1.0)
-    {
-        return Err(c.err(
-            &field("kv_cache_threshold"),
-            "must be above 0 and at most 1 (a share of the KV cache)",
-        ));
-    }
-    if o.queue_threshold == Some(0) {
-        return Err(c.err(&field("queue_threshold"), "must be at least 1"));
-    }
-    if o.max_in_flight_per_endpoint == Some(0) {
-        return Err(c.err(
-            &field("max_in_flight_per_endpoint"),
-            "must be at least 1 (drain a cluster with capacity_scaler: 0)",
-        ));
+    for (s, scope) in pol.scopes.iter().enumerate() {
+        let scope_at = [field(at, "scopes"), vec![Seg::Index(s)]].concat();
+        if scope.match_labels.is_empty() {
+            return Err(c.err(
+                &field(&scope_at, "match_labels"),
+                "name at least one label (a scope without labels would select every cluster)",
+            ));
+        }
+        if let Some((name, message)) = scope.overrides.out_of_range() {
+            return Err(c.err(&field(&scope_at, name), message));
+        }
     }
     Ok(())
 }

@@ -306,7 +306,7 @@ impl Policies {
     pub fn enforced(&self, pool: usize, cluster: usize) -> ClusterPolicy {
         match self.pools.get(pool) {
             Some(Some(p)) if !p.dry_run => p.per_cluster[cluster],
-            _ => default_cluster_policy(),
+            _ => ClusterPolicy::default(),
         }
     }
 
@@ -317,19 +317,6 @@ impl Policies {
             Some(Some(p)) if p.dry_run => Some(p.per_cluster[cluster]),
             _ => None,
         }
-    }
-}
-
-/// The default backend policy, as it applies to any cluster.
-pub fn default_cluster_policy() -> ClusterPolicy {
-    let d = fleetpick_config::BackendPolicy::default();
-    ClusterPolicy {
-        balancing: d.balancing,
-        kv_cache_threshold: d.kv_cache_threshold,
-        queue_threshold: d.queue_threshold,
-        max_in_flight_per_endpoint: d.max_in_flight_per_endpoint,
-        capacity_scaler: d.capacity_scaler,
-        sheddable_capacity: d.sheddable_capacity,
     }
 }
 

@@ -229,12 +229,12 @@ struct Limits {
 
 impl Limits {
     fn new(p: &ClusterPolicy) -> Limits {
-        let scaler = p.capacity_scaler;
+        let scaler = p.limits.capacity_scaler;
         Limits {
             drained: scaler <= 0.0,
             cap: (p.balancing == BalancingMode::InFlight).then(|| in_flight_cap(p)),
-            kv_limit: p.kv_cache_threshold * scaler,
-            queue_limit: f64::from(p.queue_threshold) * scaler,
+            kv_limit: p.limits.kv_cache_threshold * scaler,
+            queue_limit: f64::from(p.limits.queue_threshold) * scaler,
         }
     }
 
@@ -327,7 +327,7 @@ struct ClusterView {
 /// The in-flight cap of an endpoint under `p`: the configured one scaled, at least 1 while the
 /// scaler is above 0.
 pub fn in_flight_cap(p: &ClusterPolicy) -> u32 {
-    let cap = (f64::from(p.max_in_flight_per_endpoint) * p.capacity_scaler).floor();
+    let cap = (f64::from(p.limits.max_in_flight_per_endpoint) * p.limits.capacity_scaler).floor();
     if cap >= f64::from(u32::MAX) {
         u32::MAX
     } else {
@@ -455,7 +455,7 @@ pub fn pick(
             limits: Limits::new(&{
                 let mut p = policies.enforced(ep.pool, ep.cluster);
                 if req.sheddable {
-                    p.capacity_scaler *= p.sheddable_capacity;
+                    p.limits.capacity_scaler *= p.sheddable_capacity;
                 }
                 p
             }),
@@ -789,10 +789,9 @@ mod tests {
     #[test]
     fn a_queue_threshold_saturates_at_exactly_its_value() {
         for threshold in [1, 5, 93, 99, 105] {
-            let limits = Limits::new(&ClusterPolicy {
-                queue_threshold: threshold,
-                ..crate::fleet::default_cluster_policy()
-            });
+            let mut policy = ClusterPolicy::default();
+            policy.limits.queue_threshold = threshold;
+            let limits = Limits::new(&policy);
             let load = |waiting| Load {
                 kv_usage: 0.0,
                 waiting,
