@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::position::{Seg, Tree};
+use crate::position::{FieldPath, Tree};
 
 /// The annotation that exports an InferencePool to the cluster set.
 pub const EXPORT_ANNOTATION: &str = "inference.networking.x-k8s.io/export";
@@ -168,7 +168,7 @@ pub fn parse(text: &str, source: &str) -> Result<Manifests, ManifestError> {
     let tree = Tree::parse(text);
     for (doc, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let invalid = |message: String, at: &[&str]| {
-            let path: Vec<Seg> = at.iter().map(|k| Seg::Key(k.to_string())).collect();
+            let path = at.iter().fold(FieldPath::default(), |p, k| p.key(k));
             ManifestError::Invalid {
                 path: source.to_string(),
                 doc: doc + 1,

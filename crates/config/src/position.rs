@@ -5,29 +5,64 @@
 //! serde reads the data (`serde_norway`); this tree only answers "where": it is built when an
 //! error needs a position, so a file that loads costs nothing here.
 
+use std::fmt;
+
 use saphyr::{MarkedYaml, YamlData, YamlLoader};
 
 /// A step of a field path: a mapping key or a list index.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Seg {
     Key(String),
     Index(usize),
 }
 
-pub(crate) fn render_path(path: &[Seg]) -> String {
-    let mut s = String::new();
-    for seg in path {
-        match seg {
-            Seg::Key(k) => {
-                if !s.is_empty() {
-                    s.push('.');
-                }
-                s.push_str(k);
-            }
-            Seg::Index(i) => s.push_str(&format!("[{i}]")),
-        }
+/// A field's path from the document's root, shown as messages name it:
+/// `pools[0].endpoints.us-west`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct FieldPath(Vec<Seg>);
+
+impl FieldPath {
+    /// A top-level field.
+    pub(crate) fn top(key: &str) -> FieldPath {
+        FieldPath(vec![Seg::Key(key.to_string())])
     }
-    s
+
+    /// The field `key` of this one.
+    pub(crate) fn key(&self, key: &str) -> FieldPath {
+        self.with(Seg::Key(key.to_string()))
+    }
+
+    /// Item `i` of this list.
+    pub(crate) fn index(&self, i: usize) -> FieldPath {
+        self.with(Seg::Index(i))
+    }
+
+    fn with(&self, seg: Seg) -> FieldPath {
+        let mut v = self.0.clone();
+        v.push(seg);
+        FieldPath(v)
+    }
+}
+
+impl std::ops::Deref for FieldPath {
+    type Target = [Seg];
+
+    fn deref(&self) -> &[Seg] {
+        &self.0
+    }
+}
+
+impl fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (n, seg) in self.0.iter().enumerate() {
+            match seg {
+                Seg::Key(k) if n == 0 => f.write_str(k)?,
+                Seg::Key(k) => write!(f, ".{k}")?,
+                Seg::Index(i) => write!(f, "[{i}]")?,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A place in a file, both counted from 1 (the column in characters).
@@ -129,6 +164,16 @@ mod tests {
 
     fn at(text: &str, path: &[Seg]) -> Option<(usize, usize)> {
         locate(text, path).map(|p| (p.line, p.column))
+    }
+
+    #[test]
+    fn paths_read_as_messages_name_them() {
+        let p = FieldPath::top("pools")
+            .index(0)
+            .key("endpoints")
+            .key("us-west");
+        assert_eq!(p.to_string(), "pools[0].endpoints.us-west");
+        assert_eq!(FieldPath::top("a").index(2).index(3).to_string(), "a[2][3]");
     }
 
     #[test]
