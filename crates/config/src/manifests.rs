@@ -167,88 +167,117 @@ pub fn parse(text: &str, source: &str) -> Result<Manifests, ManifestError> {
     // Positions for the objects and for errors; the data is serde's.
     let tree = Tree::parse(text);
     for (doc, de) in serde_norway::Deserializer::from_str(text).enumerate() {
-        let invalid = |message: String, at: &[&str]| {
-            let path = at.iter().fold(FieldPath::default(), |p, k| p.key(k));
-            ManifestError::Invalid {
-                path: source.to_string(),
-                doc: doc + 1,
-                line: tree.locate(doc, &path).map(|p| p.line),
-                message,
-            }
+        let d = Document {
+            text,
+            source,
+            tree: &tree,
+            doc,
         };
-        let value =
-            serde_norway::Value::deserialize(de).map_err(|e| invalid(e.to_string(), &[]))?;
+        let value = serde_norway::Value::deserialize(de).map_err(|e| d.invalid(e, &[]))?;
         if value.is_null() {
             continue;
         }
         let obj: Object = serde_norway::from_value(value)
-            .map_err(|e| invalid(located::<Object>(text, doc, e).to_string(), &[]))?;
+            .map_err(|e| d.invalid(located::<Object>(text, doc, e), &[]))?;
         if !is_inference_group(&obj.api_version) {
             continue;
         }
-        let name = obj.metadata.name.clone();
-        let line = tree.document_start(doc).map(|p| p.line);
         match obj.kind.as_str() {
-            "InferencePool" => {
-                if name.is_empty() {
-                    return Err(invalid(
-                        "InferencePool without metadata.name".into(),
-                        &["metadata"],
-                    ));
-                }
-                let spec: PoolSpecV1 = serde_norway::from_value(obj.spec).map_err(|e| {
-                    let e = located::<Spec<PoolSpecV1>>(text, doc, e);
-                    invalid(format!("InferencePool `{name}`: {e}"), &[])
-                })?;
-                let mut ports: Vec<u16> = spec.target_ports.iter().map(|p| p.number).collect();
-                ports.extend(spec.target_port_number);
-                if ports.is_empty() || ports.contains(&0) || ports.len() > 8 {
-                    let field = if spec.target_port_number.is_some() {
-                        "targetPortNumber"
-                    } else {
-                        "targetPorts"
-                    };
-                    return Err(invalid(
-                        format!(
-                            "InferencePool `{name}`: spec.targetPorts must list 1 to 8 ports, 1 to 65535"
-                        ),
-                        &["spec", field],
-                    ));
-                }
-                let picker = spec.endpoint_picker_ref.or(spec.extension_ref);
-                out.pools.push(PoolManifest {
-                    name,
-                    namespace: obj.metadata.namespace,
-                    target_ports: ports,
-                    exported: obj
-                        .metadata
-                        .annotations
-                        .get(EXPORT_ANNOTATION)
-                        .is_some_and(|v| v == "ClusterSet"),
-                    fail_open: picker
-                        .and_then(|p| p.failure_mode)
-                        .is_some_and(|m| m == "FailOpen"),
-                    source: source.to_string(),
-                    line,
-                });
-            }
-            "InferenceObjective" => {
-                let spec: ObjectiveSpec = serde_norway::from_value(obj.spec).map_err(|e| {
-                    let e = located::<Spec<ObjectiveSpec>>(text, doc, e);
-                    invalid(format!("InferenceObjective `{name}`: {e}"), &[])
-                })?;
-                out.objectives.push(ObjectiveManifest {
-                    name,
-                    priority: spec.priority.unwrap_or(0),
-                    pool: spec.pool_ref.name,
-                    source: source.to_string(),
-                    line,
-                });
-            }
+            "InferencePool" => out.pools.push(d.pool(obj)?),
+            "InferenceObjective" => out.objectives.push(d.objective(obj)?),
             _ => {}
         }
     }
     Ok(out)
+}
+
+/// One document of a manifest file, for its objects and their errors.
+struct Document<'a> {
+    text: &'a str,
+    source: &'a str,
+    tree: &'a Tree<'a>,
+    /// From 0.
+    doc: usize,
+}
+
+impl Document<'_> {
+    /// An error in this document, at the field `at` (its line, when the file has it).
+    fn invalid(&self, message: impl ToString, at: &[&str]) -> ManifestError {
+        let path = at.iter().fold(FieldPath::default(), |p, k| p.key(k));
+        ManifestError::Invalid {
+            path: self.source.to_string(),
+            doc: self.doc + 1,
+            line: self.tree.locate(self.doc, &path).map(|p| p.line),
+            message: message.to_string(),
+        }
+    }
+
+    /// An object's `spec` as `T` (its `kind` and name for messages).
+    fn spec<T: DeserializeOwned>(
+        &self,
+        spec: serde_norway::Value,
+        kind: &str,
+        name: &str,
+    ) -> Result<T, ManifestError> {
+        serde_norway::from_value(spec).map_err(|e| {
+            let e = located::<Spec<T>>(self.text, self.doc, e);
+            self.invalid(format!("{kind} `{name}`: {e}"), &[])
+        })
+    }
+
+    /// Where the document starts.
+    fn line(&self) -> Option<usize> {
+        self.tree.document_start(self.doc).map(|p| p.line)
+    }
+
+    fn pool(&self, obj: Object) -> Result<PoolManifest, ManifestError> {
+        let name = obj.metadata.name.clone();
+        if name.is_empty() {
+            return Err(self.invalid("InferencePool without metadata.name", &["metadata"]));
+        }
+        let spec: PoolSpecV1 = self.spec(obj.spec, &obj.kind, &name)?;
+        let mut ports: Vec<u16> = spec.target_ports.iter().map(|p| p.number).collect();
+        ports.extend(spec.target_port_number);
+        if ports.is_empty() || ports.contains(&0) || ports.len() > 8 {
+            let field = match spec.target_port_number {
+                Some(_) => "targetPortNumber",
+                None => "targetPorts",
+            };
+            return Err(self.invalid(
+                format!(
+                    "InferencePool `{name}`: spec.targetPorts must list 1 to 8 ports, 1 to 65535"
+                ),
+                &["spec", field],
+            ));
+        }
+        let picker = spec.endpoint_picker_ref.or(spec.extension_ref);
+        Ok(PoolManifest {
+            name,
+            namespace: obj.metadata.namespace,
+            target_ports: ports,
+            exported: obj
+                .metadata
+                .annotations
+                .get(EXPORT_ANNOTATION)
+                .is_some_and(|v| v == "ClusterSet"),
+            fail_open: picker
+                .and_then(|p| p.failure_mode)
+                .is_some_and(|m| m == "FailOpen"),
+            source: self.source.to_string(),
+            line: self.line(),
+        })
+    }
+
+    fn objective(&self, obj: Object) -> Result<ObjectiveManifest, ManifestError> {
+        let spec: ObjectiveSpec = self.spec(obj.spec, &obj.kind, &obj.metadata.name)?;
+        Ok(ObjectiveManifest {
+            name: obj.metadata.name,
+            priority: spec.priority.unwrap_or(0),
+            pool: spec.pool_ref.name,
+            source: self.source.to_string(),
+            line: self.line(),
+        })
+    }
 }
 
 /// A document's `spec` alone, as `T`: read only for its errors.
