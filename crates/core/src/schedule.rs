@@ -225,9 +225,10 @@ impl Class {
     }
 }
 
-/// A cluster policy made ready for classifying many endpoints: divisions done once.
+/// A cluster policy made ready for classifying many endpoints: its limits scaled once. (Not
+/// the config's `Limits`, which this is made from.)
 #[derive(Debug, Clone, Copy)]
-struct Limits {
+struct Capacity {
     drained: bool,
     /// `in-flight` mode's cap.
     cap: Option<u32>,
@@ -237,10 +238,10 @@ struct Limits {
     queue_limit: f64,
 }
 
-impl Limits {
-    fn new(p: &ClusterPolicy) -> Limits {
+impl Capacity {
+    fn new(p: &ClusterPolicy) -> Capacity {
         let scaler = p.limits.capacity_scaler;
-        Limits {
+        Capacity {
             drained: scaler <= 0.0,
             cap: (p.balancing == BalancingMode::InFlight).then(|| in_flight_cap(p)),
             kv_limit: p.limits.kv_cache_threshold * scaler,
@@ -272,7 +273,7 @@ impl Limits {
     }
 }
 
-impl Limits {
+impl Capacity {
     /// How many more requests the endpoint takes before it has no headroom: the room under
     /// the in-flight cap, or under the queue threshold (at least 1 while it has headroom).
     fn free(&self, load: &Load, in_flight: u32, awaiting: u32) -> u32 {
@@ -304,8 +305,8 @@ pub fn free_slots_per_cluster(fleet: &Fleet, pool: usize) -> Vec<u32> {
     let now = fleet.clock.now_ms();
     let stale_after = fleet.poller.stale_after_ms;
     // One policy per cluster for this pool, worked out once.
-    let limits: Vec<Limits> = (0..fleet.clusters.len())
-        .map(|c| Limits::new(&fleet.policies.enforced(pool, c)))
+    let capacity: Vec<Capacity> = (0..fleet.clusters.len())
+        .map(|c| Capacity::new(&fleet.policies.enforced(pool, c)))
         .collect();
     let mut free = vec![0u32; fleet.clusters.len()];
     for &index in &fleet.pools[pool].endpoints {
@@ -316,7 +317,7 @@ pub fn free_slots_per_cluster(fleet: &Fleet, pool: usize) -> Vec<u32> {
         let Some(load) = ep.load.fresh(now, stale_after) else {
             continue;
         };
-        free[ep.cluster] = free[ep.cluster].saturating_add(limits[ep.cluster].free(
+        free[ep.cluster] = free[ep.cluster].saturating_add(capacity[ep.cluster].free(
             &load,
             ep.in_flight.load(Ordering::Relaxed),
             ep.awaiting_first_token.load(Ordering::Relaxed),
@@ -328,8 +329,8 @@ pub fn free_slots_per_cluster(fleet: &Fleet, pool: usize) -> Vec<u32> {
 /// What every endpoint of one (pool, cluster) shares in a pick, worked out once.
 #[derive(Debug, Clone, Copy)]
 struct ClusterView {
-    limits: Limits,
-    dry: Option<Limits>,
+    capacity: Capacity,
+    dry: Option<Capacity>,
     /// The `rtt` scorer's value for the cluster.
     rtt_score: f64,
 }
@@ -343,10 +344,10 @@ impl ClusterView {
             enforced.limits.capacity_scaler *= enforced.sheddable_capacity;
         }
         ClusterView {
-            limits: Limits::new(&enforced),
+            capacity: Capacity::new(&enforced),
             dry: policies
                 .dry_run(ep.pool, ep.cluster)
-                .map(|p| Limits::new(&p)),
+                .map(|p| Capacity::new(&p)),
             rtt_score: 1.0
                 - (fleet.cluster_rtt_ms(ep.cluster) * (1.0 / RTT_SCALE_MS)).clamp(0.0, 1.0),
         }
@@ -398,7 +399,7 @@ impl Candidate {
             in_flight,
             awaiting,
             rtt_score: view.rtt_score,
-            class: view.limits.classify(load, in_flight, awaiting),
+            class: view.capacity.classify(load, in_flight, awaiting),
             dry: view.dry.map(|d| d.classify(load, in_flight, awaiting)),
             in_tier: false,
             matched: 0,
@@ -457,7 +458,7 @@ pub fn pick(
     // The winner's cap, as its cluster's view worked it out for the classes above.
     let cap = found
         .view(&fleet.endpoints[winner.index])
-        .and_then(|v| v.limits.cap)
+        .and_then(|v| v.capacity.cap)
         .unwrap_or(u32::MAX);
     let mut fallback_list = Vec::new();
     if fallbacks > 0 && !found.cands.is_empty() {
@@ -899,15 +900,15 @@ mod tests {
         for threshold in [1, 5, 93, 99, 105] {
             let mut policy = ClusterPolicy::default();
             policy.limits.queue_threshold = threshold;
-            let limits = Limits::new(&policy);
+            let capacity = Capacity::new(&policy);
             let load = |waiting| Load {
                 kv_usage: 0.0,
                 waiting,
                 running: 0,
             };
-            assert_eq!(limits.free(&load(0), 0, 0), threshold, "{threshold}");
-            assert_eq!(limits.free(&load(threshold - 1), 0, 0), 1, "{threshold}");
-            assert_eq!(limits.free(&load(threshold), 0, 0), 0, "{threshold}");
+            assert_eq!(capacity.free(&load(0), 0, 0), threshold, "{threshold}");
+            assert_eq!(capacity.free(&load(threshold - 1), 0, 0), 1, "{threshold}");
+            assert_eq!(capacity.free(&load(threshold), 0, 0), 0, "{threshold}");
         }
     }
 
