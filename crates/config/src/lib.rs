@@ -3,13 +3,15 @@
 //!
 //! # Layout
 //!
-//! - `schema`: the fleet file as written, one type per section, with its serde defaults.
+//! - `schema`: the fleet file as written, one type per section, with its serde defaults (and
+//!   maps that refuse a key given twice).
 //! - `policy`: backend policies: the capacity limits, declared once ([`Limits`]; a scope's
 //!   [`LimitOverrides`] are the same struct with optional values), read, checked and resolved
 //!   per cluster ([`ClusterPolicy`]).
 //! - `validate`: the checks across fields, and the resolved [`FleetConfig`] they make
 //!   (endpoints served, policies per cluster, objectives).
-//! - `position`: field paths (`pools[0].endpoints.us-west`) and where they are in the file.
+//! - `position`: field paths (`pools[0].endpoints.us-west`) and where they are in the file
+//!   (line and column, from saphyr's node tree; serde_norway reads the data).
 //! - [`manifests`]: the InferencePools and InferenceObjectives of the manifests the file names.
 //! - this file: loading ([`FleetConfig::load`], [`FleetConfig::parse`]), [`ConfigError`], and
 //!   the reference below.
@@ -84,8 +86,11 @@
 //! at once, as the next generation of the fleet (the core's `Fleet::successor`); only the `server` section needs a
 //! restart. A file that does not validate is refused and the last good one stays.
 //!
-//! Unknown fields are errors. Every error names the field (`pools[0].endpoints.us-west`) and,
-//! where it can be found, the line in the file.
+//! Unknown fields are errors, and so is a key given twice in one mapping. Every error names the
+//! field (`pools[0].endpoints.us-west`) and, where the file has it, its line, in block and flow
+//! style alike (serde's errors: line and column; a checked value's: the line, and the column
+//! in [`ConfigError::Invalid`]'s `position`). Errors in the manifests name their file,
+//! document and line.
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -2,8 +2,9 @@
 //! (`pools[0].endpoints.us-west`), and their line and column, found in saphyr's node tree, which
 //! keeps every node's source position in block and flow style alike.
 //!
-//! serde reads the data (`serde_norway`); this tree only answers "where": it is built when an
-//! error needs a position, so a file that loads costs nothing here.
+//! serde reads the data (`serde_norway`); this tree only answers "where". The fleet file's is
+//! built when an error needs a position, so a file that loads costs nothing here; a manifest
+//! file's once per read, for the lines its objects keep.
 
 use std::fmt;
 
@@ -78,8 +79,8 @@ pub(crate) struct Tree<'a> {
 }
 
 impl<'a> Tree<'a> {
-    /// Reads `text`; a text saphyr cannot read has no positions (serde has reported its own
-    /// error by then, with its own position).
+    /// Reads `text`. A text saphyr cannot read has no positions, rather than wrong ones (one
+    /// that serde cannot read either has serde's error, which names its own line).
     pub(crate) fn parse(text: &'a str) -> Tree<'a> {
         let mut loader = YamlLoader::<MarkedYaml<'a>>::default();
         // Keys as written, which is how serde reads them into strings (`1`, `true`, `"a"`).
