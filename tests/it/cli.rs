@@ -97,8 +97,10 @@ async fn logs_can_be_json_lines() {
     )
     .await;
     assert!(
-        lines.iter().any(|v| v["level"] == "INFO"
-            && v["fields"]["message"] == "fleetpick ext_proc listening"),
+        lines
+            .iter()
+            .any(|v| v["level"] == "INFO"
+                && v["fields"]["message"] == "fleetpick ext_proc listening"),
         "{stderr}"
     );
     // The lab's commands log the same way.
