@@ -1,4 +1,22 @@
-//! The fleet file: what the picker serves and how it decides, validated once at load.
+//! The fleet file: what the picker serves and how it decides, validated once at load, with the
+//! Kubernetes manifests it names.
+//!
+//! # Layout
+//!
+//! - `schema`: the fleet file as written, one type per section, with its serde defaults (and
+//!   maps that refuse a key given twice).
+//! - `policy`: backend policies: the capacity limits, declared once ([`Limits`]; a scope's
+//!   [`LimitOverrides`] are the same struct with optional values), read, checked and resolved
+//!   per cluster ([`ClusterPolicy`]).
+//! - `validate`: the checks across fields, and the resolved [`FleetConfig`] they make
+//!   (endpoints served, policies per cluster, objectives).
+//! - `position`: field paths (`pools[0].endpoints.us-west`) and where they are in the file
+//!   (line and column, from saphyr's node tree; serde_norway reads the data).
+//! - [`manifests`]: the InferencePools and InferenceObjectives of the manifests the file names.
+//! - this file: loading ([`FleetConfig::load`], [`FleetConfig::parse`]), [`ConfigError`], and
+//!   the reference below.
+//!
+//! # The fleet file
 //!
 //! ```yaml
 //! server:                     # the ext_proc listener and request handling
@@ -68,450 +86,29 @@
 //! at once, as the next generation of the fleet (the core's `Fleet::successor`); only the `server` section needs a
 //! restart. A file that does not validate is refused and the last good one stays.
 //!
-//! Unknown fields are errors. Every error names the field (`pools[0].endpoints.us-west`) and,
-//! where it can be found, the line in the file.
+//! Unknown fields are errors, and so is a key given twice in one mapping. Every error names the
+//! field (`pools[0].endpoints.us-west`) and, where the file has it, its line, in block and flow
+//! style alike (serde's errors: line and column; a checked value's: the line, and the column
+//! in [`ConfigError::Invalid`]'s `position`). Errors in the manifests name their file,
+//! document and line.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::Path;
 
-use serde::Deserialize;
+use crate::validate::{Checker, regions_of, validate};
 
 pub use fleetpick_protocol::{BodyMode, EngineKind};
 
 pub mod manifests;
+mod policy;
+mod position;
+mod schema;
+mod validate;
 
 pub use manifests::{Manifests, ObjectiveManifest, PoolManifest};
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerSettings {
-    pub listen: SocketAddr,
-    pub body_mode: BodyMode,
-    pub max_body_bytes: usize,
-    /// fleetpick's own Prometheus `/metrics` listener (none by default).
-    pub metrics_listen: Option<SocketAddr>,
-    /// On SIGTERM, how long open streams may go on before fleetpick exits anyway.
-    pub shutdown_grace_ms: u64,
-    /// TLS (and with `client_ca_file`, mutual TLS) on the ext_proc listener; none: plaintext.
-    pub tls: Option<TlsSettings>,
-}
-
-/// The ext_proc listener's TLS files, PEM, relative to the fleet file's directory. They are
-/// re-read when they change (by the server's TLS module).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsSettings {
-    /// The certificate chain the listener presents (leaf first).
-    pub cert_file: PathBuf,
-    /// Its private key (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: PathBuf,
-    /// The CA bundle client certificates must chain to; set, a client without one is refused.
-    #[serde(default)]
-    pub client_ca_file: Option<PathBuf>,
-}
-
-impl Default for ServerSettings {
-    fn default() -> Self {
-        ServerSettings {
-            listen: SocketAddr::from(([127, 0, 0, 1], 9002)),
-            body_mode: BodyMode::FullDuplex,
-            // Far above any chat prompt, below Envoy's own buffer limits in BUFFERED mode.
-            max_body_bytes: 8 * 1024 * 1024,
-            metrics_listen: None,
-            shutdown_grace_ms: 30_000,
-            tls: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClusterSpec {
-    pub name: String,
-    #[serde(default = "default_region")]
-    pub region: String,
-    #[serde(default)]
-    pub zone: Option<String>,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Round trip from the picker's site to this cluster. When absent, the poller's measured
-    /// scrape round trip stands in.
-    #[serde(default)]
-    pub rtt_ms: Option<f64>,
-}
-
-/// Where this picker runs: its region is the one it prefers (`fleetpick serve --region`
-/// overrides it).
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PickerSite {
-    pub region: Option<String>,
-    pub zone: Option<String>,
-}
-
-/// How a policy measures an endpoint's capacity, in the spirit of GKE's `GCPBackendPolicy`
-/// balancing modes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BalancingMode {
-    /// The model server's own load (custom metrics): KV-cache use and queue, against thresholds.
-    /// A soft limit: when every endpoint is past it, the least loaded still serves.
-    #[default]
-    KvCache,
-    /// Requests in flight through this picker, against `max_in_flight_per_endpoint`: a hard cap,
-    /// never exceeded; when every endpoint is at it, requests get 429.
-    InFlight,
-}
-
-/// Settings a policy scope may override for the clusters it selects.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyOverrides {
-    pub capacity_scaler: Option<f64>,
-    pub max_in_flight_per_endpoint: Option<u32>,
-    pub kv_cache_threshold: Option<f64>,
-    pub queue_threshold: Option<u32>,
-}
-
-/// A scope: clusters chosen by their labels (all must match), and what changes for them.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyScope {
-    pub match_labels: BTreeMap<String, String>,
-    #[serde(flatten)]
-    pub overrides: PolicyOverrides,
-}
-
-/// The backend policy of an imported pool.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BackendPolicy {
-    pub balancing: BalancingMode,
-    /// `kv-cache` mode: an endpoint at or above this KV-cache use is saturated.
-    pub kv_cache_threshold: f64,
-    /// `kv-cache` mode: ... or with this many requests waiting.
-    pub queue_threshold: u32,
-    /// `in-flight` mode: the cap per endpoint.
-    pub max_in_flight_per_endpoint: u32,
-    /// Scales an endpoint's capacity (its thresholds, or its in-flight cap): 0 drains, so no
-    /// new request goes there while those in flight finish.
-    pub capacity_scaler: f64,
-    /// The share of the capacity (as `capacity_scaler` scales it) that sheddable requests
-    /// (objective priority below 0) may fill: past it they are refused, and the rest is kept
-    /// for everything else. 1: they may fill it all, and are shed only at saturation.
-    pub sheddable_capacity: f64,
-    /// Compute and report what the policy would do (fleetpick's `/metrics`), but pick as if it
-    /// were the default policy.
-    pub dry_run: bool,
-    /// Overrides for clusters chosen by label; the first matching scope applies.
-    pub scopes: Vec<PolicyScope>,
-}
-
-impl Default for BackendPolicy {
-    fn default() -> Self {
-        BackendPolicy {
-            balancing: BalancingMode::KvCache,
-            // The reference saturation detector's thresholds: KV use 0.8, five waiting.
-            kv_cache_threshold: 0.8,
-            queue_threshold: 5,
-            max_in_flight_per_endpoint: 64,
-            capacity_scaler: 1.0,
-            sheddable_capacity: 1.0,
-            dry_run: false,
-            scopes: Vec::new(),
-        }
-    }
-}
-
-/// A pool this picker serves (in the spirit of `InferencePoolImport`: the pools of that name
-/// exported by the target clusters, as one), with its backend policy.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImportSpec {
-    pub pool: String,
-    #[serde(default)]
-    pub policy: BackendPolicy,
-}
-
-fn default_region() -> String {
-    "default".to_string()
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PoolSpec {
-    pub name: String,
-    /// Model names (base models and LoRA adapters) this pool serves.
-    pub models: Vec<String>,
-    #[serde(default)]
-    pub engine: EngineKind,
-    /// The port of endpoints listed by IP alone. Optional when an InferencePool of the same
-    /// name is among the `manifests`: its `targetPorts` (every port of every IP an endpoint).
-    #[serde(default)]
-    pub target_port: Option<u16>,
-    /// Path of the Prometheus page on each endpoint.
-    #[serde(default = "default_metrics_path")]
-    pub metrics_path: String,
-    /// Endpoints per cluster name: `ip` (at `target_port`) or `ip:port`.
-    #[serde(default)]
-    pub endpoints: BTreeMap<String, Vec<String>>,
-    /// The clusters that export this pool (`inference.networking.x-k8s.io/export`); absent:
-    /// every cluster listed under `endpoints`. Endpoints of other clusters are not served.
-    #[serde(default)]
-    pub exported_from: Option<Vec<String>>,
-    /// LoRA adapters the pool's servers load on demand (vLLM `--lora-modules`): served like
-    /// `models`, and their requests prefer endpoints already running the adapter (the `lora`
-    /// scorer, from `vllm:lora_requests_info`).
-    #[serde(default)]
-    pub lora_adapters: Vec<String>,
-    /// Scorer weights for this pool's requests, in place of `scheduler.weights`.
-    #[serde(default)]
-    pub weights: Option<Weights>,
-    /// Keeps a conversation on one endpoint while it is healthy and not overloaded.
-    #[serde(default)]
-    pub session_affinity: Option<SessionAffinity>,
-}
-
-/// Session affinity: requests carrying the same key go to the endpoint the first of them went
-/// to, while that endpoint is in the pick's tier and not overloaded (the prefix scorer's load
-/// guard); then the session moves to wherever the next request is picked. The key is a header
-/// (remembered by fleetpick, up to `max_sessions`), or a cookie that fleetpick sets and that
-/// names the endpoint itself (set again when the session moves; nothing remembered).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SessionAffinity {
-    /// The request header carrying the session key (for example `x-session-id`).
-    #[serde(default)]
-    pub header: Option<String>,
-    /// The session cookie's name; a request without it (or whose session moved) gets it set
-    /// on the response.
-    #[serde(default)]
-    pub cookie: Option<String>,
-    /// Header sessions remembered; the least recently used are forgotten first (about 40 bytes
-    /// each).
-    #[serde(default = "default_max_sessions")]
-    pub max_sessions: usize,
-}
-
-fn default_max_sessions() -> usize {
-    65_536
-}
-
-/// A client-facing model name served as one or more target models, chosen by weight per
-/// request (canary and A/B rollouts), in the spirit of GIE's InferenceModelRewrite. The body's
-/// `model` is rewritten to the target on the way in, and the client's name restored in the
-/// response (plain JSON and streamed events).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RewriteSpec {
-    pub model: String,
-    pub targets: Vec<RewriteTarget>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RewriteTarget {
-    pub model: String,
-    /// Relative weight (0 takes the target out of rotation).
-    #[serde(default = "default_target_weight")]
-    pub weight: u32,
-}
-
-fn default_target_weight() -> u32 {
-    1
-}
-
-fn default_metrics_path() -> String {
-    "/metrics".to_string()
-}
-
-/// Scorer weights. A weight of 0 switches a scorer off.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Weights {
-    /// Prefers endpoints with free KV cache: score `1 - kv_usage`.
-    pub kv_cache: f64,
-    /// Prefers short queues: waiting requests, scaled between the candidates' min and max.
-    pub queue: f64,
-    /// Prefers endpoints with fewer requests in flight through this picker (current between
-    /// polls), scaled like the queue.
-    pub in_flight: f64,
-    /// Prefers endpoints with fewer of this picker's requests still waiting for their first
-    /// token (queued or in prefill), scaled like the queue: a new request there would share its
-    /// prefill steps with theirs.
-    pub prefill: f64,
-    /// Prefers endpoints nearer the picker: `1 - rtt / 100 ms`, the cluster's round trip in
-    /// 5 ms steps (an absolute scale, so that sub-millisecond differences inside a region do
-    /// not count as much as a continent).
-    pub rtt: f64,
-    /// Prefers endpoints that hold the request's prompt prefix in their KV cache (as this
-    /// picker's index remembers its own picks): half the matched share of the prompt, half the
-    /// matched length up to 1,024 tokens, so a long shared prefix counts even in a long prompt.
-    /// An endpoint whose queue is well above the others' gets no prefix credit (the load guard),
-    /// so a hot prefix spreads to a second holder instead of piling up.
-    pub prefix: f64,
-    /// For requests naming a LoRA adapter (a pool's `lora_adapters`): 1 where the adapter is
-    /// running, 0.6 with a free adapter slot, 0.3 where it is waiting for one, else 0.
-    pub lora: f64,
-}
-
-impl Weights {
-    /// Each weight by its name in the fleet file.
-    pub fn named(&self) -> [(&'static str, f64); 7] {
-        [
-            ("kv_cache", self.kv_cache),
-            ("queue", self.queue),
-            ("in_flight", self.in_flight),
-            ("prefill", self.prefill),
-            ("rtt", self.rtt),
-            ("prefix", self.prefix),
-            ("lora", self.lora),
-        ]
-    }
-
-    pub fn total(&self) -> f64 {
-        self.named().iter().map(|(_, w)| w).sum()
-    }
-}
-
-impl Default for Weights {
-    fn default() -> Self {
-        Weights {
-            kv_cache: 1.0,
-            queue: 2.0,
-            in_flight: 2.0,
-            prefill: 3.0,
-            rtt: 1.0,
-            prefix: 6.0,
-            lora: 4.0,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SchedulerSettings {
-    pub weights: Weights,
-    /// Endpoints listed after the primary, for Envoy's retries to walk down. Only for an Envoy
-    /// that reads a list (`envoy-fallback.yaml`, override_host): an ORIGINAL_DST cluster
-    /// (`envoy.yaml`) takes exactly one `ip:port` and answers 503 to a list.
-    pub fallbacks: usize,
-    /// A cluster whose endpoints all failed or went stale comes back only after it has had
-    /// fresh endpoints for this long, so that a flapping cluster does not take traffic in
-    /// between failures.
-    pub cluster_recovery_ms: u64,
-}
-
-impl Default for SchedulerSettings {
-    fn default() -> Self {
-        SchedulerSettings {
-            weights: Weights::default(),
-            fallbacks: 0,
-            cluster_recovery_ms: 1000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PollerSettings {
-    pub interval_ms: u64,
-    pub timeout_ms: u64,
-    /// Data older than this makes an endpoint ineligible.
-    pub stale_after_ms: u64,
-    /// Longest wait between scrapes of a failing endpoint (the wait doubles per failure).
-    pub backoff_max_ms: u64,
-}
-
-impl Default for PollerSettings {
-    fn default() -> Self {
-        PollerSettings {
-            interval_ms: 50,
-            timeout_ms: 1000,
-            stale_after_ms: 500,
-            backoff_max_ms: 1000,
-        }
-    }
-}
-
-/// The fleet file as written.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FleetFile {
-    #[serde(default)]
-    pub server: ServerSettings,
-    /// Kubernetes manifest files (relative to the fleet file): InferencePools give pools their
-    /// target ports and export status, InferenceObjectives their priorities.
-    #[serde(default)]
-    pub manifests: Vec<String>,
-    #[serde(default)]
-    pub picker: PickerSite,
-    pub clusters: Vec<ClusterSpec>,
-    pub pools: Vec<PoolSpec>,
-    /// The pools served, each with its backend policy; absent: every pool, default policy.
-    #[serde(default)]
-    pub imports: Option<Vec<ImportSpec>>,
-    #[serde(default)]
-    pub scheduler: SchedulerSettings,
-    #[serde(default)]
-    pub poller: PollerSettings,
-    /// Client-facing model names rewritten to served ones.
-    #[serde(default)]
-    pub rewrites: Vec<RewriteSpec>,
-    /// InferenceObjectives written here (beside those of the manifests).
-    #[serde(default)]
-    pub objectives: Vec<ObjectiveSpec>,
-    /// Holding requests in fleetpick while their pool is saturated (off by default).
-    #[serde(default)]
-    pub flow_control: FlowControlSettings,
-}
-
-/// An InferenceObjective: a workload's priority on a pool. Requests name it with the
-/// `x-gateway-inference-objective` header, or take it by their model (`models`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ObjectiveSpec {
-    pub name: String,
-    pub pool: String,
-    /// Higher is more urgent; unset is 0; negative is sheddable (refused with 429 while the
-    /// pool is saturated).
-    #[serde(default)]
-    pub priority: i32,
-    /// Models whose requests take this objective when they name none.
-    #[serde(default)]
-    pub models: Vec<String>,
-}
-
-/// Flow control: while a pool is saturated (no endpoint with headroom under its policy, see
-/// the scheduler's `free_slots`), requests wait in fleetpick's queues instead of piling
-/// onto model servers, and are released, highest priority first and fairly between flows, as
-/// capacity frees.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FlowControlSettings {
-    pub enabled: bool,
-    /// Requests waiting per priority band and pool; past it, 429.
-    pub max_requests_per_band: usize,
-    /// Request body bytes waiting per priority band and pool; past it, 429.
-    pub max_bytes_per_band: usize,
-    /// Longest wait; past it, 503.
-    pub ttl_ms: u64,
-}
-
-impl Default for FlowControlSettings {
-    fn default() -> Self {
-        FlowControlSettings {
-            enabled: false,
-            max_requests_per_band: 1000,
-            max_bytes_per_band: 256 * 1024 * 1024,
-            ttl_ms: 30_000,
-        }
-    }
-}
-
-/// Weights are relative; this bound keeps their weighted sums finite.
-const MAX_WEIGHT: f64 = 1e6;
+pub use policy::*;
+pub use position::Position;
+pub use schema::*;
 
 /// One endpoint, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -519,38 +116,6 @@ pub struct EndpointSpec {
     pub addr: SocketAddr,
     pub cluster: usize,
     pub pool: usize,
-}
-
-/// A pool's policy as it applies in one cluster (scopes resolved).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ClusterPolicy {
-    pub balancing: BalancingMode,
-    pub kv_cache_threshold: f64,
-    pub queue_threshold: u32,
-    pub max_in_flight_per_endpoint: u32,
-    pub capacity_scaler: f64,
-    pub sheddable_capacity: f64,
-}
-
-impl ClusterPolicy {
-    fn resolve(policy: &BackendPolicy, labels: &BTreeMap<String, String>) -> ClusterPolicy {
-        let scope = policy.scopes.iter().find(|s| {
-            s.match_labels
-                .iter()
-                .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
-        });
-        let o = scope.map(|s| s.overrides.clone()).unwrap_or_default();
-        ClusterPolicy {
-            balancing: policy.balancing,
-            kv_cache_threshold: o.kv_cache_threshold.unwrap_or(policy.kv_cache_threshold),
-            queue_threshold: o.queue_threshold.unwrap_or(policy.queue_threshold),
-            max_in_flight_per_endpoint: o
-                .max_in_flight_per_endpoint
-                .unwrap_or(policy.max_in_flight_per_endpoint),
-            capacity_scaler: o.capacity_scaler.unwrap_or(policy.capacity_scaler),
-            sheddable_capacity: policy.sheddable_capacity,
-        }
-    }
 }
 
 /// A validated fleet file.
@@ -564,13 +129,6 @@ pub struct FleetConfig {
     pub policies: Vec<Option<PoolPolicy>>,
     /// The InferenceObjectives of the manifests and of the fleet file (their pools checked).
     pub objectives: Vec<ObjectiveManifest>,
-}
-
-/// An imported pool's policy, resolved per cluster.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PoolPolicy {
-    pub per_cluster: Vec<ClusterPolicy>,
-    pub dry_run: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -587,132 +145,15 @@ pub enum ConfigError {
     },
     #[error(transparent)]
     Manifest(#[from] manifests::ManifestError),
-    #[error("{path}{}: {field}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+    /// A field's value is refused: the file, the field's line where the file has the field (its
+    /// column too, in `position`), the field's path and why.
+    #[error("{path}{}: {field}: {message}", position.map(|p| format!(":{}", p.line)).unwrap_or_default())]
     Invalid {
         path: String,
-        line: Option<usize>,
+        position: Option<Position>,
         field: String,
         message: String,
     },
-}
-
-/// A step of a field path: a mapping key or a list index.
-#[derive(Debug, Clone)]
-enum Seg {
-    Key(String),
-    Index(usize),
-}
-
-fn render_path(path: &[Seg]) -> String {
-    let mut s = String::new();
-    for seg in path {
-        match seg {
-            Seg::Key(k) => {
-                if !s.is_empty() {
-                    s.push('.');
-                }
-                s.push_str(k);
-            }
-            Seg::Index(i) => s.push_str(&format!("[{i}]")),
-        }
-    }
-    s
-}
-
-/// Finds the 1-based line of a field path in block-style YAML: enough to point a person at the
-/// right place. Flow style (`{a: 1}`) finds the enclosing line or nothing.
-fn locate(text: &str, path: &[Seg]) -> Option<usize> {
-    // Each line as (line number, indent of its content, content), with a list item's `- `
-    // counted as indentation so that `- name: x` reads as the key `name` one level in.
-    let lines: Vec<(usize, usize, &str, bool)> = text
-        .lines()
-        .enumerate()
-        .filter_map(|(n, l)| {
-            let content = l.trim_start();
-            if content.is_empty() || content.starts_with('#') {
-                return None;
-            }
-            let indent = l.len() - content.len();
-            match content.strip_prefix("- ") {
-                Some(rest) => Some((n + 1, indent + 2, rest.trim_start(), true)),
-                None => Some((n + 1, indent, content, false)),
-            }
-        })
-        .collect();
-    let (mut lo, mut hi) = (0usize, lines.len());
-    let mut parent_indent: Option<usize> = None;
-    let mut found = None;
-    for seg in path {
-        let inside = |i: usize| parent_indent.is_none_or(|p| lines[i].1 > p);
-        // Direct children sit at the indent of the first line inside the block.
-        let child_indent = (lo..hi).find(|&i| inside(i)).map(|i| lines[i].1);
-        let hit = match seg {
-            Seg::Key(k) => (lo..hi).find(|&i| {
-                Some(lines[i].1) == child_indent && {
-                    let c = lines[i].2;
-                    let c = c.strip_prefix('"').unwrap_or(c);
-                    c.strip_prefix(k.as_str())
-                        .is_some_and(|rest| rest.starts_with(':') || rest.starts_with("\":"))
-                }
-            }),
-            Seg::Index(n) => {
-                let items: Vec<usize> = (lo..hi).filter(|&i| inside(i) && lines[i].3).collect();
-                let first_indent = items.first().map(|&i| lines[i].1);
-                items
-                    .into_iter()
-                    .filter(|&i| Some(lines[i].1) == first_indent)
-                    .nth(*n)
-            }
-        };
-        // Not found below here (flow style, say): the enclosing line is the best answer.
-        let Some(hit) = hit else {
-            break;
-        };
-        let indent = lines[hit].1;
-        let is_item = matches!(seg, Seg::Index(_));
-        // The block of this node: following lines indented deeper (for a list item, lines at
-        // the item's content indent belong to it too).
-        let end = (hit + 1..hi)
-            .find(|&i| {
-                if is_item {
-                    lines[i].1 < indent || (lines[i].1 == indent && lines[i].3)
-                } else {
-                    lines[i].1 <= indent
-                }
-            })
-            .unwrap_or(hi);
-        found = Some(lines[hit].0);
-        if is_item {
-            // Keys of the item sit at `indent`; the first may be on the item's own line.
-            lo = hit;
-            parent_indent = indent.checked_sub(1);
-        } else {
-            lo = hit + 1;
-            parent_indent = Some(indent);
-        }
-        hi = end;
-    }
-    found
-}
-
-struct Checker<'a> {
-    path: &'a str,
-    text: &'a str,
-}
-
-impl Checker<'_> {
-    fn err(&self, field: &[Seg], message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            path: self.path.to_string(),
-            line: locate(self.text, field),
-            field: render_path(field),
-            message: message.into(),
-        }
-    }
-}
-
-fn key(k: &str) -> Seg {
-    Seg::Key(k.to_string())
 }
 
 impl FleetConfig {
@@ -732,7 +173,7 @@ impl FleetConfig {
         }
         Err(ConfigError::Invalid {
             path: "--region".into(),
-            line: None,
+            position: None,
             field: "picker.region".into(),
             message: format!(
                 "`{region}` is not the region of any cluster ({})",
@@ -754,599 +195,6 @@ impl FleetConfig {
         let c = Checker { path, text };
         validate(&file, &manifests, &c)
     }
-}
-
-fn validate(
-    file: &FleetFile,
-    manifests: &Manifests,
-    c: &Checker<'_>,
-) -> Result<FleetConfig, ConfigError> {
-    if file.clusters.is_empty() {
-        return Err(c.err(&[key("clusters")], "at least one cluster is needed"));
-    }
-    let mut cluster_index = HashMap::new();
-    for (i, cl) in file.clusters.iter().enumerate() {
-        let at = [key("clusters"), Seg::Index(i), key("name")];
-        if cl.name.is_empty() {
-            return Err(c.err(&at, "must not be empty"));
-        }
-        if cluster_index.insert(cl.name.as_str(), i).is_some() {
-            return Err(c.err(&at, format!("cluster `{}` is defined twice", cl.name)));
-        }
-    }
-    for (i, cl) in file.clusters.iter().enumerate() {
-        if let Some(rtt) = cl.rtt_ms
-            && !(rtt.is_finite() && (0.0..=60_000.0).contains(&rtt))
-        {
-            return Err(c.err(
-                &[key("clusters"), Seg::Index(i), key("rtt_ms")],
-                "must be a number of milliseconds from 0 to 60000",
-            ));
-        }
-    }
-    if file.pools.is_empty() {
-        return Err(c.err(&[key("pools")], "at least one pool is needed"));
-    }
-    let policies = validate_imports(file, c)?;
-    let mut pool_names = HashSet::new();
-    let mut model_pool: HashMap<&str, &str> = HashMap::new();
-    let mut seen_addrs: HashMap<SocketAddr, String> = HashMap::new();
-    let mut endpoints = Vec::new();
-    for (p, pool) in file.pools.iter().enumerate() {
-        let at = |f: &str| [key("pools"), Seg::Index(p), key(f)];
-        if pool.name.is_empty() {
-            return Err(c.err(&at("name"), "must not be empty"));
-        }
-        if !pool_names.insert(pool.name.as_str()) {
-            return Err(c.err(
-                &at("name"),
-                format!("pool `{}` is defined twice", pool.name),
-            ));
-        }
-        if pool.models.is_empty() {
-            return Err(c.err(&at("models"), "list at least one model"));
-        }
-        for (field, m) in pool
-            .models
-            .iter()
-            .map(|m| ("models", m))
-            .chain(pool.lora_adapters.iter().map(|m| ("lora_adapters", m)))
-        {
-            if m.is_empty() {
-                return Err(c.err(&at(field), "model names must not be empty"));
-            }
-            if let Some(other) = model_pool.insert(m.as_str(), pool.name.as_str()) {
-                return Err(c.err(
-                    &at(field),
-                    format!("model `{m}` is served by pool `{other}` already: a model belongs to one pool"),
-                ));
-            }
-        }
-        if let Some(w) = &pool.weights {
-            check_weights(w, &at("weights"), c)?;
-        }
-        if let Some(sa) = &pool.session_affinity {
-            check_session_affinity(sa, &at("session_affinity"), c)?;
-        }
-        let manifest = manifests.pools.iter().find(|m| m.name == pool.name);
-        let ports: Vec<u16> = match (pool.target_port, manifest) {
-            (Some(0), _) => {
-                return Err(c.err(&at("target_port"), "must be a port number, 1 to 65535"));
-            }
-            (Some(p), Some(m)) if !m.target_ports.contains(&p) => {
-                return Err(c.err(
-                    &at("target_port"),
-                    format!(
-                        "{p} is not among the targetPorts {:?} of InferencePool `{}` in {}",
-                        m.target_ports, m.name, m.source
-                    ),
-                ));
-            }
-            (Some(p), _) => vec![p],
-            (None, Some(m)) => m.target_ports.clone(),
-            (None, None) => {
-                return Err(c.err(
-                    &at("name"),
-                    format!(
-                        "pool `{}` needs a target_port, or an InferencePool of that name among the manifests",
-                        pool.name
-                    ),
-                ));
-            }
-        };
-        if let Some(m) = manifest
-            && !m.exported
-            && pool.exported_from.is_none()
-            && pool.endpoints.len() > 1
-        {
-            return Err(c.err(
-                &at("endpoints"),
-                format!(
-                    "InferencePool `{}` ({}) is not exported (annotation {}: ClusterSet), so it serves in one cluster only: list its endpoints under one cluster, set exported_from, or export it",
-                    m.name,
-                    m.source,
-                    manifests::EXPORT_ANNOTATION
-                ),
-            ));
-        }
-        if !pool.metrics_path.starts_with('/') {
-            return Err(c.err(&at("metrics_path"), "must start with `/`"));
-        }
-        let known = || {
-            file.clusters
-                .iter()
-                .map(|c| c.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        for name in pool.exported_from.iter().flatten() {
-            if !cluster_index.contains_key(name.as_str()) {
-                return Err(c.err(
-                    &at("exported_from"),
-                    format!("no cluster named `{name}` (clusters: {})", known()),
-                ));
-            }
-        }
-        for cluster in pool.endpoints.keys() {
-            if !cluster_index.contains_key(cluster.as_str()) {
-                return Err(c.err(
-                    &[key("pools"), Seg::Index(p), key("endpoints"), key(cluster)],
-                    format!("no cluster named `{cluster}` (clusters: {})", known()),
-                ));
-            }
-        }
-        // Endpoints in the order the clusters are declared.
-        for (ci, cluster, addrs) in file
-            .clusters
-            .iter()
-            .enumerate()
-            .filter_map(|(ci, cl)| pool.endpoints.get(&cl.name).map(|a| (ci, &cl.name, a)))
-        {
-            let field = [key("pools"), Seg::Index(p), key("endpoints"), key(cluster)];
-            let served = policies[p].is_some()
-                && pool
-                    .exported_from
-                    .as_ref()
-                    .is_none_or(|e| e.iter().any(|n| n == cluster));
-            for a in addrs {
-                let addrs = parse_endpoint(a, &ports).ok_or_else(|| {
-                    c.err(&field, format!("`{a}` is not an IP address or ip:port"))
-                })?;
-                for addr in addrs {
-                    let owner = format!("pool `{}`, cluster `{cluster}`", pool.name);
-                    if let Some(prev) = seen_addrs.insert(addr, owner) {
-                        return Err(c.err(
-                            &field,
-                            format!("endpoint {addr} is listed twice (also in {prev})"),
-                        ));
-                    }
-                    if served {
-                        endpoints.push(EndpointSpec {
-                            addr,
-                            cluster: ci,
-                            pool: p,
-                        });
-                    }
-                }
-            }
-        }
-    }
-    let mut objectives = manifests.objectives.clone();
-    for (i, o) in file.objectives.iter().enumerate() {
-        let at = |f: &str| [key("objectives"), Seg::Index(i), key(f)];
-        if o.name.is_empty() {
-            return Err(c.err(&at("name"), "must not be empty"));
-        }
-        if objectives.iter().any(|m| m.name == o.name) {
-            return Err(c.err(
-                &at("name"),
-                format!("objective `{}` is defined twice", o.name),
-            ));
-        }
-        let Some(pool) = file.pools.iter().find(|p| p.name == o.pool) else {
-            return Err(c.err(&at("pool"), format!("no pool named `{}`", o.pool)));
-        };
-        for m in &o.models {
-            if !pool.models.contains(m) && !pool.lora_adapters.contains(m) {
-                return Err(c.err(
-                    &at("models"),
-                    format!("pool `{}` does not serve `{m}`", o.pool),
-                ));
-            }
-            if let Some(other) = file
-                .objectives
-                .iter()
-                .take(i)
-                .find(|x| x.models.contains(m))
-            {
-                return Err(c.err(
-                    &at("models"),
-                    format!("`{m}` takes objective `{}` already", other.name),
-                ));
-            }
-        }
-        objectives.push(ObjectiveManifest {
-            name: o.name.clone(),
-            priority: o.priority,
-            pool: o.pool.clone(),
-            source: "the fleet file".into(),
-        });
-    }
-    let fc = &file.flow_control;
-    if fc.max_requests_per_band == 0 {
-        return Err(c.err(
-            &[key("flow_control"), key("max_requests_per_band")],
-            "must be at least 1",
-        ));
-    }
-    if fc.max_bytes_per_band < file.server.max_body_bytes {
-        return Err(c.err(
-            &[key("flow_control"), key("max_bytes_per_band")],
-            format!(
-                "must be at least server.max_body_bytes ({}), or a large request could never wait",
-                file.server.max_body_bytes
-            ),
-        ));
-    }
-    if !(1..=3_600_000).contains(&fc.ttl_ms) {
-        return Err(c.err(
-            &[key("flow_control"), key("ttl_ms")],
-            "must be from 1 to 3600000 (an hour)",
-        ));
-    }
-    let limit = fleetpick_protocol::envoy::MESSAGE_TIMEOUT_MS;
-    if fc.enabled && file.server.body_mode == BodyMode::Buffered && fc.ttl_ms >= limit {
-        return Err(c.err(
-            &[key("flow_control"), key("ttl_ms")],
-            format!(
-                "must be below {limit} with server.body_mode buffered: Envoy gives up on an answer after {limit} ms (message_timeout) in that mode"
-            ),
-        ));
-    }
-    for (i, o) in manifests.objectives.iter().enumerate() {
-        if !file.pools.iter().any(|p| p.name == o.pool) {
-            return Err(c.err(
-                &[key("manifests")],
-                format!(
-                    "InferenceObjective `{}` ({}, objective {}) refers to pool `{}`, which the fleet file does not define",
-                    o.name,
-                    o.source,
-                    i + 1,
-                    o.pool
-                ),
-            ));
-        }
-    }
-    if let Some(region) = &file.picker.region
-        && !file.clusters.iter().any(|cl| &cl.region == region)
-    {
-        return Err(c.err(
-            &[key("picker"), key("region")],
-            format!(
-                "`{region}` is not the region of any cluster ({}): every cluster would be remote",
-                regions_of(file)
-            ),
-        ));
-    }
-    for (p, pool) in file.pools.iter().enumerate() {
-        if policies[p].is_some() && !endpoints.iter().any(|e: &EndpointSpec| e.pool == p) {
-            return Err(c.err(
-                &[key("pools"), Seg::Index(p), key("endpoints")],
-                format!(
-                    "pool `{}` is imported but has no endpoints served (check endpoints and exported_from)",
-                    pool.name
-                ),
-            ));
-        }
-    }
-    check_weights(
-        &file.scheduler.weights,
-        &[key("scheduler"), key("weights")],
-        c,
-    )?;
-    check_rewrites(file, &model_pool, &policies, c)?;
-    let p = &file.poller;
-    for (name, v) in [
-        ("interval_ms", p.interval_ms),
-        ("timeout_ms", p.timeout_ms),
-        ("stale_after_ms", p.stale_after_ms),
-        ("backoff_max_ms", p.backoff_max_ms),
-    ] {
-        if v == 0 {
-            return Err(c.err(&[key("poller"), key(name)], "must be at least 1"));
-        }
-    }
-    if p.stale_after_ms < p.interval_ms {
-        return Err(c.err(
-            &[key("poller"), key("stale_after_ms")],
-            format!(
-                "must be at least interval_ms ({}), or every endpoint goes stale between polls",
-                p.interval_ms
-            ),
-        ));
-    }
-    if file.server.shutdown_grace_ms > 600_000 {
-        return Err(c.err(
-            &[key("server"), key("shutdown_grace_ms")],
-            "must be at most 600000 (ten minutes)",
-        ));
-    }
-    if file.server.max_body_bytes == 0 {
-        return Err(c.err(
-            &[key("server"), key("max_body_bytes")],
-            "must be at least 1",
-        ));
-    }
-    if file.scheduler.cluster_recovery_ms > 600_000 {
-        return Err(c.err(
-            &[key("scheduler"), key("cluster_recovery_ms")],
-            "must be at most 600000 (ten minutes)",
-        ));
-    }
-    Ok(FleetConfig {
-        file: file.clone(),
-        endpoints,
-        policies,
-        objectives,
-    })
-}
-
-fn check_weights(w: &Weights, at: &[Seg], c: &Checker<'_>) -> Result<(), ConfigError> {
-    for (name, v) in w.named() {
-        if !(v.is_finite() && (0.0..=MAX_WEIGHT).contains(&v)) {
-            let mut field = at.to_vec();
-            field.push(key(name));
-            return Err(c.err(&field, format!("must be a number from 0 to {MAX_WEIGHT}")));
-        }
-    }
-    if w.total() <= 0.0 {
-        return Err(c.err(at, "at least one weight must be above 0"));
-    }
-    Ok(())
-}
-
-/// A header or cookie name: an HTTP token (RFC 9110), so that it can be matched and set.
-fn is_token(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
-
-fn check_session_affinity(
-    sa: &SessionAffinity,
-    at: &[Seg],
-    c: &Checker<'_>,
-) -> Result<(), ConfigError> {
-    let field = |k: &str| {
-        let mut f = at.to_vec();
-        f.push(key(k));
-        f
-    };
-    match (&sa.header, &sa.cookie) {
-        (Some(_), Some(_)) | (None, None) => {
-            return Err(c.err(at, "set exactly one of `header` and `cookie`"));
-        }
-        (Some(h), None) if !is_token(h) || h.starts_with(':') => {
-            return Err(c.err(
-                &field("header"),
-                format!("`{h}` is not an HTTP header name"),
-            ));
-        }
-        (None, Some(k)) if !is_token(k) => {
-            return Err(c.err(&field("cookie"), format!("`{k}` is not a cookie name")));
-        }
-        _ => {}
-    }
-    if !(1..=10_000_000).contains(&sa.max_sessions) {
-        return Err(c.err(&field("max_sessions"), "must be from 1 to 10000000"));
-    }
-    Ok(())
-}
-
-fn check_rewrites(
-    file: &FleetFile,
-    served: &HashMap<&str, &str>,
-    policies: &[Option<PoolPolicy>],
-    c: &Checker<'_>,
-) -> Result<(), ConfigError> {
-    let mut seen = HashSet::new();
-    for (i, r) in file.rewrites.iter().enumerate() {
-        let at = |f: &str| [key("rewrites"), Seg::Index(i), key(f)];
-        if r.model.is_empty() {
-            return Err(c.err(&at("model"), "must not be empty"));
-        }
-        if !seen.insert(r.model.as_str()) {
-            return Err(c.err(&at("model"), format!("`{}` is rewritten twice", r.model)));
-        }
-        if r.targets.is_empty() {
-            return Err(c.err(&at("targets"), "list at least one target"));
-        }
-        for (j, t) in r.targets.iter().enumerate() {
-            let target = |f: &str| {
-                [
-                    key("rewrites"),
-                    Seg::Index(i),
-                    key("targets"),
-                    Seg::Index(j),
-                    key(f),
-                ]
-            };
-            let Some(pool) = served.get(t.model.as_str()) else {
-                return Err(c.err(
-                    &target("model"),
-                    format!("`{}` is not a model or adapter of any pool", t.model),
-                ));
-            };
-            // A pool that is not imported serves nothing: every rewritten request would fail.
-            let imported = file
-                .pools
-                .iter()
-                .zip(policies)
-                .any(|(p, policy)| p.name == *pool && policy.is_some());
-            if !imported {
-                return Err(c.err(
-                    &target("model"),
-                    format!(
-                        "`{}` is served by pool `{pool}`, which is not imported",
-                        t.model
-                    ),
-                ));
-            }
-            if t.weight > 1_000_000 {
-                return Err(c.err(&target("weight"), "must be at most 1000000"));
-            }
-        }
-        if r.targets.iter().all(|t| t.weight == 0) {
-            return Err(c.err(&at("targets"), "at least one weight must be above 0"));
-        }
-    }
-    Ok(())
-}
-
-/// The distinct regions of the clusters, for messages.
-fn regions_of(file: &FleetFile) -> String {
-    let set: std::collections::BTreeSet<&str> =
-        file.clusters.iter().map(|c| c.region.as_str()).collect();
-    set.into_iter().collect::<Vec<_>>().join(", ")
-}
-
-/// Checks `imports` and resolves each imported pool's policy per cluster.
-fn validate_imports(
-    file: &FleetFile,
-    c: &Checker<'_>,
-) -> Result<Vec<Option<PoolPolicy>>, ConfigError> {
-    let resolve = |policy: &BackendPolicy| PoolPolicy {
-        per_cluster: file
-            .clusters
-            .iter()
-            .map(|cl| ClusterPolicy::resolve(policy, &cl.labels))
-            .collect(),
-        dry_run: policy.dry_run,
-    };
-    let Some(imports) = &file.imports else {
-        return Ok(vec![
-            Some(resolve(&BackendPolicy::default()));
-            file.pools.len()
-        ]);
-    };
-    if imports.is_empty() {
-        return Err(c.err(
-            &[key("imports")],
-            "list at least one pool, or leave imports out to serve every pool",
-        ));
-    }
-    let mut out = vec![None; file.pools.len()];
-    for (i, imp) in imports.iter().enumerate() {
-        let at = |f: &str| vec![key("imports"), Seg::Index(i), key(f)];
-        let Some(p) = file.pools.iter().position(|p| p.name == imp.pool) else {
-            let known: Vec<&str> = file.pools.iter().map(|p| p.name.as_str()).collect();
-            return Err(c.err(
-                &at("pool"),
-                format!("no pool named `{}` (pools: {})", imp.pool, known.join(", ")),
-            ));
-        };
-        if out[p].is_some() {
-            return Err(c.err(
-                &at("pool"),
-                format!("pool `{}` is imported twice", imp.pool),
-            ));
-        }
-        let pol = &imp.policy;
-        let field = |f: &str| {
-            let mut v = at("policy");
-            v.push(key(f));
-            v
-        };
-        check_policy_values(
-            c,
-            &field(""),
-            &PolicyOverrides {
-                capacity_scaler: Some(pol.capacity_scaler),
-                max_in_flight_per_endpoint: Some(pol.max_in_flight_per_endpoint),
-                kv_cache_threshold: Some(pol.kv_cache_threshold),
-                queue_threshold: Some(pol.queue_threshold),
-            },
-        )?;
-        if !(pol.sheddable_capacity.is_finite()
-            && pol.sheddable_capacity > 0.0
-            && pol.sheddable_capacity <= 1.0)
-        {
-            return Err(c.err(
-                &field("sheddable_capacity"),
-                "must be above 0 and at most 1 (a share of the capacity)",
-            ));
-        }
-        for (s, scope) in pol.scopes.iter().enumerate() {
-            let mut sf = field("scopes");
-            sf.push(Seg::Index(s));
-            if scope.match_labels.is_empty() {
-                let mut f = sf.clone();
-                f.push(key("match_labels"));
-                return Err(c.err(
-                    &f,
-                    "name at least one label (a scope without labels would select every cluster)",
-                ));
-            }
-            check_policy_values(c, &sf, &scope.overrides)?;
-        }
-        out[p] = Some(resolve(pol));
-    }
-    Ok(out)
-}
-
-/// Range checks shared by a policy and its scopes; `at` ends in an empty key for the policy
-/// itself (replaced by the field's name).
-fn check_policy_values(
-    c: &Checker<'_>,
-    at: &[Seg],
-    o: &PolicyOverrides,
-) -> Result<(), ConfigError> {
-    let field = |name: &str| {
-        let mut v: Vec<Seg> = at
-            .iter()
-            .filter(|s| !matches!(s, Seg::Key(k) if k.is_empty()))
-            .cloned()
-            .collect();
-        v.push(key(name));
-        v
-    };
-    if let Some(v) = o.capacity_scaler
-        && !(v.is_finite() && (0.0..=1000.0).contains(&v))
-    {
-        return Err(c.err(
-            &field("capacity_scaler"),
-            "must be a number from 0 (drain) to 1000",
-        ));
-    }
-    if let Some(v) = o.kv_cache_threshold
-        && !(v.is_finite() && v > 0.0 && v <= 1.0)
-    {
-        return Err(c.err(
-            &field("kv_cache_threshold"),
-            "must be above 0 and at most 1 (a share of the KV cache)",
-        ));
-    }
-    if o.queue_threshold == Some(0) {
-        return Err(c.err(&field("queue_threshold"), "must be at least 1"));
-    }
-    if o.max_in_flight_per_endpoint == Some(0) {
-        return Err(c.err(
-            &field("max_in_flight_per_endpoint"),
-            "must be at least 1 (drain a cluster with capacity_scaler: 0)",
-        ));
-    }
-    Ok(())
-}
-
-/// `ip:port` (IPv6 as `[ip]:port`): one endpoint; `ip`: one endpoint per target port.
-fn parse_endpoint(s: &str, ports: &[u16]) -> Option<Vec<SocketAddr>> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return (a.port() != 0).then(|| vec![a]);
-    }
-    s.parse::<IpAddr>()
-        .ok()
-        .map(|ip| ports.iter().map(|&p| SocketAddr::new(ip, p)).collect())
 }
 
 #[cfg(test)]
@@ -1577,28 +425,183 @@ scheduler:
         assert!(e.contains("scheduler.weights"), "{e}");
     }
 
+    /// The field and position of an [`ConfigError::Invalid`] for `text` (read as `path`).
+    fn invalid_at(text: &str, path: &str) -> (String, Option<(usize, usize)>) {
+        match FleetConfig::parse(text, path) {
+            Err(ConfigError::Invalid {
+                field, position, ..
+            }) => (field, position.map(|p| (p.line, p.column))),
+            other => panic!("not an invalid field: {other:?}"),
+        }
+    }
+
+    /// The line and column where `needle` first appears in `text`, as a person would count.
+    fn written_at(text: &str, needle: &str) -> Option<(usize, usize)> {
+        text.lines()
+            .enumerate()
+            .find_map(|(n, l)| l.find(needle).map(|c| (n + 1, l[..c].chars().count() + 1)))
+    }
+
     #[test]
-    fn locate_handles_list_items() {
-        let text = "a:\n  - name: x\n    v: 1\n  - name: y\n    v: 2\nb: 3\n";
-        let path = [key("a"), Seg::Index(1), key("v")];
-        assert_eq!(locate(text, &path), Some(5));
+    fn errors_in_flow_style_name_the_fields_line_and_column() {
+        // A map in a map.
+        let text = format!("{GOOD}  weights: {{kv_cache: 1, queue: -1}}\n");
         assert_eq!(
-            locate(text, &[key("a"), Seg::Index(0), key("name")]),
-            Some(2)
+            invalid_at(&text, "f"),
+            ("scheduler.weights.queue".into(), Some((21, 26)))
         );
-        assert_eq!(locate(text, &[key("b")]), Some(6));
-        assert_eq!(locate(text, &[key("zz")]), None);
-        // Flow style: the enclosing line.
+        // The same map over two lines: the field's line, not the map's.
+        let text = format!("{GOOD}  weights: {{kv_cache: 1,\n    queue: -1}}\n");
         assert_eq!(
-            locate("s:\n  w: {a: -1}\n", &[key("s"), key("w"), key("a")]),
-            Some(2)
+            invalid_at(&text, "f"),
+            ("scheduler.weights.queue".into(), Some((22, 5)))
         );
-        // Only direct children match: a deeper `name` comes first here.
-        let text = "c:\n  - labels:\n      name: y\n    name: a\n";
+        assert!(err(&text).starts_with("fleet.yaml:22: scheduler.weights.queue: must be"));
+        // Maps in a list in a map in a list, on one line.
+        let text = format!(
+            "{GOOD}imports: [{{pool: llama, policy: {{scopes: [{{match_labels: {{a: b}}, capacity_scaler: 5000}}]}}}}]\n"
+        );
         assert_eq!(
-            locate(text, &[key("c"), Seg::Index(0), key("name")]),
-            Some(4)
+            invalid_at(&text, "f"),
+            (
+                "imports[0].policy.scopes[0].capacity_scaler".into(),
+                written_at(&text, "capacity_scaler")
+            )
         );
+        // A list item, and a key of a flow map inside block style, over two lines.
+        let text = GOOD.replace("west: [10.1.0.9]", "{west: [10.1.0.9,\n        10.1.0.9]}");
+        let text = text.replace("    endpoints:\n      {west", "    endpoints: {west");
+        assert_eq!(
+            invalid_at(&text, "f"),
+            (
+                "pools[1].endpoints.west".into(),
+                written_at(&text, "{west:").map(|(l, c)| (l, c + 1))
+            )
+        );
+        let text = format!(
+            "{GOOD}rewrites: [{{model: chat, targets: [{{model: m1}}, {{model: m2, weight: 2000000}}]}}]\n"
+        );
+        assert_eq!(
+            invalid_at(&text, "f"),
+            (
+                "rewrites[0].targets[1].weight".into(),
+                written_at(&text, "weight")
+            )
+        );
+    }
+
+    /// The documented example, `examples/fleet.yaml`, with its manifests.
+    fn example() -> (String, String) {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/fleet.yaml");
+        (std::fs::read_to_string(path).unwrap(), path.to_string())
+    }
+
+    #[test]
+    fn the_example_loads_and_its_errors_have_positions() {
+        let (text, path) = example();
+        let cfg = FleetConfig::load(Path::new(&path)).unwrap();
+        assert_eq!(cfg.endpoints.len(), 6);
+        for (from, to, field, needle) in [
+            // Flow style: a scope's override, a pool's weights, an endpoint list.
+            (
+                "capacity_scaler: 0.5}",
+                "capacity_scaler: 5000}",
+                "imports[0].policy.scopes[0].capacity_scaler",
+                "capacity_scaler: 5000",
+            ),
+            (
+                "{prefix: 0, kv_cache: 2}",
+                "{prefix: 0, kv_cache: -2}",
+                "pools[1].weights.kv_cache",
+                "kv_cache: -2",
+            ),
+            (
+                "us-west: [\"10.1.1.10:8000\"",
+                "us-west: [\"10.1.1.10:0\"",
+                "pools[0].endpoints.us-west",
+                "us-west: [\"10.1.1.10:0",
+            ),
+            (
+                "{model: chat-lora, weight: 10}",
+                "{model: chat-lora, weight: 10000000}",
+                "rewrites[0].targets[1].weight",
+                "weight: 10000000",
+            ),
+            // Block style.
+            (
+                "stale_after_ms: 500 ",
+                "stale_after_ms: 10  ",
+                "poller.stale_after_ms",
+                "stale_after_ms: 10",
+            ),
+            (
+                "      queue_threshold: 5 ",
+                "      queue_threshold: 0 ",
+                "imports[0].policy.queue_threshold",
+                "queue_threshold: 0",
+            ),
+        ] {
+            assert!(text.contains(from), "{from}");
+            let bad = text.replacen(from, to, 1);
+            assert_eq!(
+                invalid_at(&bad, &path),
+                (field.to_string(), written_at(&bad, needle)),
+                "{from} -> {to}"
+            );
+        }
+    }
+
+    /// The reference at the top of this file is a fleet file that loads.
+    #[test]
+    fn the_reference_in_the_crate_docs_loads() {
+        let yaml: String = include_str!("lib.rs")
+            .lines()
+            .skip_while(|l| *l != "//! ```yaml")
+            .skip(1)
+            .take_while(|l| *l != "//! ```")
+            .map(|l| format!("{}\n", l.strip_prefix("//! ").unwrap_or("")))
+            .collect();
+        assert!(yaml.contains("flow_control:"), "{yaml}");
+        let cfg = FleetConfig::parse(&yaml, "reference").unwrap();
+        assert_eq!(cfg.file.pools[0].lora_adapters, ["tool-lora"]);
+    }
+
+    #[test]
+    fn keys_given_twice_are_refused() {
+        // A field twice (serde's own check), block and flow.
+        let e = err(&GOOD.replace("  fallbacks: 1\n", "  fallbacks: 1\n  fallbacks: 2\n"));
+        assert!(
+            e.contains("scheduler: duplicate field `fallbacks`") && e.contains("line 20"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{GOOD}poller: {{interval_ms: 10, interval_ms: 20}}\n"
+        ));
+        assert!(
+            e.contains("poller: duplicate field `interval_ms`") && e.contains("line 21"),
+            "{e}"
+        );
+        // A map's key twice: the first list of endpoints would be lost without a word.
+        let e = err(&GOOD.replace(
+            "      west:\n        - 10.1.0.1\n",
+            "      west:\n        - 10.1.0.1\n      east: [10.0.0.9]\n",
+        ));
+        assert!(
+            e.contains("pools[0].endpoints: duplicate key `east`") && e.contains("line 10"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "  - name: west\n",
+            "  - name: west\n    labels: {gpu: l4, gpu: a100}\n",
+        ));
+        assert!(
+            e.contains("clusters[1].labels: duplicate key `gpu`") && e.contains("line 5"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{GOOD}imports:\n  - pool: llama\n    policy:\n      scopes:\n        - {{match_labels: {{a: b, a: c}}, capacity_scaler: 0}}\n"
+        ));
+        assert!(e.contains("match_labels: duplicate key `a`"), "{e}");
     }
 
     #[test]
@@ -1623,9 +626,9 @@ scheduler:
         assert_eq!(cfg.endpoints.len(), 3);
         assert!(cfg.policies[1].is_none());
         let p = cfg.policies[0].as_ref().unwrap();
-        assert_eq!(p.per_cluster[0].capacity_scaler, 1.0);
-        assert_eq!(p.per_cluster[1].capacity_scaler, 0.5);
-        assert_eq!(p.per_cluster[1].max_in_flight_per_endpoint, 8);
+        assert_eq!(p.per_cluster[0].limits.capacity_scaler, 1.0);
+        assert_eq!(p.per_cluster[1].limits.capacity_scaler, 0.5);
+        assert_eq!(p.per_cluster[1].limits.max_in_flight_per_endpoint, 8);
         assert_eq!(p.per_cluster[1].balancing, BalancingMode::InFlight);
         assert_eq!(cfg.file.clusters[1].rtt_ms, Some(40.0));
         // Without imports, every pool is served with the default policy.
@@ -1707,6 +710,76 @@ scheduler:
     }
 
     #[test]
+    fn serde_errors_in_policies_and_scopes_name_the_field_and_its_line() {
+        let with = |policy: &str| format!("{GOOD}imports:\n  - pool: llama\n    policy:\n{policy}");
+        // A policy's and a scope's misspelt field: their own line, and what they may be.
+        let e = err(&with("      dry_run: true\n      capacity_scalar: 0.5\n"));
+        assert!(
+            e.contains(
+                "imports[0].policy: unknown field `capacity_scalar`, expected one of `balancing`"
+            ) && e.contains("line 25 column 7"),
+            "{e}"
+        );
+        let e = err(&with(
+            "      scopes:\n        - match_labels: {a: b}\n          capacity_scalar: 0\n",
+        ));
+        assert!(
+            e.contains("imports[0].policy.scopes[0]: unknown field `capacity_scalar`, expected one of `match_labels`, `capacity_scaler`")
+                && e.contains("line 26 column 11"),
+            "{e}"
+        );
+        // Wrong types: the field, where its value is.
+        let e = err(&with("      kv_cache_threshold: high\n"));
+        assert!(
+            e.contains("imports[0].policy.kv_cache_threshold: invalid type: string \"high\", expected f64 at line 24 column 27"),
+            "{e}"
+        );
+        let e = err(&with(
+            "      scopes:\n        - {match_labels: {a: b}, queue_threshold: 2.5}\n",
+        ));
+        assert!(
+            e.contains("imports[0].policy.scopes[0].queue_threshold: invalid type: floating point `2.5`, expected u32 at line 25 column 51"),
+            "{e}"
+        );
+        // Given twice, and missing.
+        let e = err(&with(
+            "      queue_threshold: 1\n      queue_threshold: 2\n",
+        ));
+        assert!(
+            e.contains("imports[0].policy: duplicate field `queue_threshold`"),
+            "{e}"
+        );
+        let e = err(&with(
+            "      scopes: [{capacity_scaler: 0, capacity_scaler: 1}]\n",
+        ));
+        assert!(
+            e.contains("scopes[0]: duplicate field `capacity_scaler`"),
+            "{e}"
+        );
+        let e = err(&with("      scopes: [{capacity_scaler: 0}]\n"));
+        assert!(e.contains("scopes[0]: missing field `match_labels`"), "{e}");
+        // A scope overrides what it names and nothing else.
+        let cfg = FleetConfig::parse(
+            &format!(
+                "{}      queue_threshold: 9\n      scopes: [{{match_labels: {{gpu: l4}}, capacity_scaler: 0.5}}]\n",
+                with("").replace("  - name: west\n", "  - name: west\n    labels: {gpu: l4}\n")
+            ),
+            "f",
+        )
+        .unwrap();
+        let p = cfg.policies[0].as_ref().unwrap();
+        assert_eq!(
+            p.per_cluster[1].limits,
+            Limits {
+                capacity_scaler: 0.5,
+                queue_threshold: 9,
+                ..Limits::default()
+            }
+        );
+        assert_eq!(p.per_cluster[0].limits.capacity_scaler, 1.0);
+    }
+
+    #[test]
     fn manifests_give_pools_their_ports_and_objectives_their_pools() {
         let dir = std::env::temp_dir().join(format!("fleetpick-manifests-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("k8s")).unwrap();
@@ -1771,6 +844,7 @@ scheduler:
             e.contains("InferenceObjective `chat`") && e.contains("pool `llama`"),
             "{e}"
         );
+        assert!(e.contains("k8s/pools.yaml:6, objective 1)"), "{e}");
         let e = FleetConfig::parse(
             &fleet("  - {name: nope, models: [m], endpoints: {a: [10.0.0.1]}}\n"),
             &path,

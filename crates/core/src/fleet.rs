@@ -18,7 +18,9 @@ use crate::profile::{EngineKind, LoadSample, LoraInfo};
 use crate::queue::{FlowQueue, QueueLimits};
 use crate::rewrite::Rewrites;
 use crate::session::Sessions;
-use fleetpick_config::{ClusterPolicy, FleetConfig, PollerSettings, PoolPolicy, Weights};
+use fleetpick_config::{
+    ClusterPolicy, ClusterSpec, FleetConfig, PollerSettings, PoolPolicy, Weights,
+};
 
 /// Milliseconds on a monotonic clock shared by the poller and the request path.
 #[derive(Debug, Clone, Copy)]
@@ -271,6 +273,28 @@ impl Cluster {
     pub fn health(&self) -> ClusterHealth {
         ClusterHealth::from_u8(self.health.load(Ordering::Acquire))
     }
+
+    /// The cluster of `spec`, keeping what `old` (the same cluster in the previous generation)
+    /// learned: its health, since when, and its measured round trip.
+    fn carried(spec: &ClusterSpec, local: bool, old: Option<&Cluster>) -> Cluster {
+        Cluster {
+            name: spec.name.clone(),
+            region: spec.region.clone(),
+            zone: spec.zone.clone(),
+            labels: spec.labels.clone(),
+            rtt_ms: spec.rtt_ms,
+            local,
+            measured_rtt_us: AtomicU32::new(
+                old.map_or(0, |c| c.measured_rtt_us.load(Ordering::Relaxed)),
+            ),
+            health: AtomicU8::new(old.map_or(ClusterHealth::Starting as u8, |c| {
+                c.health.load(Ordering::Acquire)
+            })),
+            health_since_ms: AtomicU64::new(
+                old.map_or(0, |c| c.health_since_ms.load(Ordering::Relaxed)),
+            ),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -306,7 +330,7 @@ impl Policies {
     pub fn enforced(&self, pool: usize, cluster: usize) -> ClusterPolicy {
         match self.pools.get(pool) {
             Some(Some(p)) if !p.dry_run => p.per_cluster[cluster],
-            _ => default_cluster_policy(),
+            _ => ClusterPolicy::default(),
         }
     }
 
@@ -317,19 +341,6 @@ impl Policies {
             Some(Some(p)) if p.dry_run => Some(p.per_cluster[cluster]),
             _ => None,
         }
-    }
-}
-
-/// The default backend policy, as it applies to any cluster.
-pub fn default_cluster_policy() -> ClusterPolicy {
-    let d = fleetpick_config::BackendPolicy::default();
-    ClusterPolicy {
-        balancing: d.balancing,
-        kv_cache_threshold: d.kv_cache_threshold,
-        queue_threshold: d.queue_threshold,
-        max_in_flight_per_endpoint: d.max_in_flight_per_endpoint,
-        capacity_scaler: d.capacity_scaler,
-        sheddable_capacity: d.sheddable_capacity,
     }
 }
 
@@ -392,177 +403,28 @@ impl Fleet {
     }
 
     fn build(cfg: &FleetConfig, prev: Option<&Fleet>) -> Fleet {
-        let region = cfg.file.picker.region.clone();
         let file = &cfg.file;
-        // The endpoints of the previous generation, by identity.
-        let before: HashMap<(SocketAddr, &str), &Arc<Endpoint>> = prev
-            .map(|f| {
-                f.endpoints
-                    .iter()
-                    .map(|e| ((e.addr, f.pools[e.pool].name.as_str()), e))
-                    .collect()
-            })
-            .unwrap_or_default();
-        // Old endpoint index -> new one, for the structures indexed by endpoint.
-        let mut moved: Vec<Option<usize>> = vec![None; prev.map_or(0, |f| f.endpoints.len())];
-        let returning = |addr: SocketAddr, pool: &str| {
-            prev.and_then(|f| f.departed.get(&(addr, pool.to_string())))
-                .and_then(std::sync::Weak::upgrade)
-        };
-        let endpoints: Vec<Arc<Endpoint>> = cfg
-            .endpoints
-            .iter()
-            .enumerate()
-            .map(|(index, e)| {
-                let pool = &file.pools[e.pool];
-                let state = match before.get(&(e.addr, pool.name.as_str())) {
-                    Some(old) => {
-                        moved[old.index] = Some(index);
-                        old.state.clone()
-                    }
-                    None => returning(e.addr, &pool.name).unwrap_or_default(),
-                };
-                Arc::new(Endpoint {
-                    index,
-                    addr: e.addr,
-                    addr_text: e.addr.to_string(),
-                    cluster: e.cluster,
-                    pool: e.pool,
-                    engine: pool.engine,
-                    metrics_url: format!("http://{}{}", e.addr, pool.metrics_path),
-                    state,
-                })
-            })
-            .collect();
-        let old_pool = |name: &str| prev.and_then(|f| f.pools.iter().find(|p| p.name == name));
-        let limits = QueueLimits {
-            max_requests_per_band: file.flow_control.max_requests_per_band,
-            max_bytes_per_band: file.flow_control.max_bytes_per_band,
-            ttl: std::time::Duration::from_millis(file.flow_control.ttl_ms),
-        };
-        let pools = file
-            .pools
-            .iter()
-            .enumerate()
-            .map(|(p, spec)| {
-                let old = old_pool(&spec.name);
-                Pool {
-                    name: spec.name.clone(),
-                    endpoints: (0..endpoints.len())
-                        .filter(|&i| endpoints[i].pool == p)
-                        .collect(),
-                    weights: spec.weights,
-                    sessions: spec.session_affinity.as_ref().map(|s| {
-                        match old.and_then(|o| o.sessions.as_ref()) {
-                            Some(o) => o.carried(s, &moved),
-                            None => Sessions::new(s),
-                        }
-                    }),
-                    // The same queue, with the requests waiting in it, under the new bounds.
-                    queue: file.flow_control.enabled.then(|| {
-                        match old.and_then(|o| o.queue.as_ref()) {
-                            Some(q) => {
-                                q.set_limits(limits);
-                                q.clone()
-                            }
-                            None => FlowQueue::new(limits),
-                        }
-                    }),
-                }
-            })
-            .collect();
-        let by_token = endpoints
-            .iter()
-            .map(|e| (crate::session::token_of(&e.addr_text), e.index))
-            .collect();
-        let mut model_pool = HashMap::new();
-        for (p, spec) in file.pools.iter().enumerate() {
-            // A pool that is not imported serves none of its models.
-            if cfg.policies[p].is_none() {
-                continue;
-            }
-            for m in &spec.models {
-                model_pool.insert(m.clone(), (p, false));
-            }
-            for m in &spec.lora_adapters {
-                model_pool.insert(m.clone(), (p, true));
-            }
-        }
-        let old_cluster =
-            |name: &str| prev.and_then(|f| f.clusters.iter().find(|c| c.name == name));
-        let mut departed = HashMap::new();
-        if let Some(f) = prev {
-            let here: std::collections::HashSet<(SocketAddr, &str)> = endpoints
-                .iter()
-                .map(|e| (e.addr, file.pools[e.pool].name.as_str()))
-                .collect();
-            let left = f
-                .endpoints
-                .iter()
-                .filter(|e| moved[e.index].is_none())
-                .map(|e| {
-                    (
-                        (e.addr, f.pools[e.pool].name.clone()),
-                        Arc::downgrade(&e.state),
-                    )
-                });
-            for (key, state) in f.departed.clone().into_iter().chain(left) {
-                if state.strong_count() > 0 && !here.contains(&(key.0, key.1.as_str())) {
-                    departed.insert(key, state);
-                }
-            }
-        }
+        let region = file.picker.region.clone();
+        let (endpoints, moved) = carried_endpoints(cfg, prev);
         Fleet {
             generation: prev.map_or(0, |f| f.generation + 1),
             clusters: file
                 .clusters
                 .iter()
                 .map(|c| {
-                    let old = old_cluster(&c.name);
-                    let carried =
-                        |read: fn(&Cluster) -> u64, default: u64| old.map_or(default, read);
-                    Cluster {
-                        name: c.name.clone(),
-                        region: c.region.clone(),
-                        zone: c.zone.clone(),
-                        labels: c.labels.clone(),
-                        rtt_ms: c.rtt_ms,
-                        local: region.as_ref().is_none_or(|r| *r == c.region),
-                        measured_rtt_us: AtomicU32::new(carried(
-                            |c| u64::from(c.measured_rtt_us.load(Ordering::Relaxed)),
-                            0,
-                        ) as u32),
-                        health: AtomicU8::new(carried(
-                            |c| u64::from(c.health.load(Ordering::Acquire)),
-                            ClusterHealth::Starting as u64,
-                        ) as u8),
-                        health_since_ms: AtomicU64::new(carried(
-                            |c| c.health_since_ms.load(Ordering::Relaxed),
-                            0,
-                        )),
-                    }
+                    let old = prev.and_then(|f| f.clusters.iter().find(|o| o.name == c.name));
+                    let local = region.as_ref().is_none_or(|r| *r == c.region);
+                    Cluster::carried(c, local, old)
                 })
                 .collect(),
-            pools,
-            endpoints,
-            model_pool,
+            pools: pools_of(cfg, prev, &endpoints, &moved),
+            model_pool: models_of(cfg),
             rewrites: Rewrites::new(&file.rewrites),
-            objectives: cfg
-                .objectives
+            objectives: objectives_of(cfg),
+            by_token: endpoints
                 .iter()
-                .filter_map(|o| {
-                    let pool = file.pools.iter().position(|p| p.name == o.pool)?;
-                    Some((
-                        o.name.clone(),
-                        Objective {
-                            name: o.name.clone(),
-                            pool,
-                            priority: o.priority,
-                        },
-                    ))
-                })
+                .map(|e| (crate::session::token_of(&e.addr_text), e.index))
                 .collect(),
-            by_token,
             objective_of_model: file
                 .objectives
                 .iter()
@@ -581,8 +443,42 @@ impl Fleet {
                 Some(f) => f.prefix.carried(&moved, cfg.endpoints.len()),
                 None => crate::prefix::PrefixIndex::new(cfg.endpoints.len()),
             },
-            departed,
+            departed: prev.map_or_else(HashMap::new, |f| f.departed_after(cfg, &endpoints, &moved)),
+            endpoints,
         }
+    }
+
+    /// The state of this generation's endpoints that its successor (`cfg`, whose endpoints are
+    /// `next`) does not have, while requests still hold it; `moved` maps this generation's
+    /// endpoint indices to the successor's.
+    fn departed_after(
+        &self,
+        cfg: &FleetConfig,
+        next: &[Arc<Endpoint>],
+        moved: &[Option<usize>],
+    ) -> HashMap<(SocketAddr, String), std::sync::Weak<EndpointState>> {
+        let here: std::collections::HashSet<(SocketAddr, &str)> = next
+            .iter()
+            .map(|e| (e.addr, cfg.file.pools[e.pool].name.as_str()))
+            .collect();
+        let left = self
+            .endpoints
+            .iter()
+            .filter(|e| moved[e.index].is_none())
+            .map(|e| {
+                (
+                    (e.addr, self.pools[e.pool].name.clone()),
+                    Arc::downgrade(&e.state),
+                )
+            });
+        self.departed
+            .clone()
+            .into_iter()
+            .chain(left)
+            .filter(|((addr, pool), state)| {
+                state.strong_count() > 0 && !here.contains(&(*addr, pool.as_str()))
+            })
+            .collect()
     }
 
     /// Ends what this generation holds that its successor does not take over: requests waiting
@@ -709,6 +605,135 @@ impl Fleet {
             .filter(|e| e.load.fresh(now, self.poller.stale_after_ms).is_some())
             .count()
     }
+}
+
+/// The endpoints of `cfg`, each with the live state it had in `prev` (same address, same
+/// pool), or had before it left while requests still held it, or a new one; and, by `prev`'s
+/// endpoint index, its index now (for the structures indexed by endpoint).
+fn carried_endpoints(
+    cfg: &FleetConfig,
+    prev: Option<&Fleet>,
+) -> (Vec<Arc<Endpoint>>, Vec<Option<usize>>) {
+    let before: HashMap<(SocketAddr, &str), &Arc<Endpoint>> = prev
+        .map(|f| {
+            f.endpoints
+                .iter()
+                .map(|e| ((e.addr, f.pools[e.pool].name.as_str()), e))
+                .collect()
+        })
+        .unwrap_or_default();
+    let returning = |addr: SocketAddr, pool: &str| {
+        prev.and_then(|f| f.departed.get(&(addr, pool.to_string())))
+            .and_then(std::sync::Weak::upgrade)
+    };
+    let mut moved = vec![None; prev.map_or(0, |f| f.endpoints.len())];
+    let endpoints = cfg
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(index, e)| {
+            let pool = &cfg.file.pools[e.pool];
+            let state = match before.get(&(e.addr, pool.name.as_str())) {
+                Some(old) => {
+                    moved[old.index] = Some(index);
+                    old.state.clone()
+                }
+                None => returning(e.addr, &pool.name).unwrap_or_default(),
+            };
+            Arc::new(Endpoint {
+                index,
+                addr: e.addr,
+                addr_text: e.addr.to_string(),
+                cluster: e.cluster,
+                pool: e.pool,
+                engine: pool.engine,
+                metrics_url: format!("http://{}{}", e.addr, pool.metrics_path),
+                state,
+            })
+        })
+        .collect();
+    (endpoints, moved)
+}
+
+/// The pools of `cfg` over `endpoints`, each keeping what it had in `prev` (same name): its
+/// header sessions (for the endpoints that stay, by `moved`) and its flow-control queue, with
+/// the requests waiting in it, under the new bounds.
+fn pools_of(
+    cfg: &FleetConfig,
+    prev: Option<&Fleet>,
+    endpoints: &[Arc<Endpoint>],
+    moved: &[Option<usize>],
+) -> Vec<Pool> {
+    let fc = &cfg.file.flow_control;
+    let limits = QueueLimits {
+        max_requests_per_band: fc.max_requests_per_band,
+        max_bytes_per_band: fc.max_bytes_per_band,
+        ttl: std::time::Duration::from_millis(fc.ttl_ms),
+    };
+    let pools = cfg.file.pools.iter().enumerate();
+    pools
+        .map(|(p, spec)| {
+            let old = prev.and_then(|f| f.pools.iter().find(|o| o.name == spec.name));
+            Pool {
+                name: spec.name.clone(),
+                endpoints: endpoints
+                    .iter()
+                    .filter(|e| e.pool == p)
+                    .map(|e| e.index)
+                    .collect(),
+                weights: spec.weights,
+                sessions: spec.session_affinity.as_ref().map(|s| {
+                    match old.and_then(|o| o.sessions.as_ref()) {
+                        Some(o) => o.carried(s, moved),
+                        None => Sessions::new(s),
+                    }
+                }),
+                queue: fc
+                    .enabled
+                    .then(|| match old.and_then(|o| o.queue.as_ref()) {
+                        Some(q) => {
+                            q.set_limits(limits);
+                            q.clone()
+                        }
+                        None => FlowQueue::new(limits),
+                    }),
+            }
+        })
+        .collect()
+}
+
+/// Each served model and adapter name: its pool, and whether it is an adapter. A pool that is
+/// not imported serves none of its models.
+fn models_of(cfg: &FleetConfig) -> HashMap<String, (usize, bool)> {
+    let mut models = HashMap::new();
+    for (p, spec) in cfg.file.pools.iter().enumerate() {
+        if cfg.policies[p].is_none() {
+            continue;
+        }
+        for m in &spec.models {
+            models.insert(m.clone(), (p, false));
+        }
+        for m in &spec.lora_adapters {
+            models.insert(m.clone(), (p, true));
+        }
+    }
+    models
+}
+
+/// The objectives of `cfg` by name, with their pools' indices.
+fn objectives_of(cfg: &FleetConfig) -> HashMap<String, Objective> {
+    cfg.objectives
+        .iter()
+        .filter_map(|o| {
+            let pool = cfg.file.pools.iter().position(|p| p.name == o.pool)?;
+            let objective = Objective {
+                name: o.name.clone(),
+                pool,
+                priority: o.priority,
+            };
+            Some((o.name.clone(), objective))
+        })
+        .collect()
 }
 
 /// One request in flight at an endpoint, counted as awaiting its first token until

@@ -43,7 +43,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
-use crate::fleet::{Fleet, Load};
+use crate::fleet::{Cluster, Endpoint, Fleet, Load};
 use crate::profile::LoraInfo;
 use fleetpick_config::{BalancingMode, ClusterPolicy, Weights};
 
@@ -168,6 +168,16 @@ pub struct ClusterTally {
     pub in_tier: u32,
 }
 
+impl ClusterTally {
+    fn of(c: &Cluster) -> ClusterTally {
+        ClusterTally {
+            cluster: c.name.clone(),
+            health: c.health().as_str(),
+            ..ClusterTally::default()
+        }
+    }
+}
+
 impl fmt::Display for Explain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, c) in self.clusters.iter().enumerate() {
@@ -216,9 +226,10 @@ impl Class {
     }
 }
 
-/// A cluster policy made ready for classifying many endpoints: divisions done once.
+/// A cluster policy made ready for classifying many endpoints: its limits scaled once. (Not
+/// the config's `Limits`, which this is made from.)
 #[derive(Debug, Clone, Copy)]
-struct Limits {
+struct Capacity {
     drained: bool,
     /// `in-flight` mode's cap.
     cap: Option<u32>,
@@ -228,14 +239,14 @@ struct Limits {
     queue_limit: f64,
 }
 
-impl Limits {
-    fn new(p: &ClusterPolicy) -> Limits {
-        let scaler = p.capacity_scaler;
-        Limits {
+impl Capacity {
+    fn new(p: &ClusterPolicy) -> Capacity {
+        let scaler = p.limits.capacity_scaler;
+        Capacity {
             drained: scaler <= 0.0,
             cap: (p.balancing == BalancingMode::InFlight).then(|| in_flight_cap(p)),
-            kv_limit: p.kv_cache_threshold * scaler,
-            queue_limit: f64::from(p.queue_threshold) * scaler,
+            kv_limit: p.limits.kv_cache_threshold * scaler,
+            queue_limit: f64::from(p.limits.queue_threshold) * scaler,
         }
     }
 
@@ -263,7 +274,7 @@ impl Limits {
     }
 }
 
-impl Limits {
+impl Capacity {
     /// How many more requests the endpoint takes before it has no headroom: the room under
     /// the in-flight cap, or under the queue threshold (at least 1 while it has headroom).
     fn free(&self, load: &Load, in_flight: u32, awaiting: u32) -> u32 {
@@ -295,8 +306,8 @@ pub fn free_slots_per_cluster(fleet: &Fleet, pool: usize) -> Vec<u32> {
     let now = fleet.clock.now_ms();
     let stale_after = fleet.poller.stale_after_ms;
     // One policy per cluster for this pool, worked out once.
-    let limits: Vec<Limits> = (0..fleet.clusters.len())
-        .map(|c| Limits::new(&fleet.policies.enforced(pool, c)))
+    let capacity: Vec<Capacity> = (0..fleet.clusters.len())
+        .map(|c| Capacity::new(&fleet.policies.enforced(pool, c)))
         .collect();
     let mut free = vec![0u32; fleet.clusters.len()];
     for &index in &fleet.pools[pool].endpoints {
@@ -307,7 +318,7 @@ pub fn free_slots_per_cluster(fleet: &Fleet, pool: usize) -> Vec<u32> {
         let Some(load) = ep.load.fresh(now, stale_after) else {
             continue;
         };
-        free[ep.cluster] = free[ep.cluster].saturating_add(limits[ep.cluster].free(
+        free[ep.cluster] = free[ep.cluster].saturating_add(capacity[ep.cluster].free(
             &load,
             ep.in_flight.load(Ordering::Relaxed),
             ep.awaiting_first_token.load(Ordering::Relaxed),
@@ -319,16 +330,35 @@ pub fn free_slots_per_cluster(fleet: &Fleet, pool: usize) -> Vec<u32> {
 /// What every endpoint of one (pool, cluster) shares in a pick, worked out once.
 #[derive(Debug, Clone, Copy)]
 struct ClusterView {
-    limits: Limits,
-    dry: Option<Limits>,
+    capacity: Capacity,
+    dry: Option<Capacity>,
     /// The `rtt` scorer's value for the cluster.
     rtt_score: f64,
+}
+
+impl ClusterView {
+    /// The view of `ep`'s pool and cluster, for a request that is `sheddable` or not.
+    fn of(fleet: &Fleet, ep: &Endpoint, sheddable: bool) -> ClusterView {
+        let policies = &fleet.policies;
+        let mut enforced = policies.enforced(ep.pool, ep.cluster);
+        if sheddable {
+            enforced.limits.capacity_scaler *= enforced.sheddable_capacity;
+        }
+        ClusterView {
+            capacity: Capacity::new(&enforced),
+            dry: policies
+                .dry_run(ep.pool, ep.cluster)
+                .map(|p| Capacity::new(&p)),
+            rtt_score: 1.0
+                - (fleet.cluster_rtt_ms(ep.cluster) * (1.0 / RTT_SCALE_MS)).clamp(0.0, 1.0),
+        }
+    }
 }
 
 /// The in-flight cap of an endpoint under `p`: the configured one scaled, at least 1 while the
 /// scaler is above 0.
 pub fn in_flight_cap(p: &ClusterPolicy) -> u32 {
-    let cap = (f64::from(p.max_in_flight_per_endpoint) * p.capacity_scaler).floor();
+    let cap = (f64::from(p.limits.max_in_flight_per_endpoint) * p.limits.capacity_scaler).floor();
     if cap >= f64::from(u32::MAX) {
         u32::MAX
     } else {
@@ -354,6 +384,29 @@ struct Candidate {
     /// Leading prompt blocks this endpoint holds, by the prefix index.
     matched: u32,
     score: f64,
+}
+
+impl Candidate {
+    /// `ep` with its fresh `load`, classified under its cluster's `view`.
+    fn of(ep: &Endpoint, local: bool, load: &Load, view: &ClusterView) -> Candidate {
+        let in_flight = ep.in_flight.load(Ordering::Relaxed);
+        let awaiting = ep.awaiting_first_token.load(Ordering::Relaxed);
+        Candidate {
+            index: ep.index,
+            cluster: ep.cluster,
+            local,
+            kv: load.kv_usage,
+            waiting: load.waiting,
+            in_flight,
+            awaiting,
+            rtt_score: view.rtt_score,
+            class: view.capacity.classify(load, in_flight, awaiting),
+            dry: view.dry.map(|d| d.classify(load, in_flight, awaiting)),
+            in_tier: false,
+            matched: 0,
+            score: 0.0,
+        }
+    }
 }
 
 /// Scores differing by less than this are a tie.
@@ -391,145 +444,190 @@ pub fn pick(
     fallbacks: usize,
     rng: &mut fastrand::Rng,
 ) -> Result<Pick, PickError> {
-    let (members, weights): (Box<dyn Iterator<Item = usize>>, &Weights) = match req.model {
+    let (members, weights) = members_of(fleet, req.model, weights)?;
+    let mut found = gather(fleet, req, members);
+    let tier = found.tier()?;
+    let cands = &mut found.cands;
+    for c in cands.iter_mut() {
+        c.in_tier = in_tier(tier, c.local, c.class);
+    }
+    score_candidates(fleet, req, weights, cands);
+    let winner = draw_winner(cands, rng);
+    let dry_run = winner
+        .dry
+        .map(|class| dry_run_verdict(&winner, class, cands));
+    // The winner's cap, as its cluster's view worked it out for the classes above.
+    let cap = found
+        .view(&fleet.endpoints[winner.index])
+        .and_then(|v| v.capacity.cap)
+        .unwrap_or(u32::MAX);
+    let mut fallback_list = Vec::new();
+    if fallbacks > 0 && !found.cands.is_empty() {
+        fallback_list = order_fallbacks(fleet, &mut found.cands, &winner, fallbacks, rng);
+    }
+    let explain = req
+        .explain
+        .then(|| explain(fleet, found.tally, &found.cands, &winner));
+    Ok(Pick {
+        primary: winner.index,
+        fallbacks: fallback_list,
+        tier,
+        dry_run,
+        cap,
+        explain,
+    })
+}
+
+/// The endpoints a request for `model` may go to (its pool's; every endpoint for a request
+/// naming none), and the weights to score them with (the pool's own, else `weights`).
+fn members_of<'f>(
+    fleet: &'f Fleet,
+    model: Option<&str>,
+    weights: &'f Weights,
+) -> Result<(Box<dyn Iterator<Item = usize> + 'f>, &'f Weights), PickError> {
+    match model {
         Some(model) => {
             let p = fleet
                 .pool_for(model)
                 .ok_or_else(|| PickError::UnknownModel(model.to_string()))?;
-            (
+            Ok((
                 Box::new(fleet.pools[p].endpoints.iter().copied()),
                 fleet.weights_for(Some(p), weights),
-            )
+            ))
         }
-        None => (Box::new(0..fleet.endpoints.len()), weights),
-    };
-    let adapter = req
-        .model
-        .filter(|m| weights.lora > 0.0 && fleet.is_adapter(m));
-    let now = fleet.clock.now_ms();
-    let stale_after = fleet.poller.stale_after_ms;
-    let policies = &fleet.policies;
-    let mut tally: Vec<ClusterTally> = if req.explain {
-        fleet
-            .clusters
-            .iter()
-            .map(|c| ClusterTally {
-                cluster: c.name.clone(),
-                health: c.health().as_str(),
-                ..ClusterTally::default()
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let mut count = |cluster: usize, f: fn(&mut ClusterTally) -> &mut u32| {
-        if let Some(t) = tally.get_mut(cluster) {
+        None => Ok((Box::new(0..fleet.endpoints.len()), weights)),
+    }
+}
+
+/// The cluster tier's pass over a request's endpoints.
+struct Gathered {
+    /// Fresh endpoints in the subset, in clusters that serve, classified under their policy.
+    cands: Vec<Candidate>,
+    /// Fresh endpoints of clusters that are down or recovering: served only when nothing else
+    /// is.
+    held_back: Vec<Candidate>,
+    /// Some endpoint was in the proxy's subset hint (or there was none).
+    in_subset: bool,
+    /// Some candidate is not allowed under its policy.
+    excluded: bool,
+    /// Per cluster, for [`Explain`] (empty when not explaining).
+    tally: Vec<ClusterTally>,
+    /// Per (pool, cluster), worked out on first use.
+    views: Vec<Option<ClusterView>>,
+    n_clusters: usize,
+}
+
+impl Gathered {
+    fn count(&mut self, cluster: usize, f: fn(&mut ClusterTally) -> &mut u32) {
+        if let Some(t) = self.tally.get_mut(cluster) {
             *f(t) += 1;
         }
-    };
-    // Per (pool, cluster), filled on first use.
+    }
+
+    /// The view of an endpoint's (pool, cluster), if the pass worked it out.
+    fn view(&self, ep: &Endpoint) -> Option<&ClusterView> {
+        self.views[ep.pool * self.n_clusters + ep.cluster].as_ref()
+    }
+
+    /// The tier the request is served from, the candidates narrowed to those allowed: when no
+    /// serving cluster has any, recovering or down clusters' fresh endpoints (better than an
+    /// error); when none of those either, why nothing could serve.
+    fn tier(&mut self) -> Result<Tier, PickError> {
+        let tier = match tier_of(self.cands.iter().map(|c| (c.local, c.class))) {
+            Some(t) => t,
+            None => {
+                self.held_back.retain(|c| c.class.allowed());
+                if self.held_back.is_empty() {
+                    return Err(self.why_none());
+                }
+                self.cands = std::mem::take(&mut self.held_back);
+                Tier::LastResort
+            }
+        };
+        // (The last resort's candidates are allowed ones already.)
+        if self.excluded {
+            self.cands.retain(|c| c.class.allowed());
+        }
+        Ok(tier)
+    }
+
+    fn why_none(&self) -> PickError {
+        if !self.in_subset {
+            PickError::NoEndpoint("none of the pool's endpoints is in the proxy's subset hint")
+        } else if self.cands.iter().any(|c| c.class == Class::AtCapacity) {
+            PickError::AtCapacity
+        } else if self.cands.iter().any(|c| c.class == Class::Drained) {
+            PickError::NoEndpoint("every fresh endpoint is drained (capacity_scaler 0)")
+        } else {
+            PickError::NoEndpoint("every endpoint is down or its metrics are stale")
+        }
+    }
+}
+
+/// The cluster tier: each of `members` filtered (subset, freshness, cluster health) and
+/// classified under its pool's policy in its cluster.
+fn gather(fleet: &Fleet, req: &PickRequest<'_>, members: impl Iterator<Item = usize>) -> Gathered {
+    let now = fleet.clock.now_ms();
+    let stale_after = fleet.poller.stale_after_ms;
     let n_clusters = fleet.clusters.len();
-    let mut views: Vec<Option<ClusterView>> = vec![None; fleet.pools.len() * n_clusters];
-    let mut in_subset = false;
-    let mut excluded = false;
-    let mut cands: Vec<Candidate> = Vec::with_capacity(fleet.endpoints.len().min(1024));
-    // Fresh endpoints of clusters that are down or recovering: served only when nothing else is.
-    let mut held_back: Vec<Candidate> = Vec::new();
+    let mut g = Gathered {
+        cands: Vec::with_capacity(fleet.endpoints.len().min(1024)),
+        held_back: Vec::new(),
+        in_subset: false,
+        excluded: false,
+        tally: if req.explain {
+            fleet.clusters.iter().map(ClusterTally::of).collect()
+        } else {
+            Vec::new()
+        },
+        views: vec![None; fleet.pools.len() * n_clusters],
+        n_clusters,
+    };
     for index in members {
         let ep = &fleet.endpoints[index];
-        count(ep.cluster, |t| &mut t.endpoints);
+        g.count(ep.cluster, |t| &mut t.endpoints);
         if let Some(subset) = req.subset
             && !subset.contains(&ep.addr)
         {
-            count(ep.cluster, |t| &mut t.outside_subset);
+            g.count(ep.cluster, |t| &mut t.outside_subset);
             continue;
         }
-        in_subset = true;
+        g.in_subset = true;
         let Some(load) = ep.load.fresh(now, stale_after) else {
-            count(ep.cluster, |t| &mut t.stale);
+            g.count(ep.cluster, |t| &mut t.stale);
             continue;
         };
-        let cluster = &fleet.clusters[ep.cluster];
-        let in_flight = ep.in_flight.load(Ordering::Relaxed);
-        let awaiting = ep.awaiting_first_token.load(Ordering::Relaxed);
-        let view = &*views[ep.pool * n_clusters + ep.cluster].get_or_insert_with(|| ClusterView {
-            limits: Limits::new(&{
-                let mut p = policies.enforced(ep.pool, ep.cluster);
-                if req.sheddable {
-                    p.capacity_scaler *= p.sheddable_capacity;
-                }
-                p
-            }),
-            dry: policies
-                .dry_run(ep.pool, ep.cluster)
-                .map(|p| Limits::new(&p)),
-            rtt_score: 1.0
-                - (fleet.cluster_rtt_ms(ep.cluster) * (1.0 / RTT_SCALE_MS)).clamp(0.0, 1.0),
-        });
-        let class = view.limits.classify(&load, in_flight, awaiting);
-        let c = Candidate {
-            index,
-            cluster: ep.cluster,
-            local: cluster.local,
-            kv: load.kv_usage,
-            waiting: load.waiting,
-            in_flight,
-            awaiting,
-            rtt_score: view.rtt_score,
-            class,
-            dry: view.dry.map(|d| d.classify(&load, in_flight, awaiting)),
-            in_tier: false,
-            matched: 0,
-            score: 0.0,
-        };
-        if !cluster.health().serves() {
-            count(ep.cluster, |t| &mut t.cluster_out);
-            held_back.push(c);
+        let view = *g.views[ep.pool * n_clusters + ep.cluster]
+            .get_or_insert_with(|| ClusterView::of(fleet, ep, req.sheddable));
+        let c = Candidate::of(ep, fleet.clusters[ep.cluster].local, &load, &view);
+        if !fleet.clusters[ep.cluster].health().serves() {
+            g.count(ep.cluster, |t| &mut t.cluster_out);
+            g.held_back.push(c);
             continue;
         }
         // Branches on the class only when explaining: with mixed loads they mispredict, and this
         // loop runs for every endpoint of the pool.
         if req.explain {
-            match class {
-                Class::Drained => count(ep.cluster, |t| &mut t.drained),
-                Class::AtCapacity => count(ep.cluster, |t| &mut t.at_capacity),
-                Class::Saturated => count(ep.cluster, |t| &mut t.saturated),
+            match c.class {
+                Class::Drained => g.count(ep.cluster, |t| &mut t.drained),
+                Class::AtCapacity => g.count(ep.cluster, |t| &mut t.at_capacity),
+                Class::Saturated => g.count(ep.cluster, |t| &mut t.saturated),
                 Class::Headroom => {}
             }
         }
-        excluded |= !class.allowed();
-        cands.push(c);
+        g.excluded |= !c.class.allowed();
+        g.cands.push(c);
     }
-    let tier = match tier_of(cands.iter().map(|c| (c.local, c.class))) {
-        Some(t) => t,
-        None => {
-            // Nothing allowed in a serving cluster: fall back on recovering or down clusters'
-            // fresh endpoints (better than an error), then say why nothing could serve.
-            held_back.retain(|c| c.class.allowed());
-            if held_back.is_empty() {
-                return Err(if !in_subset {
-                    PickError::NoEndpoint(
-                        "none of the pool's endpoints is in the proxy's subset hint",
-                    )
-                } else if cands.iter().any(|c| c.class == Class::AtCapacity) {
-                    PickError::AtCapacity
-                } else if cands.iter().any(|c| c.class == Class::Drained) {
-                    PickError::NoEndpoint("every fresh endpoint is drained (capacity_scaler 0)")
-                } else {
-                    PickError::NoEndpoint("every endpoint is down or its metrics are stale")
-                });
-            }
-            cands = held_back;
-            Tier::LastResort
-        }
-    };
-    // (The last resort's candidates are allowed ones already.)
-    if excluded {
-        cands.retain(|c| c.class.allowed());
-    }
-    for c in cands.iter_mut() {
-        c.in_tier = in_tier(tier, c.local, c.class);
-    }
+    g
+}
+
+/// The endpoint tier: each candidate's score, with its prefix matches looked up first.
+fn score_candidates(
+    fleet: &Fleet,
+    req: &PickRequest<'_>,
+    weights: &Weights,
+    cands: &mut [Candidate],
+) {
     if !req.prefix.is_empty() && weights.prefix > 0.0 {
         let indices: Vec<usize> = cands.iter().map(|c| c.index).collect();
         for (c, m) in cands
@@ -541,12 +639,20 @@ pub fn pick(
     }
     // The `lora` scorer reads the endpoint's adapters only for requests naming one; the
     // candidate record stays as small as the scoring passes need.
+    let adapter = req
+        .model
+        .filter(|m| weights.lora > 0.0 && fleet.is_adapter(m));
     let lora_of = |index: usize| {
         adapter.map_or(0.0, |a| {
             lora_score(fleet.endpoints[index].lora.load().as_deref(), a)
         })
     };
-    score(&mut cands, weights, req.prefix.len(), req.session, lora_of);
+    score(cands, weights, req.prefix.len(), req.session, lora_of);
+}
+
+/// Takes the winner out of `cands`: drawn among those in the tier that tie for the best score,
+/// so that idle endpoints share the next requests.
+fn draw_winner(cands: &mut Vec<Candidate>, rng: &mut fastrand::Rng) -> Candidate {
     // Selects rather than filters, so that these passes do not branch on each candidate.
     let in_tier_score = |c: &Candidate| {
         if c.in_tier {
@@ -561,7 +667,6 @@ pub fn pick(
         .fold(f64::NEG_INFINITY, f64::max);
     let is_best = |c: &Candidate| in_tier_score(c) >= best - TIE;
     let tied: usize = cands.iter().map(|c| usize::from(is_best(c))).sum();
-    // Draw the winner among the tied, then order the rest for fallbacks.
     let nth = rng.usize(..tied.max(1));
     let winner_pos = cands
         .iter()
@@ -570,80 +675,84 @@ pub fn pick(
         .nth(nth)
         .map(|(i, _)| i)
         .unwrap_or(0);
-    let winner = cands.swap_remove(winner_pos);
-    let dry_run = winner.dry.map(|class| {
-        let dry_tier = tier_of(
-            cands
-                .iter()
-                .chain(std::iter::once(&winner))
-                .filter_map(|c| c.dry.map(|d| (c.local, d))),
-        );
-        match (dry_tier, class) {
-            (None, _) => Verdict::Reject,
-            (_, Class::Drained) => Verdict::Drained,
-            (_, Class::AtCapacity) => Verdict::AtCapacity,
-            (Some(t), class) if in_tier(t, winner.local, class) => Verdict::Allow,
-            _ => Verdict::NotPreferred,
+    cands.swap_remove(winner_pos)
+}
+
+/// What the dry-run policy (under which the winner's class is `class`) would have done with
+/// the pick, given the other candidates (`rest`).
+fn dry_run_verdict(winner: &Candidate, class: Class, rest: &[Candidate]) -> Verdict {
+    let dry_tier = tier_of(
+        rest.iter()
+            .chain(std::iter::once(winner))
+            .filter_map(|c| c.dry.map(|d| (c.local, d))),
+    );
+    match (dry_tier, class) {
+        (None, _) => Verdict::Reject,
+        (_, Class::Drained) => Verdict::Drained,
+        (_, Class::AtCapacity) => Verdict::AtCapacity,
+        (Some(t), class) if in_tier(t, winner.local, class) => Verdict::Allow,
+        _ => Verdict::NotPreferred,
+    }
+}
+
+/// Up to `n` fallbacks from `rest` (reordered): the request's own tier first, best score first,
+/// ties at random; the last in another cluster than the winner's when any other can serve, so
+/// that retries survive a whole cluster's loss.
+fn order_fallbacks(
+    fleet: &Fleet,
+    rest: &mut [Candidate],
+    winner: &Candidate,
+    n: usize,
+    rng: &mut fastrand::Rng,
+) -> Vec<usize> {
+    // Shuffle before the stable sort so that ties among fallbacks are random too.
+    rng.shuffle(rest);
+    rest.sort_by(|a, b| b.in_tier.cmp(&a.in_tier).then(b.score.total_cmp(&a.score)));
+    let mut list: Vec<usize> = rest.iter().take(n).map(|c| c.index).collect();
+    let crosses = |i: &usize| fleet.endpoints[*i].cluster != winner.cluster;
+    if !list.iter().any(crosses)
+        && let Some(other) = rest.iter().find(|c| c.cluster != winner.cluster)
+    {
+        if list.len() == n {
+            list.pop();
         }
-    });
-    // The winner's cap, as its cluster's view worked it out for the classes above.
-    let winner_ep = &fleet.endpoints[winner.index];
-    let cap = views[winner_ep.pool * n_clusters + winner_ep.cluster]
-        .as_ref()
-        .and_then(|v| v.limits.cap)
-        .unwrap_or(u32::MAX);
-    let mut fallback_list = Vec::new();
-    if fallbacks > 0 && !cands.is_empty() {
-        // Shuffle before the stable sort so that ties among fallbacks are random too; the
-        // request's own tier first, the others after.
-        rng.shuffle(&mut cands);
-        cands.sort_by(|a, b| b.in_tier.cmp(&a.in_tier).then(b.score.total_cmp(&a.score)));
-        fallback_list = cands.iter().take(fallbacks).map(|c| c.index).collect();
-        let crosses = |i: &usize| fleet.endpoints[*i].cluster != winner.cluster;
-        if !fallback_list.iter().any(crosses)
-            && let Some(other) = cands.iter().find(|c| c.cluster != winner.cluster)
-        {
-            // The last fallback in another cluster: retries survive a whole cluster's loss.
-            if fallback_list.len() == fallbacks {
-                fallback_list.pop();
+        list.push(other.index);
+    }
+    list
+}
+
+/// The debug line's content: per cluster, what became of its endpoints, and the top scores
+/// (the winner, then the best two of the rest).
+fn explain(
+    fleet: &Fleet,
+    mut tally: Vec<ClusterTally>,
+    rest: &[Candidate],
+    winner: &Candidate,
+) -> Explain {
+    for c in rest.iter().chain(std::iter::once(winner)) {
+        if let Some(t) = tally.get_mut(c.cluster) {
+            if c.in_tier {
+                t.in_tier += 1;
+            } else {
+                t.other_tier += 1;
             }
-            fallback_list.push(other.index);
         }
     }
-    let explain = req.explain.then(|| {
-        for c in cands.iter().chain(std::iter::once(&winner)) {
-            if let Some(t) = tally.get_mut(c.cluster) {
-                if c.in_tier {
-                    t.in_tier += 1;
-                } else {
-                    t.other_tier += 1;
-                }
-            }
-        }
-        let mut ranked: Vec<&Candidate> = cands.iter().collect();
-        ranked.sort_by(|a, b| b.score.total_cmp(&a.score));
-        let name = |c: &Candidate| {
-            (
-                fleet.endpoints[c.index].addr_text.clone(),
-                fleet.clusters[c.cluster].name.clone(),
-                c.score,
-            )
-        };
-        let mut top = vec![name(&winner)];
-        top.extend(ranked.iter().take(2).map(|c| name(c)));
-        Explain {
-            clusters: tally,
-            top,
-        }
-    });
-    Ok(Pick {
-        primary: winner.index,
-        fallbacks: fallback_list,
-        tier,
-        dry_run,
-        cap,
-        explain,
-    })
+    let mut ranked: Vec<&Candidate> = rest.iter().collect();
+    ranked.sort_by(|a, b| b.score.total_cmp(&a.score));
+    let name = |c: &Candidate| {
+        (
+            fleet.endpoints[c.index].addr_text.clone(),
+            fleet.clusters[c.cluster].name.clone(),
+            c.score,
+        )
+    };
+    let mut top = vec![name(winner)];
+    top.extend(ranked.iter().take(2).map(|c| name(c)));
+    Explain {
+        clusters: tally,
+        top,
+    }
 }
 
 /// The `lora` scorer: the adapter running there (no load, no wait) beats a free slot (a load,
@@ -790,18 +899,17 @@ mod tests {
     #[test]
     fn a_queue_threshold_saturates_at_exactly_its_value() {
         for threshold in [1, 5, 93, 99, 105] {
-            let limits = Limits::new(&ClusterPolicy {
-                queue_threshold: threshold,
-                ..crate::fleet::default_cluster_policy()
-            });
+            let mut policy = ClusterPolicy::default();
+            policy.limits.queue_threshold = threshold;
+            let capacity = Capacity::new(&policy);
             let load = |waiting| Load {
                 kv_usage: 0.0,
                 waiting,
                 running: 0,
             };
-            assert_eq!(limits.free(&load(0), 0, 0), threshold, "{threshold}");
-            assert_eq!(limits.free(&load(threshold - 1), 0, 0), 1, "{threshold}");
-            assert_eq!(limits.free(&load(threshold), 0, 0), 0, "{threshold}");
+            assert_eq!(capacity.free(&load(0), 0, 0), threshold, "{threshold}");
+            assert_eq!(capacity.free(&load(threshold - 1), 0, 0), 1, "{threshold}");
+            assert_eq!(capacity.free(&load(threshold), 0, 0), 0, "{threshold}");
         }
     }
 
