@@ -179,7 +179,7 @@ async fn every_documented_metric_appears_after_traffic() {
 }
 
 /// What the clients saw: (status, the server that answered), in order.
-type Seen = std::sync::Arc<std::sync::Mutex<Vec<(u16, Option<String>)>>>;
+type Seen = std::sync::Arc<parking_lot::Mutex<Vec<(u16, Option<String>)>>>;
 
 /// One client sending completions back to back through `url` until `stop` (at most 3,000, at
 /// most 120 s), recording each (status, server).
@@ -198,15 +198,16 @@ fn traffic(
                 break;
             }
             let r = common::complete(&c, &url, &[]).await;
-            seen.lock().unwrap().push(r);
+            seen.lock().push(r);
         }
     })
 }
 
 #[tokio::test]
 async fn reload_swaps_endpoints_and_refuses_a_bad_file_while_traffic_flows() {
+    use parking_lot::Mutex;
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
     let sim = Sim::start(&["--servers", "3", "--time-scale", "20"]).await;
     let (a, b, c) = (&sim.entries[0], &sim.entries[1], &sim.entries[2]);
     let picker = Picker::start(&fleet_yaml(&[a.clone(), b.clone()], POLL)).await;
@@ -219,7 +220,7 @@ async fn reload_swaps_endpoints_and_refuses_a_bad_file_while_traffic_flows() {
         .map(|_| traffic(envoy.url("/v1/completions"), stop.clone(), seen.clone()))
         .collect();
     let served_by = |name: &str, from: usize| {
-        let seen = seen.lock().unwrap();
+        let seen = seen.lock();
         seen[from.min(seen.len())..]
             .iter()
             .filter(|(_, s)| s.as_deref() == Some(name))
@@ -240,7 +241,7 @@ async fn reload_swaps_endpoints_and_refuses_a_bad_file_while_traffic_flows() {
             .then_some(())
     })
     .await;
-    let after_reload = seen.lock().unwrap().len();
+    let after_reload = seen.lock().len();
     wait_for(
         "requests on the endpoint that joined",
         Duration::from_secs(30),
@@ -278,11 +279,11 @@ async fn reload_swaps_endpoints_and_refuses_a_bad_file_while_traffic_flows() {
         || refused(2.0),
     )
     .await;
-    let after_refusal = seen.lock().unwrap().len();
+    let after_refusal = seen.lock().len();
     wait_for(
         "traffic after the refusal",
         Duration::from_secs(30),
-        || async { (seen.lock().unwrap().len() >= after_refusal + 40).then_some(()) },
+        || async { (seen.lock().len() >= after_refusal + 40).then_some(()) },
     )
     .await;
     stop.store(true, Ordering::Relaxed);
@@ -290,7 +291,7 @@ async fn reload_swaps_endpoints_and_refuses_a_bad_file_while_traffic_flows() {
         t.await.unwrap();
     }
 
-    let seen = seen.lock().unwrap().clone();
+    let seen = seen.lock().clone();
     let failed: Vec<_> = seen.iter().filter(|(s, _)| *s != 200).collect();
     assert!(
         failed.is_empty(),

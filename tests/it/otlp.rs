@@ -5,7 +5,9 @@
 
 use fleetpick_tests as common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use common::envoy;
@@ -30,7 +32,7 @@ impl TraceService for Collector {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.0.lock().unwrap();
+        let mut spans = self.0.lock();
         for rs in request.into_inner().resource_spans {
             let service = rs
                 .resource
@@ -97,7 +99,7 @@ async fn request_spans_reach_the_collector_as_children_of_the_client_trace() {
         "the request's span at the collector",
         Duration::from_secs(30),
         || {
-            let spans = collector.0.lock().unwrap().clone();
+            let spans = collector.0.lock().clone();
             async move {
                 spans
                     .into_iter()

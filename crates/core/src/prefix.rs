@@ -17,10 +17,10 @@
 //! share prefixes (a shared block is one entry with several holders).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use dashmap::DashMap;
+use parking_lot::Mutex;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Bytes of prompt text in one block: 16 tokens at about 4 bytes a token.
@@ -104,8 +104,8 @@ impl PrefixIndex {
         for (old, new) in moved.iter().enumerate() {
             let Some(new) = *new else { continue };
             if let (Some(from), Some(to)) = (self.lrus.get(old), next.lrus.get(new)) {
-                let from = from.lock().unwrap_or_else(|p| p.into_inner());
-                let mut to = to.lock().unwrap_or_else(|p| p.into_inner());
+                let from = from.lock();
+                let mut to = to.lock();
                 to.queue.clone_from(&from.queue);
                 to.live = from.live;
             }
@@ -169,7 +169,7 @@ impl PrefixIndex {
             return;
         };
         let ep = endpoint as u32;
-        let mut lru = lru.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lru = lru.lock();
         for &h in hashes {
             let stamp = self.clock.fetch_add(1, Ordering::Relaxed);
             let mut entry = self.holders.entry(h).or_default();
@@ -202,9 +202,7 @@ impl PrefixIndex {
 
     /// Blocks remembered for `endpoint`.
     pub fn held(&self, endpoint: usize) -> u32 {
-        self.lrus
-            .get(endpoint)
-            .map_or(0, |l| l.lock().unwrap_or_else(|p| p.into_inner()).live)
+        self.lrus.get(endpoint).map_or(0, |l| l.lock().live)
     }
 }
 

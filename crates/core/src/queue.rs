@@ -15,10 +15,11 @@
 //! picked at once, and counts on its endpoint before the next round looks.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -169,7 +170,7 @@ impl Drop for Ticket {
         }
         // Released or swept waiters are out already; this removes one still there: its client
         // left, or its own deadline passed before a sweep.
-        let mut s = self.queue.lock();
+        let mut s = self.queue.state.lock();
         let emptied = s.bands.get_mut(&self.priority).map(|band| {
             band.remove(&self.flow, self.id);
             band.len == 0
@@ -193,13 +194,13 @@ impl FlowQueue {
 
     /// The queue's bounds.
     pub fn limits(&self) -> QueueLimits {
-        *self.limits.lock().unwrap_or_else(|e| e.into_inner())
+        *self.limits.lock()
     }
 
     /// New bounds (a reload changed them): the size bounds apply to requests queued from now on;
     /// a waiting request leaves at the earlier of its old deadline and the new time to live.
     pub fn set_limits(&self, limits: QueueLimits) {
-        *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = limits;
+        *self.limits.lock() = limits;
     }
 
     /// Retires the queue (a reload replaced it, or switched flow control off): every request
@@ -208,11 +209,6 @@ impl FlowQueue {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         while self.release_next() {}
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // No invariant a panic elsewhere could leave half made: go on with the state as it is.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues a request of `bytes` at `priority` in `flow`.
@@ -227,7 +223,7 @@ impl FlowQueue {
         let flow: Arc<str> = Arc::from(flow);
         let limits = self.limits();
         let id = {
-            let mut s = self.lock();
+            let mut s = self.state.lock();
             s.next_id += 1;
             let id = s.next_id;
             let band = s.bands.entry(priority).or_default();
@@ -271,7 +267,7 @@ impl FlowQueue {
     /// Releases the next request (highest band, the flow whose turn it is); false when none
     /// waits. Waiters whose client left are skipped.
     pub fn release_next(&self) -> bool {
-        let mut s = self.lock();
+        let mut s = self.state.lock();
         loop {
             let Some((&priority, band)) = s.bands.iter_mut().next_back() else {
                 return false;
@@ -297,7 +293,7 @@ impl FlowQueue {
     /// Takes out the requests waiting longer than the time to live (their tickets answer
     /// [`Outcome::Expired`]); returns how many.
     pub fn expire(&self, now: Instant) -> usize {
-        let mut s = self.lock();
+        let mut s = self.state.lock();
         let ttl = self.limits().ttl;
         let mut n = 0;
         for band in s.bands.values_mut() {
@@ -322,7 +318,8 @@ impl FlowQueue {
 
     /// Requests waiting, per priority band (highest first).
     pub fn lengths(&self) -> Vec<(i32, usize)> {
-        self.lock()
+        self.state
+            .lock()
             .bands
             .iter()
             .rev()
@@ -331,12 +328,12 @@ impl FlowQueue {
     }
 
     pub fn len(&self) -> usize {
-        self.lock().bands.values().map(|b| b.len).sum()
+        self.state.lock().bands.values().map(|b| b.len).sum()
     }
 
     /// Asked on every admission: empty bands are removed as they empty, so no band is summed.
     pub fn is_empty(&self) -> bool {
-        self.lock().bands.is_empty()
+        self.state.lock().bands.is_empty()
     }
 
     /// Released requests not yet picked.

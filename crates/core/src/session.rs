@@ -9,10 +9,10 @@
 //! every new conversation first.)
 
 use std::num::NonZeroUsize;
-use std::sync::Mutex;
 
 use fleetpick_config::SessionAffinity;
 use lru::LruCache;
+use parking_lot::Mutex;
 
 /// Where a session key is read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,8 +52,8 @@ impl Sessions {
             return next;
         }
         {
-            let old = self.lock();
-            let mut new = next.lock();
+            let old = self.bound.lock();
+            let mut new = next.bound.lock();
             // Least recent first, so the copy keeps the order.
             for (&h, &e) in old.iter().rev() {
                 if let Some(e) = moved.get(e as usize).copied().flatten()
@@ -66,14 +66,9 @@ impl Sessions {
         next
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<u64, u32>> {
-        // The cache holds no invariant a panic elsewhere could break: use it as it is.
-        self.bound.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// The endpoint `session` was last bound to.
     pub fn get(&self, session: &str) -> Option<usize> {
-        self.lock().get(&hash(session)).map(|&e| e as usize)
+        self.bound.lock().get(&hash(session)).map(|&e| e as usize)
     }
 
     /// Binds `session` to `endpoint` (the endpoint its latest request was sent to).
@@ -81,12 +76,12 @@ impl Sessions {
         let Ok(e) = u32::try_from(endpoint) else {
             return;
         };
-        self.lock().put(hash(session), e);
+        self.bound.lock().put(hash(session), e);
     }
 
     /// Sessions remembered now.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.bound.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {

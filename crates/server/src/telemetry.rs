@@ -174,7 +174,7 @@ pub struct Metrics {
     /// Held by a render and by a change of generation, so that a render never writes the
     /// gauges of a generation that was just replaced (they would linger); it guards the queue
     /// bands seen so far, whose series stay (at 0) while they are empty.
-    exposition: std::sync::Mutex<Vec<BandLabels>>,
+    exposition: parking_lot::Mutex<Vec<BandLabels>>,
     free_slots: Family<PoolLabels, Gauge>,
     cluster_free_slots: Family<PoolClusterLabels, Gauge>,
     gie: GieMetrics,
@@ -434,7 +434,7 @@ impl Metrics {
             flow,
             waits,
             queued,
-            exposition: std::sync::Mutex::new(Vec::new()),
+            exposition: parking_lot::Mutex::new(Vec::new()),
             free_slots,
             cluster_free_slots,
         };
@@ -446,13 +446,13 @@ impl Metrics {
     /// the generation before (rendered afresh from the fleet at each scrape, so a pool, cluster
     /// or endpoint that left does not linger). Counters keep their values.
     pub fn adopt(&self, fleet: &Fleet) {
-        let mut bands = self.exposition.lock().unwrap_or_else(|e| e.into_inner());
+        let mut bands = self.exposition.lock();
         self.adopt_unlocked(fleet, &mut bands);
     }
 
     /// Makes `next` the current generation in `cell` and adopts it, as one step for renders.
     pub fn switch(&self, cell: &FleetCell, next: Arc<Fleet>) {
-        let mut bands = self.exposition.lock().unwrap_or_else(|e| e.into_inner());
+        let mut bands = self.exposition.lock();
         self.adopt_unlocked(&next, &mut bands);
         cell.store(next);
     }
@@ -786,13 +786,13 @@ impl Metrics {
 
     /// The text exposition, with the gauges read from `fleet` now.
     pub fn render(&self, fleet: &Fleet) -> Result<String, std::fmt::Error> {
-        let mut bands = self.exposition.lock().unwrap_or_else(|e| e.into_inner());
+        let mut bands = self.exposition.lock();
         self.render_unlocked(fleet, &mut bands)
     }
 
     /// The text exposition of the current generation in `cell`.
     pub fn render_current(&self, cell: &FleetCell) -> Result<String, std::fmt::Error> {
-        let mut bands = self.exposition.lock().unwrap_or_else(|e| e.into_inner());
+        let mut bands = self.exposition.lock();
         self.render_unlocked(&cell.load(), &mut bands)
     }
 

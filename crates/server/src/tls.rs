@@ -69,7 +69,7 @@ pub struct Tls {
     files: TlsSettings,
     current: ArcSwap<ServerConfig>,
     /// The files' contents behind `current`: what a re-read is compared with.
-    loaded: std::sync::Mutex<Vec<Vec<u8>>>,
+    loaded: parking_lot::Mutex<Vec<Vec<u8>>>,
 }
 
 impl Tls {
@@ -86,7 +86,7 @@ impl Tls {
         Ok(Tls {
             files,
             current: ArcSwap::from_pointee(config),
-            loaded: std::sync::Mutex::new(contents),
+            loaded: parking_lot::Mutex::new(contents),
         })
     }
 
@@ -99,7 +99,7 @@ impl Tls {
     /// and applied.
     pub fn reload(&self) -> Result<bool, TlsError> {
         let contents = read_all(&self.files)?;
-        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        let mut loaded = self.loaded.lock();
         if *loaded == contents {
             return Ok(false);
         }

@@ -9,8 +9,8 @@
 //! would record them.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -23,6 +23,7 @@ use axum::routing::{get, post};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use parking_lot::Mutex;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
@@ -154,12 +155,6 @@ pub struct SimServer {
     requests: AtomicU64,
 }
 
-/// Locks a mutex whose data stays consistent even if a holder panicked (every critical section
-/// here is a few plain assignments).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -215,11 +210,11 @@ impl SimServer {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        *lock(&self.addr)
+        *self.addr.lock()
     }
 
     pub fn is_up(&self) -> bool {
-        lock(&self.lifecycle).accept.is_some()
+        self.lifecycle.lock().accept.is_some()
     }
 
     /// Starts listening (on the port it had before, after a stop) and, on first start, the
@@ -230,8 +225,8 @@ impl SimServer {
         }
         let listener = TcpListener::bind(self.addr()).await?;
         let addr = listener.local_addr()?;
-        *lock(&self.addr) = addr;
-        let mut life = lock(&self.lifecycle);
+        *self.addr.lock() = addr;
+        let mut life = self.lifecycle.lock();
         if life.accept.is_none() {
             life.accept = Some(tokio::spawn(accept_loop(self.clone(), listener)));
             life.started_unix = unix_now();
@@ -243,14 +238,14 @@ impl SimServer {
     /// the engine loses its queue and its cache.
     /// Returns once the port is closed.
     pub async fn stop(&self) {
-        let accept = lock(&self.lifecycle).accept.take();
+        let accept = self.lifecycle.lock().accept.take();
         if let Some(task) = accept {
             task.abort();
             // Wait for the abort to land so the listening socket is closed when we return.
             let _ = task.await;
         }
-        lock(&self.engine).reset();
-        *lock(&self.faults.frozen_page) = None;
+        self.engine.lock().reset();
+        *self.faults.frozen_page.lock() = None;
     }
 
     pub fn set_error_rate(&self, rate: f64, status: u16) {
@@ -264,7 +259,7 @@ impl SimServer {
     /// Freezes `/metrics` on the page it shows now, or unfreezes it.
     pub fn freeze_metrics(&self, frozen: bool) {
         let page = frozen.then(|| Bytes::from(self.render_metrics()));
-        *lock(&self.faults.frozen_page) = page;
+        *self.faults.frozen_page.lock() = page;
     }
 
     /// Makes `/metrics` report this KV-cache usage (`None`: the real one).
@@ -286,7 +281,7 @@ impl SimServer {
 
     pub fn status(&self) -> ServerStatus {
         let (gauges, stats) = {
-            let engine = lock(&self.engine);
+            let engine = self.engine.lock();
             (engine.gauges(), engine.stats().clone())
         };
         ServerStatus {
@@ -301,7 +296,7 @@ impl SimServer {
             prefix_queries: stats.prefix_queries,
             completed: stats.success_length + stats.success_stop,
             error_rate: f64::from(self.faults.error_ppm.load(Ordering::Relaxed)) / 1e6,
-            metrics_frozen: lock(&self.faults.frozen_page).is_some(),
+            metrics_frozen: self.faults.frozen_page.lock().is_some(),
             metrics_delay_ms: self.faults.metrics_delay_us.load(Ordering::Relaxed) as f64 / 1000.0,
             kv_usage_override: self.kv_override(),
         }
@@ -309,7 +304,7 @@ impl SimServer {
 
     pub fn render_metrics(&self) -> String {
         let snap = {
-            let engine = lock(&self.engine);
+            let engine = self.engine.lock();
             let mut gauges = engine.gauges();
             if let Some(kv) = self.kv_override() {
                 gauges.kv_usage = kv;
@@ -317,7 +312,7 @@ impl SimServer {
             Snapshot {
                 gauges,
                 stats: engine.stats().clone(),
-                started_unix: lock(&self.lifecycle).started_unix,
+                started_unix: self.lifecycle.lock().started_unix,
                 now_unix: unix_now(),
             }
         };
@@ -336,7 +331,7 @@ impl SimServer {
                 Some(t) if wall_now - t < max_lag => t,
                 _ => wall_now,
             };
-            let planned = lock(&self.engine).plan_step(start);
+            let planned = self.engine.lock().plan_step(start);
             match planned {
                 None => {
                     busy_until = None;
@@ -353,7 +348,7 @@ impl SimServer {
                         // letting the virtual clock lead the real one by less than that.
                         tokio::task::yield_now().await;
                     }
-                    lock(&self.engine).complete_step(end);
+                    self.engine.lock().complete_step(end);
                     busy_until = Some(end);
                 }
             }
@@ -365,7 +360,7 @@ impl SimServer {
     fn submit(&self, seqs: Vec<SeqRequest>) -> usize {
         let now = self.clock.now();
         let ahead = {
-            let mut engine = lock(&self.engine);
+            let mut engine = self.engine.lock();
             let ahead = engine.waiting_len();
             for s in seqs {
                 engine.submit(s, now);
@@ -495,7 +490,7 @@ async fn metrics_page(State(server): State<Arc<SimServer>>) -> Response {
     if delay_us > 0 {
         tokio::time::sleep(server.clock.wall(Duration::from_micros(delay_us))).await;
     }
-    let frozen = lock(&server.faults.frozen_page).clone();
+    let frozen = server.faults.frozen_page.lock().clone();
     let body = match frozen {
         Some(page) => page,
         None => Bytes::from(server.render_metrics()),

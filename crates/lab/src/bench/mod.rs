@@ -1275,16 +1275,16 @@ pub fn utc_now() -> String {
 struct MeasuredPicker {
     inner: fleetpick::InProcess,
     /// Its threads (Linux tids), recorded as each starts.
-    threads: Arc<std::sync::Mutex<Vec<u32>>>,
+    threads: Arc<parking_lot::Mutex<Vec<u32>>>,
 }
 
 impl MeasuredPicker {
     fn start(cfg: FleetConfig, metrics: bool) -> std::io::Result<MeasuredPicker> {
-        let threads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let threads = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let record = threads.clone();
         let on_thread_start: fleetpick::in_process::ThreadHook = Arc::new(move || {
             if let Some(tid) = cpu::current_thread_id() {
-                record.lock().unwrap_or_else(|e| e.into_inner()).push(tid);
+                record.lock().push(tid);
             }
         });
         let options = fleetpick::in_process::Options {
@@ -1300,7 +1300,7 @@ impl MeasuredPicker {
     /// CPU seconds its threads have used (those still running: a Tokio blocking thread that
     /// exited takes its time along, and fleetpick hardly uses any); `None` without `/proc`.
     fn cpu_seconds(&self) -> Option<f64> {
-        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        let threads = self.threads.lock();
         let times: Vec<f64> = threads
             .iter()
             .filter_map(|&t| cpu::thread_cpu_seconds(t))
