@@ -9,14 +9,17 @@
 //!   in-flight counts; a reload makes the next generation.
 //! - [`schedule`]: the cluster tier (health, policy, locality, spill), then the scorers: the
 //!   pick; and the saturation detector (free slots).
+//! - [`admission`]: what becomes of a request once its pool and priority are known: served,
+//!   shed, or queued.
 //! - [`queue`]: flow control's queue: priority bands, fair flows, bounds, time to live.
 //! - [`prefix`]: the prompt's chained block hashes and the picker's approximate prefix index.
 //! - [`session`]: session affinity's bounded memory.
 //! - [`rewrite`]: model rewrites: weighted targets, the client's name restored in responses.
 //!
-//! What may use what: `profile`, `prefix`, `session`, `rewrite` and `queue` use nothing else
-//! here; `fleet` holds them; `schedule` reads `fleet`.
+//! What may use what: `profile`, `prefix`, `session`, `rewrite`, `admission` and `queue` use
+//! nothing else here; `fleet` holds all of them but `admission`; `schedule` reads `fleet`.
 
+pub mod admission;
 pub mod fleet;
 pub mod prefix;
 pub mod profile;

@@ -54,6 +54,7 @@ use crate::telemetry::FlowOutcome;
 use crate::telemetry::Metrics;
 use crate::trace::{RequestTrace, TRACEPARENT, TRACESTATE};
 use fleetpick_config::BodyMode;
+use fleetpick_core::admission::{self, Admission, Ask, Flow, NoRoom, PickMode};
 use fleetpick_core::fleet::{Fleet, FleetCell, InFlight};
 use fleetpick_core::queue::{FlowQueue, Outcome, Ticket};
 use fleetpick_core::rewrite::Restorer;
@@ -288,6 +289,13 @@ struct Pending {
     flow: String,
     has_body: bool,
     body_end: bool,
+}
+
+/// What a pick found: the endpoint (its in-flight count taken), or no room in the pool.
+#[derive(Debug)]
+enum Placed {
+    Picked(schedule::Pick, InFlight),
+    NoRoom(NoRoom),
 }
 
 #[derive(Debug)]
@@ -565,17 +573,23 @@ impl StreamState {
 
     /// Picks for `model` and takes the in-flight count at the primary. Under an `in-flight`
     /// policy the count is taken only below the cap, atomically; a pick that loses that race
-    /// to a concurrent one is made again (a few times), so the cap is never passed. With
-    /// `hold`, a pick from a saturated pool takes nothing and says so (`None`).
+    /// to a concurrent one is made again (a few times), so the cap is never passed. In
+    /// [`PickMode::IfRoom`], a pick from a pool without room takes nothing and says so.
     fn pick(
         &self,
         model: Option<&str>,
         prefix: &[u64],
         session: Option<usize>,
         rng: &mut fastrand::Rng,
-        hold: bool,
-        sheddable: bool,
-    ) -> Result<Option<(schedule::Pick, InFlight)>, PickError> {
+        mode: PickMode,
+    ) -> Result<Placed, PickError> {
+        let (sheddable, no_room) = match mode {
+            PickMode::Serve => (false, None),
+            PickMode::IfRoom {
+                sheddable,
+                otherwise,
+            } => (sheddable, Some(otherwise)),
+        };
         let fleet = &self.fleet;
         let req = PickRequest {
             model,
@@ -586,26 +600,29 @@ impl StreamState {
             sheddable,
         };
         for _ in 0..PICK_ATTEMPTS {
-            let pick = match schedule::pick(fleet, &req, &fleet.weights, fleet.fallbacks, rng) {
+            let picked = schedule::pick(fleet, &req, &fleet.weights, fleet.fallbacks, rng);
+            let pick = match (picked, no_room) {
                 // In `in-flight` mode a full pool is at capacity rather than saturated: the
                 // same "no room now" to admission and flow control.
-                Err(PickError::AtCapacity) if hold => return Ok(None),
-                other => other?,
+                (Err(PickError::AtCapacity), Some(otherwise)) => {
+                    return Ok(Placed::NoRoom(otherwise));
+                }
+                (Ok(pick), Some(otherwise)) if pick.tier == Tier::Saturated => {
+                    return Ok(Placed::NoRoom(otherwise));
+                }
+                (other, _) => other?,
             };
-            if hold && pick.tier == Tier::Saturated {
-                return Ok(None);
-            }
             let ep = &fleet.endpoints[pick.primary];
             if let Some(guard) = InFlight::try_new(ep.clone(), pick.cap) {
                 // The picked endpoint will hold this prompt's prefix in its cache.
                 fleet.prefix.record(pick.primary, prefix);
-                return Ok(Some((pick, guard)));
+                return Ok(Placed::Picked(pick, guard));
             }
         }
-        if hold {
-            return Ok(None);
+        match no_room {
+            Some(otherwise) => Ok(Placed::NoRoom(otherwise)),
+            None => Err(PickError::AtCapacity),
         }
-        Err(PickError::AtCapacity)
     }
 
     /// Parses the body (if any), picks, and answers the request phase. `body_end` says the body
@@ -713,18 +730,15 @@ impl StreamState {
     ) -> Vec<ProcessingResponse> {
         let fleet = self.fleet.clone();
         let (pool, priority) = (pending.pool, pending.priority);
-        let waiting = pool
-            .and_then(|p| fleet.pools[p].queue.as_ref())
-            .is_some_and(|q| !released && (!q.is_empty() || q.in_transit() > 0));
-        let queue = pool
-            .and_then(|p| fleet.pools[p].queue.clone())
-            .filter(|_| !released && priority >= 0);
-        // Requests wait already: nobody overtakes them. Any other joins them; a sheddable one
-        // is shed (the pool was saturated when they queued, and is not free for it yet).
-        if let Some(q) = &queue
-            && waiting
-        {
-            return self.enqueue(q, pending);
+        let queue = pool.and_then(|p| fleet.pools[p].queue.as_ref());
+        let flow = match queue {
+            None => Flow::Off,
+            Some(q) if q.is_empty() && q.in_transit() == 0 => Flow::Idle,
+            Some(_) => Flow::Waiting,
+        };
+        let admission = admission::admit(Ask { priority, released }, flow);
+        if admission == Admission::Queue {
+            return self.hold(queue, pending);
         }
         let sessions = pool.and_then(|p| fleet.pools[p].sessions.as_ref());
         let bound = sessions
@@ -734,36 +748,15 @@ impl StreamState {
                 // The cookie names its endpoint: nothing to remember.
                 SessionKey::Cookie(_) => fleet.endpoint_for_token(k),
             });
-        let hold = priority < 0 || queue.is_some();
-        let pick_started = std::time::Instant::now();
-        let placed = if waiting && priority < 0 {
-            Ok(None)
-        } else {
-            self.pick(
-                pending.model.as_deref(),
-                &pending.hashes,
-                bound,
-                rng,
-                hold,
-                priority < 0,
-            )
+        let Admission::Pick(mode) = admission else {
+            return self.shed(&pending);
         };
+        let pick_started = std::time::Instant::now();
+        let placed = self.pick(pending.model.as_deref(), &pending.hashes, bound, rng, mode);
         let (pick, guard) = match placed {
-            Ok(Some(p)) => p,
-            Ok(None) => {
-                if let Some(q) = &queue {
-                    return self.enqueue(q, pending);
-                }
-                self.count_flow(pool, priority, FlowOutcome::Shed);
-                return self.refuse(
-                    &ApiError::new(
-                        429,
-                        "rate_limit_exceeded",
-                        "the pool is saturated and this request's objective is sheddable (priority below 0)",
-                    ),
-                    "sheddable-saturated",
-                );
-            }
+            Ok(Placed::Picked(pick, guard)) => (pick, guard),
+            Ok(Placed::NoRoom(NoRoom::Queue)) => return self.hold(queue, pending),
+            Ok(Placed::NoRoom(NoRoom::Shed)) => return self.shed(&pending),
             Err(PickError::UnknownModel(m)) => {
                 return self.refuse(&ApiError::model_not_found(&m), "unknown-model");
             }
@@ -900,6 +893,32 @@ impl StreamState {
                 out
             }
         }
+    }
+
+    /// Holds a request the pool has no room for in the pool's queue. (Admission queues only
+    /// in a pool with flow control; were there no queue, the request would be shed.)
+    fn hold(
+        &mut self,
+        queue: Option<&Arc<FlowQueue>>,
+        pending: Pending,
+    ) -> Vec<ProcessingResponse> {
+        match queue {
+            Some(q) => self.enqueue(q, pending),
+            None => self.shed(&pending),
+        }
+    }
+
+    /// Refuses a sheddable request its pool has no room for.
+    fn shed(&mut self, pending: &Pending) -> Vec<ProcessingResponse> {
+        self.count_flow(pending.pool, pending.priority, FlowOutcome::Shed);
+        self.refuse(
+            &ApiError::new(
+                429,
+                "rate_limit_exceeded",
+                "the pool is saturated and this request's objective is sheddable (priority below 0)",
+            ),
+            "sheddable-saturated",
+        )
     }
 
     /// Puts the request in `queue`; the stream's task waits for its release.
