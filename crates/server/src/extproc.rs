@@ -41,10 +41,8 @@ use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request a
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Resp;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpHeaders,
-    ImmediateResponse, ProcessingRequest, ProcessingResponse, StreamedBodyResponse,
-    TrailersResponse,
+    ProcessingRequest, ProcessingResponse, StreamedBodyResponse, TrailersResponse,
 };
-use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -61,13 +59,16 @@ use fleetpick_core::rewrite::Restorer;
 use fleetpick_core::schedule::Tier;
 use fleetpick_core::schedule::{self, PickError, PickRequest};
 use fleetpick_core::session::{SessionKey, cookie_value, endpoint_token};
-use fleetpick_protocol::openai::{Api, ApiError, InferenceRequest};
+use fleetpick_protocol::openai::{Api, InferenceRequest};
+use refusal::Refusal;
 
 pub use fleetpick_protocol::envoy::MAX_BODY_PIECE as MAX_PIECE;
 pub use fleetpick_protocol::headers::{
     DESTINATION_HEADER, FAIRNESS_HEADER, LB_NAMESPACE, OBJECTIVE_HEADER, REASON_HEADER, SERVED_KEY,
     SUBSET_KEY, SUBSET_NAMESPACE,
 };
+
+mod refusal;
 
 /// Picks made for one request when concurrent picks keep filling the chosen endpoint to its
 /// in-flight cap first (each lost race leaves that endpoint full, so the next pick avoids it).
@@ -429,14 +430,7 @@ impl StreamState {
                 }
                 if self.body.len() + b.body.len() > self.picker.settings.max_body_bytes {
                     let limit = self.picker.settings.max_body_bytes;
-                    return self.refuse(
-                        &ApiError::new(
-                            413,
-                            "invalid_request_error",
-                            format!("request body exceeds {limit} bytes"),
-                        ),
-                        "body-too-large",
-                    );
+                    return self.refuse(Refusal::TooLarge { limit });
                 }
                 if self.body.is_empty() {
                     self.body = b.body;
@@ -645,13 +639,7 @@ impl StreamState {
                             let Some(body) = fleetpick_protocol::openai::replace_model(
                                 &self.body, &req.model, target,
                             ) else {
-                                return self.refuse(
-                                    &ApiError::invalid(
-                                        "model",
-                                        "must appear once in the body to be rewritten",
-                                    ),
-                                    "bad-request",
-                                );
+                                return self.refuse(Refusal::RewriteAmbiguous);
                             };
                             self.body = body;
                             self.restore = Some(Restorer::new(&req.model, target));
@@ -675,15 +663,10 @@ impl StreamState {
                     }
                     Some(model)
                 }
-                Err(e) => return self.refuse(&e, "bad-request"),
+                Err(e) => return self.refuse(Refusal::BadBody(e)),
             },
             Some(_) => {
-                return self.refuse(
-                    &ApiError::bad_request(
-                        "the request has no body: a JSON body naming the model is required",
-                    ),
-                    "bad-request",
-                );
+                return self.refuse(Refusal::NoBody);
             }
             // Not an inference request (GET /v1/models, /health): any endpoint by load.
             _ => None,
@@ -757,21 +740,7 @@ impl StreamState {
             Ok(Placed::Picked(pick, guard)) => (pick, guard),
             Ok(Placed::NoRoom(NoRoom::Queue)) => return self.hold(queue, pending),
             Ok(Placed::NoRoom(NoRoom::Shed)) => return self.shed(&pending),
-            Err(PickError::UnknownModel(m)) => {
-                return self.refuse(&ApiError::model_not_found(&m), "unknown-model");
-            }
-            Err(e @ PickError::NoEndpoint(_)) => {
-                return self.refuse(
-                    &ApiError::new(503, "service_unavailable", e.to_string()),
-                    "no-eligible-endpoint",
-                );
-            }
-            Err(e @ PickError::AtCapacity) => {
-                return self.refuse(
-                    &ApiError::new(429, "rate_limit_exceeded", e.to_string()),
-                    "at-capacity",
-                );
-            }
+            Err(e) => return self.refuse(e.into()),
         };
         let outcome = if released {
             FlowOutcome::Released
@@ -910,15 +879,15 @@ impl StreamState {
 
     /// Refuses a sheddable request its pool has no room for.
     fn shed(&mut self, pending: &Pending) -> Vec<ProcessingResponse> {
-        self.count_flow(pending.pool, pending.priority, FlowOutcome::Shed);
-        self.refuse(
-            &ApiError::new(
-                429,
-                "rate_limit_exceeded",
-                "the pool is saturated and this request's objective is sheddable (priority below 0)",
-            ),
-            "sheddable-saturated",
-        )
+        self.refuse_held(pending, Refusal::Shed)
+    }
+
+    /// Refuses a request admission or the queue held, counting what flow control did with it.
+    fn refuse_held(&mut self, pending: &Pending, refusal: Refusal) -> Vec<ProcessingResponse> {
+        if let Some(outcome) = refusal.row().flow {
+            self.count_flow(pending.pool, pending.priority, outcome);
+        }
+        self.refuse(refusal)
     }
 
     /// Puts the request in `queue`; the stream's task waits for its release.
@@ -929,13 +898,7 @@ impl StreamState {
                 self.queued = Some(Queued { ticket, pending });
                 Vec::new()
             }
-            Err(e) => {
-                self.count_flow(pending.pool, pending.priority, FlowOutcome::Full);
-                self.refuse(
-                    &ApiError::new(429, "rate_limit_exceeded", e.to_string()),
-                    "queue-full",
-                )
-            }
+            Err(e) => self.refuse_held(&pending, Refusal::QueueFull(e)),
         }
     }
 
@@ -979,20 +942,7 @@ impl StreamState {
                 }
                 out
             }
-            Outcome::Expired => {
-                self.count_flow(pending.pool, pending.priority, FlowOutcome::Expired);
-                self.refuse(
-                    &ApiError::new(
-                        503,
-                        "service_unavailable",
-                        format!(
-                            "the pool stayed saturated for {} ms while this request waited",
-                            waited.as_millis()
-                        ),
-                    ),
-                    "queue-timeout",
-                )
-            }
+            Outcome::Expired => self.refuse_held(&pending, Refusal::QueueTimeout { waited }),
         }
     }
 
@@ -1019,42 +969,26 @@ impl StreamState {
     }
 
     /// Ends the stream with an immediate response in the OpenAI error shape.
-    fn refuse(&mut self, e: &ApiError, reason: &str) -> Vec<ProcessingResponse> {
+    fn refuse(&mut self, refusal: Refusal) -> Vec<ProcessingResponse> {
+        let row = refusal.row();
         self.answered = true;
         self.closed = true;
-        self.refused_status = Some(e.status);
-        tracing::debug!(status = e.status, reason, message = %e.message, "refused");
-        self.picker.metrics.refused(reason);
+        self.refused_status = Some(row.status);
+        let response = refusal.response();
+        tracing::debug!(
+            status = row.status,
+            reason = row.label,
+            message = %refusal.error().message,
+            "refused"
+        );
+        self.picker.metrics.refused(row.label);
         let target = self.model.as_deref().unwrap_or("");
         self.picker.metrics.request_failed(
             self.client_model.as_deref().unwrap_or(target),
             target,
-            reason,
+            row.label,
         );
-        let mut set_headers = vec![
-            set_header("content-type", "application/json"),
-            set_header(REASON_HEADER, reason),
-        ];
-        if matches!(e.status, 429 | 503) {
-            // Capacity comes back within a poll or two: a client that honours it retries soon.
-            set_headers.push(set_header("retry-after", "1"));
-        }
-        let headers = HeaderMutation {
-            set_headers,
-            ..HeaderMutation::default()
-        };
-        vec![ProcessingResponse {
-            response: Some(Resp::ImmediateResponse(ImmediateResponse {
-                status: Some(HttpStatus {
-                    code: i32::from(e.status),
-                }),
-                headers: Some(headers),
-                body: e.body(),
-                details: format!("fleetpick_{}", reason.replace('-', "_")),
-                grpc_status: None,
-            })),
-            ..ProcessingResponse::default()
-        }]
+        vec![response]
     }
 }
 
