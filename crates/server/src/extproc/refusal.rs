@@ -16,7 +16,8 @@ use fleetpick_core::queue::QueueError;
 use fleetpick_core::schedule::PickError;
 use fleetpick_protocol::openai::ApiError;
 
-use super::{REASON_HEADER, set_header};
+use super::REASON_HEADER;
+use super::response::set_header;
 use crate::telemetry::FlowOutcome;
 
 /// Why fleetpick answered a request itself.
