@@ -69,6 +69,8 @@ mod refusal;
 mod request;
 mod response;
 mod state;
+#[cfg(test)]
+mod tests;
 
 /// What the service needs besides the fleet: the `server` section, fixed for the process's life.
 #[derive(Debug, Clone)]

@@ -162,6 +162,11 @@ impl Stream {
         }
     }
 
+    #[cfg(test)]
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
     /// The request phase is answered (picked, queued or refused): a broken stream from here on
     /// is the normal end of one, not a request Envoy could still send on unanswered.
     pub fn answered(&self) -> bool {
