@@ -9,6 +9,8 @@
 //!   in-flight counts; a reload makes the next generation.
 //! - [`schedule`]: the cluster tier (health, policy, locality, spill), then the scorers: the
 //!   pick; and the saturation detector (free slots).
+//! - [`admission`]: what becomes of a request once its pool and priority are known: served,
+//!   shed, or queued.
 //! - [`queue`]: flow control's queue: priority bands, fair flows, bounds, time to live.
 //! - [`prompt`]: the bytes of a request's prompt the picker hashes (its own rendering of a
 //!   conversation).
@@ -16,9 +18,11 @@
 //! - [`session`]: session affinity's bounded memory.
 //! - [`rewrite`]: model rewrites: weighted targets, the client's name restored in responses.
 //!
-//! What may use what: `profile`, `prompt`, `prefix`, `session`, `rewrite` and `queue` use
-//! nothing else here; `fleet` holds them; `schedule` reads `fleet`.
+//! What may use what: `profile`, `prompt`, `prefix`, `session`, `rewrite`, `admission` and
+//! `queue` use nothing else here; `fleet` holds all of them but `prompt` and `admission`;
+//! `schedule` reads `fleet`.
 
+pub mod admission;
 pub mod fleet;
 pub mod prefix;
 pub mod profile;

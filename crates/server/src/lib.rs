@@ -5,7 +5,7 @@
 //!
 //! # Layout
 //! - [`extproc`]: the Envoy `ExternalProcessor` service (the Endpoint Picker Protocol), one
-//!   stream per request.
+//!   stream per request, each a state machine.
 //! - [`poller`]: one task per endpoint scraping its `/metrics` into the fleet.
 //! - [`dispatch`]: flow control's dispatchers, releasing queued requests as capacity frees.
 //! - [`reload`]: the fleet file re-read (every second, on SIGHUP) into the next generation.
