@@ -3,18 +3,20 @@
 //!
 //! # Layout
 //!
-//! - `schema`: the fleet file as written, one type per section, with its serde defaults (and
-//!   maps that refuse a key given twice).
+//! - `schema`: the fleet file as written, one type per section, with its serde defaults.
+//! - `unique`: mappings that refuse a key given twice.
 //! - `policy`: backend policies: the capacity limits, declared once ([`Limits`]; a scope's
 //!   [`LimitOverrides`] are the same struct with optional values), read, checked and resolved
 //!   per cluster ([`ClusterPolicy`]).
-//! - `validate`: the checks across fields, and the resolved [`FleetConfig`] they make
-//!   (endpoints served, policies per cluster, objectives).
+//! - `validate`: the checks across fields, which make the resolved configuration.
+//! - `resolved`: that configuration, [`FleetConfig`] (endpoints served, policies per cluster,
+//!   objectives).
+//! - `error`: [`ConfigError`]: the file, the line and the field of every mistake.
 //! - `position`: field paths (`pools[0].endpoints.us-west`) and where they are in the file
 //!   (line and column, from saphyr's node tree; serde_norway reads the data).
 //! - [`manifests`]: the InferencePools and InferenceObjectives of the manifests the file names.
-//! - this file: loading ([`FleetConfig::load`], [`FleetConfig::parse`]), [`ConfigError`], and
-//!   the reference below.
+//! - this file: loading ([`FleetConfig::load`], [`FleetConfig::parse`]) and the reference
+//!   below.
 //!
 //! # The fleet file
 //!
@@ -92,69 +94,27 @@
 //! in [`ConfigError::Invalid`]'s `position`). Errors in the manifests name their file,
 //! document and line.
 
-use std::net::SocketAddr;
 use std::path::Path;
 
 use crate::validate::{Checker, regions_of, validate};
 
 pub use fleetpick_protocol::{BodyMode, EngineKind};
 
+mod error;
 pub mod manifests;
 mod policy;
 mod position;
+mod resolved;
 mod schema;
+mod unique;
 mod validate;
 
+pub use error::ConfigError;
 pub use manifests::{Manifests, ObjectiveManifest, PoolManifest};
 pub use policy::*;
 pub use position::Position;
+pub use resolved::{EndpointSpec, FleetConfig};
 pub use schema::*;
-
-/// One endpoint, resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointSpec {
-    pub addr: SocketAddr,
-    pub cluster: usize,
-    pub pool: usize,
-}
-
-/// A validated fleet file.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FleetConfig {
-    pub file: FleetFile,
-    /// The endpoints served: those of imported pools, in clusters that export them.
-    pub endpoints: Vec<EndpointSpec>,
-    /// Per pool: `None` if it is not imported, else its policy per cluster (by cluster index)
-    /// and whether it is a dry run.
-    pub policies: Vec<Option<PoolPolicy>>,
-    /// The InferenceObjectives of the manifests and of the fleet file (their pools checked).
-    pub objectives: Vec<ObjectiveManifest>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read fleet file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Parse {
-        path: String,
-        source: serde_norway::Error,
-    },
-    #[error(transparent)]
-    Manifest(#[from] manifests::ManifestError),
-    /// A field's value is refused: the file, the field's line where the file has the field (its
-    /// column too, in `position`), the field's path and why.
-    #[error("{path}{}: {field}: {message}", position.map(|p| format!(":{}", p.line)).unwrap_or_default())]
-    Invalid {
-        path: String,
-        position: Option<Position>,
-        field: String,
-        message: String,
-    },
-}
 
 impl FleetConfig {
     pub fn load(path: &Path) -> Result<FleetConfig, ConfigError> {

@@ -13,7 +13,7 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 
-use crate::schema::UniqueKeys;
+use crate::unique::UniqueKeys;
 
 /// How a policy measures an endpoint's capacity, in the spirit of GKE's `GCPBackendPolicy`
 /// balancing modes.

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use crate::policy::BackendPolicy;
 use fleetpick_protocol::{BodyMode, EngineKind};
@@ -61,7 +60,7 @@ pub struct ClusterSpec {
     pub region: String,
     #[serde(default)]
     pub zone: Option<String>,
-    #[serde(default, deserialize_with = "unique_keys")]
+    #[serde(default, deserialize_with = "crate::unique::unique_keys")]
     pub labels: BTreeMap<String, String>,
     /// Round trip from the picker's site to this cluster. When absent, the poller's measured
     /// scrape round trip stands in.
@@ -108,7 +107,7 @@ pub struct PoolSpec {
     #[serde(default = "default_metrics_path")]
     pub metrics_path: String,
     /// Endpoints per cluster name: `ip` (at `target_port`) or `ip:port`.
-    #[serde(default, deserialize_with = "unique_keys")]
+    #[serde(default, deserialize_with = "crate::unique::unique_keys")]
     pub endpoints: BTreeMap<String, Vec<String>>,
     /// The clusters that export this pool (`inference.networking.x-k8s.io/export`); absent:
     /// every cluster listed under `endpoints`. Endpoints of other clusters are not served.
@@ -361,47 +360,5 @@ impl Default for FlowControlSettings {
             max_bytes_per_band: 256 * 1024 * 1024,
             ttl_ms: 30_000,
         }
-    }
-}
-
-/// Reads a mapping into a map, refusing a key given twice. YAML does not allow it, serde would
-/// keep the last value silently (a cluster listed twice under `endpoints` would lose its first
-/// list), and struct fields given twice are refused already.
-pub(crate) fn unique_keys<'de, D, V>(d: D) -> Result<BTreeMap<String, V>, D::Error>
-where
-    D: Deserializer<'de>,
-    V: Deserialize<'de>,
-{
-    struct Unique<V>(std::marker::PhantomData<V>);
-
-    impl<'de, V: Deserialize<'de>> Visitor<'de> for Unique<V> {
-        type Value = BTreeMap<String, V>;
-
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a map")
-        }
-
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut out = BTreeMap::new();
-            while let Some(key) = map.next_key::<String>()? {
-                if out.contains_key(&key) {
-                    return Err(de::Error::custom(format_args!("duplicate key `{key}`")));
-                }
-                let value = map.next_value()?;
-                out.insert(key, value);
-            }
-            Ok(out)
-        }
-    }
-
-    d.deserialize_map(Unique(std::marker::PhantomData))
-}
-
-/// A map read with [`unique_keys`], for code that reads fields by hand.
-pub(crate) struct UniqueKeys<V>(pub(crate) BTreeMap<String, V>);
-
-impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueKeys<V> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        unique_keys(d).map(UniqueKeys)
     }
 }

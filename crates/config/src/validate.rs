@@ -7,11 +7,15 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
+use fleetpick_protocol::BodyMode;
+
+use crate::error::ConfigError;
+use crate::manifests::{self, Manifests, ObjectiveManifest, PoolManifest};
+use crate::policy::{BackendPolicy, PoolPolicy};
 use crate::position::{FieldPath, locate};
-use crate::{
-    BackendPolicy, BodyMode, ConfigError, EndpointSpec, FleetConfig, FleetFile, Manifests,
-    ObjectiveManifest, PollerSettings, PoolManifest, PoolPolicy, PoolSpec, ServerSettings,
-    SessionAffinity, Weights, manifests,
+use crate::resolved::{EndpointSpec, FleetConfig};
+use crate::schema::{
+    FleetFile, PollerSettings, PoolSpec, ServerSettings, SessionAffinity, Weights,
 };
 
 /// Weights are relative; this bound keeps their weighted sums finite.
