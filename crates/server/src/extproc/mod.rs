@@ -33,6 +33,8 @@
 //! - this module: the service, and the shell of each stream's task: it reads Envoy's messages,
 //!   waits on the flow-control ticket while still reading, sends the responses, and turns a
 //!   panic into a failed request;
+//! - `picker`: the service's shared state (the fleet, the `server` settings, the metrics);
+//! - `phase`: the stream's phases, each with the data valid in it;
 //! - `state`: the stream as a state machine, its phases and their transitions, no I/O;
 //! - `place`: the end of the request phase: read, admit, pick, answer;
 //! - `request`: what is read from Envoy's messages, and the request as admission sees it;
@@ -42,19 +44,13 @@
 //!
 //! [`InFlight`]: fleetpick_core::fleet::InFlight
 
-use std::sync::Arc;
-
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
-    ExternalProcessor, ExternalProcessorServer,
-};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::telemetry::Metrics;
-use fleetpick_config::BodyMode;
-use fleetpick_core::fleet::FleetCell;
+pub use picker::{Picker, Settings};
 use state::Stream;
 
 pub use fleetpick_protocol::envoy::MAX_BODY_PIECE as MAX_PIECE;
@@ -64,6 +60,8 @@ pub use fleetpick_protocol::headers::{
 };
 
 mod ledger;
+mod phase;
+mod picker;
 mod place;
 mod refusal;
 mod request;
@@ -71,47 +69,6 @@ mod response;
 mod state;
 #[cfg(test)]
 mod tests;
-
-/// What the service needs besides the fleet: the `server` section, fixed for the process's life.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub max_body_bytes: usize,
-    pub body_mode: BodyMode,
-}
-
-/// The ext_proc service.
-#[derive(Debug, Clone)]
-pub struct Picker {
-    /// The current generation; each request is picked in the one current when its body ends.
-    fleet: Arc<FleetCell>,
-    settings: Arc<Settings>,
-    metrics: Arc<Metrics>,
-}
-
-impl Picker {
-    pub fn new(fleet: Arc<FleetCell>, settings: Settings, metrics: Arc<Metrics>) -> Picker {
-        Picker {
-            fleet,
-            settings: Arc::new(settings),
-            metrics,
-        }
-    }
-
-    /// The tonic service, with message limits that fit the body limit.
-    pub fn into_service(self) -> ExternalProcessorServer<Picker> {
-        // A BUFFERED body arrives in one message, up to Envoy's buffer limit: decode it whole
-        // so that an oversized body gets fleetpick's 413, not a broken stream. Leave room for
-        // the envelope.
-        let limit = self
-            .settings
-            .max_body_bytes
-            .max(fleetpick_protocol::envoy::REQUEST_BODY_BUFFER_LIMIT as usize)
-            .saturating_add(64 * 1024);
-        ExternalProcessorServer::new(self)
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit)
-    }
-}
 
 type Responses = mpsc::Sender<Result<ProcessingResponse, Status>>;
 

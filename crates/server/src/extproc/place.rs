@@ -16,10 +16,10 @@ use fleetpick_core::schedule::{self, Pick, PickError, PickRequest, Tier};
 use fleetpick_core::session::{SessionKey, endpoint_token};
 
 use super::ledger::{Ledger, Names, Tally};
+use super::phase::{Awaiting, Ctx, Flight, Phase, Queued, Step};
 use super::refusal::Refusal;
 use super::request::{Request, RequestHead};
 use super::response;
-use super::state::{Awaiting, Ctx, Flight, Phase, Queued, Step};
 use crate::telemetry::FlowOutcome;
 use crate::trace::{RequestTrace, TRACEPARENT};
 

@@ -16,9 +16,9 @@ use fleetpick_core::queue::QueueError;
 use fleetpick_core::schedule::PickError;
 use fleetpick_protocol::openai::ApiError;
 
-use super::REASON_HEADER;
 use super::response::set_header;
 use crate::telemetry::FlowOutcome;
+use fleetpick_protocol::headers::REASON_HEADER;
 
 /// Why fleetpick answered a request itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

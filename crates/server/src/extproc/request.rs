@@ -14,7 +14,7 @@ use fleetpick_core::session::{SessionKey, cookie_value};
 use fleetpick_protocol::openai::{Api, InferenceRequest, replace_model};
 
 use super::refusal::Refusal;
-use super::{
+use fleetpick_protocol::headers::{
     FAIRNESS_HEADER, LB_NAMESPACE, OBJECTIVE_HEADER, SERVED_KEY, SUBSET_KEY, SUBSET_NAMESPACE,
 };
 

@@ -11,8 +11,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 
-use super::{DESTINATION_HEADER, LB_NAMESPACE, MAX_PIECE};
 use crate::trace::{RequestTrace, TRACEPARENT, TRACESTATE};
+use fleetpick_protocol::envoy::MAX_BODY_PIECE as MAX_PIECE;
+use fleetpick_protocol::headers::{DESTINATION_HEADER, LB_NAMESPACE};
 
 /// A header set by overwriting: a destination the client sent must never survive.
 pub(super) fn set_header(key: &str, value: &str) -> HeaderValueOption {

@@ -21,9 +21,10 @@ use fleetpick_core::fleet::{Fleet, FleetCell};
 use fleetpick_core::profile::LoadSample;
 use fleetpick_core::queue::Outcome;
 
+use super::phase::Phase;
+use super::picker::{Picker, Settings};
 use super::refusal::Reason;
-use super::state::{Phase, Stream};
-use super::{Picker, Settings};
+use super::state::Stream;
 use crate::telemetry::Metrics;
 
 const POOL: &str = concat!(
@@ -162,7 +163,7 @@ fn with_subset(mut msg: ProcessingRequest, addrs: &[&str]) -> ProcessingRequest 
     };
     let inner = Struct {
         fields: [(
-            super::SUBSET_KEY.to_string(),
+            fleetpick_protocol::headers::SUBSET_KEY.to_string(),
             Value {
                 kind: Some(Kind::ListValue(list)),
             },
@@ -170,7 +171,11 @@ fn with_subset(mut msg: ProcessingRequest, addrs: &[&str]) -> ProcessingRequest 
         .into(),
     };
     msg.metadata_context = Some(Metadata {
-        filter_metadata: [(super::SUBSET_NAMESPACE.to_string(), inner)].into(),
+        filter_metadata: [(
+            fleetpick_protocol::headers::SUBSET_NAMESPACE.to_string(),
+            inner,
+        )]
+        .into(),
         ..Metadata::default()
     });
     msg
@@ -198,10 +203,10 @@ fn trailers() -> ProcessingRequest {
 fn response_headers(status: &str, served: Option<&str>) -> ProcessingRequest {
     let metadata_context = served.map(|addr| Metadata {
         filter_metadata: [(
-            super::LB_NAMESPACE.to_string(),
+            fleetpick_protocol::headers::LB_NAMESPACE.to_string(),
             Struct {
                 fields: [(
-                    super::SERVED_KEY.to_string(),
+                    fleetpick_protocol::headers::SERVED_KEY.to_string(),
                     Value {
                         kind: Some(Kind::StringValue(addr.to_string())),
                     },
@@ -255,14 +260,17 @@ fn destination(r: &ProcessingResponse) -> String {
     let set = &common(r).header_mutation.as_ref().unwrap().set_headers;
     let h = set
         .iter()
-        .find(|h| h.header.as_ref().unwrap().key == super::DESTINATION_HEADER)
+        .find(|h| h.header.as_ref().unwrap().key == fleetpick_protocol::headers::DESTINATION_HEADER)
         .unwrap();
     let value = String::from_utf8(h.header.as_ref().unwrap().raw_value.clone()).unwrap();
     let md = r.dynamic_metadata.as_ref().expect("envoy.lb metadata");
-    let Some(Kind::StructValue(lb)) = &md.fields[super::LB_NAMESPACE].kind else {
+    let Some(Kind::StructValue(lb)) = &md.fields[fleetpick_protocol::headers::LB_NAMESPACE].kind
+    else {
         panic!("envoy.lb")
     };
-    let Some(Kind::StringValue(d)) = &lb.fields[super::DESTINATION_HEADER].kind else {
+    let Some(Kind::StringValue(d)) =
+        &lb.fields[fleetpick_protocol::headers::DESTINATION_HEADER].kind
+    else {
         panic!("destination in the metadata")
     };
     assert_eq!(*d, value);
@@ -713,7 +721,7 @@ fn refused(f: &Fixture, s: &Stream, out: &[ProcessingResponse]) -> Seen {
     assert_eq!(json["error"]["code"], status);
     let seen = Seen {
         status,
-        label: immediate_header(i, super::REASON_HEADER).unwrap(),
+        label: immediate_header(i, fleetpick_protocol::headers::REASON_HEADER).unwrap(),
         retry_after: match immediate_header(i, "retry-after") {
             Some(v) => v == "1",
             None => false,
@@ -796,7 +804,11 @@ fn too_large() -> Seen {
 fn shed() -> Seen {
     let f = Fixture::new("objectives: [{name: batch, pool: p, priority: -1}]\n");
     f.load(0.99);
-    let (s, out) = send(&f, &[(super::OBJECTIVE_HEADER, "batch")], &completion("x"));
+    let (s, out) = send(
+        &f,
+        &[(fleetpick_protocol::headers::OBJECTIVE_HEADER, "batch")],
+        &completion("x"),
+    );
     let seen = refused(&f, &s, &out);
     assert!(f.page().contains("priority=\"-1\",outcome=\"shed\"} 1"));
     seen
