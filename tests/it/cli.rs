@@ -6,15 +6,10 @@ use fleetpick_tests as common;
 fn check_config_accepts_the_example_and_names_errors() {
     let bin = common::bin("fleetpick");
     let example = &common::repo("examples/fleet.yaml");
-    let out = std::process::Command::new(bin)
-        .arg("check-config")
-        .arg(example)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::succeeds(
+        std::process::Command::new(bin)
+            .arg("check-config")
+            .arg(example),
     );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -49,21 +49,13 @@ fn cargo() -> std::process::Command {
 
 #[test]
 fn crates_depend_only_on_what_the_layout_allows() {
-    let out = cargo()
-        .args([
-            "metadata",
-            "--no-deps",
-            "--format-version",
-            "1",
-            "--offline",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = fleetpick_tests::succeeds(cargo().args([
+        "metadata",
+        "--no-deps",
+        "--format-version",
+        "1",
+        "--offline",
+    ]));
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let members: BTreeSet<&str> = meta["packages"]
         .as_array()
@@ -98,24 +90,16 @@ fn crates_depend_only_on_what_the_layout_allows() {
 
 #[test]
 fn the_shipped_crate_carries_nothing_of_the_lab() {
-    let out = cargo()
-        .args([
-            "tree",
-            "-p",
-            "fleetpick",
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-            "--offline",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = fleetpick_tests::succeeds(cargo().args([
+        "tree",
+        "-p",
+        "fleetpick",
+        "-e",
+        "normal",
+        "--prefix",
+        "none",
+        "--offline",
+    ]));
     let tree = String::from_utf8_lossy(&out.stdout);
     let names: BTreeSet<&str> = tree.lines().filter_map(|l| l.split(' ').next()).collect();
     assert!(names.contains("tonic"), "the tree was read: {names:?}");

@@ -18,6 +18,18 @@ pub fn repo(path: &str) -> PathBuf {
     fleetpick_envoy::repo_root().join(path)
 }
 
+/// Runs `command` to its end and returns its output; fails the test, with its stderr, unless it
+/// exits 0.
+pub fn succeeds(command: &mut Command) -> std::process::Output {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A scratch directory, removed on drop.
 pub fn scratch(tag: &str) -> TempDir {
     tempfile::Builder::new()

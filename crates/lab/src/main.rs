@@ -141,14 +141,7 @@ struct LoadArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let _logs = {
-        let _entered = runtime.enter();
-        fleetpick::logs::init(cli.log_format)?
-    };
+    let (runtime, _logs) = fleetpick::logs::runtime(cli.log_format)?;
     runtime.block_on(async {
         match cli.command {
             Command::Sim(args) => sim(args).await,

@@ -60,3 +60,27 @@ pub fn init(format: LogFormat) -> Result<LogGuard, InitError> {
         Ok(LogGuard)
     }
 }
+
+/// Why a command could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error(transparent)]
+    Logs(#[from] InitError),
+}
+
+/// The runtime each command runs on (Tokio, multi-threaded) with logs set up on it in `format`
+/// (inside the runtime: the OTLP exporter's gRPC client lives on it). Keep the guard as long
+/// as the runtime.
+pub fn runtime(format: LogFormat) -> Result<(tokio::runtime::Runtime, LogGuard), StartError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
+    let guard = {
+        let _entered = runtime.enter();
+        init(format)?
+    };
+    Ok((runtime, guard))
+}

@@ -94,15 +94,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    // Inside the runtime: the OTLP exporter's gRPC client lives on it.
-    let _otlp = {
-        let _entered = runtime.enter();
-        fleetpick::logs::init(cli.log_format)?
-    };
+    let (runtime, _logs) = fleetpick::logs::runtime(cli.log_format)?;
     runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
