@@ -139,8 +139,12 @@ struct LoadArgs {
     json_out: Option<PathBuf>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    fleetpick::logs::exit("fleetpick-lab", run(cli))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let (runtime, _logs) = fleetpick::logs::runtime(cli.log_format)?;
     runtime.block_on(async {
         match cli.command {

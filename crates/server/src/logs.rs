@@ -84,3 +84,58 @@ pub fn runtime(format: LogFormat) -> Result<(tokio::runtime::Runtime, LogGuard),
     };
     Ok((runtime, guard))
 }
+
+/// A command's exit: 0 when it succeeded, else 1 after its error on stderr as one line naming
+/// every cause, never a backtrace (a user's mistake is no crash, whatever `RUST_BACKTRACE`
+/// says).
+pub fn exit<E>(program: &str, result: Result<(), E>) -> std::process::ExitCode
+where
+    E: AsRef<dyn std::error::Error + Send + Sync + 'static>,
+{
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {}", one_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes on one line, each cause named once (many errors here say their
+/// cause in their own message already).
+fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read {0}: {1}")]
+    struct Says(&'static str, #[source] std::io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot start")]
+    struct Wraps(#[source] Says);
+
+    #[test]
+    fn every_cause_is_named_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        assert_eq!(one_line(&Says("f.yaml", io())), "cannot read f.yaml: gone");
+        assert_eq!(
+            one_line(&Wraps(Says("f.yaml", io()))),
+            "cannot start: cannot read f.yaml: gone"
+        );
+    }
+}

@@ -92,8 +92,12 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    fleetpick::logs::exit("fleetpick", run(cli))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let (runtime, _logs) = fleetpick::logs::runtime(cli.log_format)?;
     runtime.block_on(async {
         match cli.command {
