@@ -39,15 +39,60 @@ pub fn scratch(tag: &str) -> TempDir {
 }
 
 /// The workspace's binaries under test, `fleetpick` (the picker) and `fleetpick-lab` (the
-/// simulator), built once per test run by the same Cargo that runs the tests, with this test
-/// binary's profile and features: a test never runs a binary older than the sources. (Cargo
-/// has no stable way to build another package's binary for a test; when nothing changed, this
-/// is a no-op build of a second or two.)
+/// simulator), never older than their sources. `cargo test` of the workspace builds both beside
+/// this test binary (their packages have integration tests of their own), with the same
+/// features and profile: those are used when no source of the workspace is newer. Otherwise
+/// (this package tested alone after a change, say) the same Cargo builds them once for the run.
+/// (Cargo has no stable way to build another package's binary for a test.)
 pub fn bin(name: &str) -> &'static Path {
     static BINS: OnceLock<HashMap<String, PathBuf>> = OnceLock::new();
-    let bins = BINS.get_or_init(build_bins);
+    let bins = BINS.get_or_init(|| beside_this_test().unwrap_or_else(build_bins));
     bins.get(name)
         .unwrap_or_else(|| panic!("no binary `{name}` was built: {bins:?}"))
+}
+
+const BINS: [&str; 2] = ["fleetpick", "fleetpick-lab"];
+
+/// The binaries in this test binary's target directory, if both are there and newer than every
+/// source file, manifest and lock file of the workspace.
+fn beside_this_test() -> Option<HashMap<String, PathBuf>> {
+    // target/<profile>/deps/integration-<hash> -> target/<profile>/
+    let dir = std::env::current_exe()
+        .ok()?
+        .parent()?
+        .parent()?
+        .to_path_buf();
+    let built: Vec<(String, PathBuf, std::time::SystemTime)> = BINS
+        .iter()
+        .map(|name| {
+            let path = dir.join(name);
+            let modified = path.metadata().ok()?.modified().ok()?;
+            Some((name.to_string(), path, modified))
+        })
+        .collect::<Option<_>>()?;
+    let oldest = built.iter().map(|(_, _, t)| *t).min()?;
+    let root = fleetpick_envoy::repo_root();
+    let newest_source = newest_under(&root.join("crates"))?
+        .max(root.join("Cargo.lock").metadata().ok()?.modified().ok()?)
+        .max(root.join("Cargo.toml").metadata().ok()?.modified().ok()?);
+    (oldest >= newest_source).then(|| built.into_iter().map(|(n, p, _)| (n, p)).collect())
+}
+
+/// The latest modification time of the Rust sources and manifests under `dir`.
+fn newest_under(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).ok()? {
+            let path = entry.ok()?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs" || e == "toml") {
+                newest = newest.max(path.metadata().ok()?.modified().ok()?);
+            }
+        }
+    }
+    Some(newest)
 }
 
 fn build_bins() -> HashMap<String, PathBuf> {
