@@ -24,8 +24,9 @@
 //! # Layout
 //! - this module: the flavors, their parameters and [`render`];
 //! - [`compose`]: the address plan of `envoy/docker-compose.yml`;
-//! - [`process`]: the real Envoy: finding or installing the binary, `envoy --mode validate`, a
-//!   process started on a rendered configuration and stopped on drop.
+//! - `process` (feature `process`, for the lab and the tests): the real Envoy: finding or
+//!   installing the binary, `envoy --mode validate`, a process started on a rendered
+//!   configuration and stopped on drop.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -36,7 +37,9 @@ pub use fleetpick_protocol::envoy::{
 };
 pub use fleetpick_protocol::headers::{DESTINATION_HEADER, LB_NAMESPACE, SERVED_KEY};
 
+#[cfg(feature = "process")]
 pub mod process;
+#[cfg(feature = "process")]
 pub use process::{EnvoyError, EnvoyProcess, envoy_binary, repo_root, validate};
 /// Name of the Envoy cluster that reaches fleetpick's ext_proc service.
 pub const PICKER_CLUSTER: &str = "fleetpick";
